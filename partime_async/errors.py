@@ -1,0 +1,56 @@
+"""The errors a pipeline raises: one error naming the component and the frame."""
+from __future__ import annotations
+
+import asyncio
+
+
+class PipelineError(RuntimeError):
+    """A component of the graph failed; ``component`` and ``seq`` say where.
+
+    The original exception is chained as ``__cause__``.
+    """
+
+    def __init__(self, message: str, *, component: str, seq: int | None = None) -> None:
+        self.component = component
+        self.seq = seq
+        self.detail = message
+        where = f"{component} failed" if seq is None else f"{component} failed on frame {seq}"
+        super().__init__(f"{where}: {message}")
+
+
+class FrameError(PipelineError, ValueError):
+    """A frame was rejected: its payload is not what the pipeline expects."""
+
+
+class FrameDropped(PipelineError):
+    """A submitted frame was dropped by a channel policy before it produced an output."""
+
+
+class PipelineClosed(RuntimeError):
+    """The pipeline is not running (never started, stopped, or failed)."""
+
+
+def primary_error(exc: BaseException) -> PipelineError | None:
+    """One error for the user out of what a task group raised: the first real failure
+    (None when the only thing that happened is cancellation)."""
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = []
+        stack = [exc]
+        while stack:
+            e = stack.pop(0)
+            if isinstance(e, BaseExceptionGroup):
+                stack[:0] = list(e.exceptions)
+            else:
+                leaves.append(e)
+        for e in leaves:
+            if isinstance(e, PipelineError):
+                return e
+        real = [e for e in leaves if not isinstance(e, asyncio.CancelledError)]
+        exc = real[0] if real else leaves[0]
+    if isinstance(exc, PipelineError):
+        return exc
+    if isinstance(exc, asyncio.CancelledError):
+        return None
+    error = PipelineError(f"{type(exc).__name__}: {exc}", component="pipeline")
+    error.__cause__ = exc
+    return error

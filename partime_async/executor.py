@@ -1,0 +1,167 @@
+"""The stage executor: the coroutine that drives one stage on one device.
+
+It receives jobs from its inbox channel, runs its slice of the model on each frame's payload
+on its device, and sends the jobs on, in order, to its outbox. Two ways of running:
+
+* **windowed** (worker thread or GPU streams): a *feeder* submits up to ``window`` frames to
+  the device ahead of the one being finished, and a *collector* awaits them in order. The
+  device therefore has the next frame queued when it finishes one (a busy CPU stage never
+  waits for the loop; on a GPU the copy of frame t+1 overlaps the compute of frame t).
+* **inline**: the stage is cheaper than a thread hand-off, so it runs on the loop thread
+  between a receive and a send.
+
+A stage that raises on a frame either fails the pipeline with a :class:`PipelineError`
+naming the stage and the frame, or (``on_error="skip"``) skips that frame and counts it.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import torch
+from torch import nn
+
+from .channel import Channel
+from .devices import CpuDevice, Device
+from .errors import PipelineError
+from .frame import Frame, Payload, now
+
+OnError = Literal["raise", "skip"]
+
+
+class Job:
+    """A frame inside the pipeline, with where its output goes and its readiness on device."""
+
+    __slots__ = ("frame", "route", "ready", "ticket")
+
+    def __init__(self, frame: Frame, route: Any) -> None:
+        self.frame = frame
+        self.route = route
+        self.ready: Any = None  # event marking ``frame.data`` complete on its device (GPU)
+        self.ticket: Any = None
+
+
+@dataclass
+class StageStats:
+    """What one stage did so far."""
+
+    name: str
+    device: str
+    layers: int
+    inline: bool = False
+    frames: int = 0
+    skipped: int = 0
+    busy_s: float = 0.0
+    skipped_seqs: deque[int] = field(default_factory=lambda: deque(maxlen=1024))  # the latest
+
+    @property
+    def mean_compute_s(self) -> float:
+        return self.busy_s / self.frames if self.frames else 0.0
+
+
+class StageExecutor:
+    """Runs ``module`` on ``device`` for every job from ``inbox``, forwarding to ``outbox``."""
+
+    def __init__(
+        self,
+        index: int,
+        module: nn.Module,
+        device: Device,
+        inbox: Channel[Job],
+        outbox: Channel[Job],
+        *,
+        window: int = 2,
+        on_error: OnError = "raise",
+        download: bool = False,
+    ) -> None:
+        self.index = index
+        self.module = module
+        self.device = device
+        self.inbox = inbox
+        self.outbox = outbox
+        self.window = window
+        self.on_error = on_error
+        self.download = download  # last stage: hand host tensors to the sinks
+        self.name = f"stage {index} ({getattr(device, 'name', device.torch_device)})"
+        self.stats = StageStats(self.name, str(getattr(device, "name", device.torch_device)), len(module))
+        self._compute = self._make_compute()
+
+    def _make_compute(self) -> Callable[[Payload], Payload]:
+        module, stats = self.module, self.stats
+
+        def compute(x: Payload) -> Payload:
+            t0 = now()
+            with torch.no_grad():
+                y = module(x)
+            stats.busy_s += now() - t0
+            return y
+
+        return compute
+
+    async def run(self) -> None:
+        """Process jobs until the inbox ends; then close the outbox (always)."""
+        try:
+            if self.device.inline:
+                await self._run_inline()
+            else:
+                await self._run_windowed()
+        finally:
+            self.outbox.close()
+
+    async def _run_inline(self) -> None:
+        compute, device = self._compute, self.device
+        assert isinstance(device, CpuDevice)
+        stats, outbox = self.stats, self.outbox
+        async for job in self.inbox:
+            try:
+                job.frame.data = device.run_inline(compute, job.frame.data, job.ready)
+                job.ready = None
+            except Exception as exc:
+                self._failed(job, exc)
+                continue
+            stats.frames += 1
+            await outbox.send(job)
+
+    async def _run_windowed(self) -> None:
+        inflight: Channel[Job] = Channel(self.window, name=f"{self.name} in-flight")
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._feed(inflight))
+            tg.create_task(self._collect(inflight))
+
+    async def _feed(self, inflight: Channel[Job]) -> None:
+        submit, compute = self.device.submit, self._compute
+        try:
+            async for job in self.inbox:
+                job.ticket = submit(compute, job.frame.data, job.ready)
+                await inflight.send(job)
+        finally:
+            inflight.close()
+
+    async def _collect(self, inflight: Channel[Job]) -> None:
+        stats, outbox, device = self.stats, self.outbox, self.device
+        async for job in inflight:
+            try:
+                data, job.ready = await job.ticket
+                if self.download:
+                    data = await device.download(data, job.ready)
+                    job.ready = None
+            except Exception as exc:
+                self._failed(job, exc)
+                continue
+            finally:
+                job.ticket = None
+            job.frame.data = data
+            stats.frames += 1
+            await outbox.send(job)
+
+    def _failed(self, job: Job, exc: Exception) -> None:
+        seq = job.frame.seq
+        error = PipelineError(f"{type(exc).__name__}: {exc}", component=self.name, seq=seq)
+        error.__cause__ = exc
+        if self.on_error != "skip":
+            raise error
+        self.stats.skipped += 1
+        self.stats.skipped_seqs.append(seq)
+        job.route.skip(job.frame, error)

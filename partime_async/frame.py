@@ -1,0 +1,63 @@
+"""Frames: one sample of a stream and everything that travels with it.
+
+A payload is a tensor or any nesting of tuples, lists and dicts of tensors (a *pytree*,
+as torch understands it). The pytree helpers here are thin wrappers over
+``torch.utils._pytree``, the implementation torch itself uses for ``torch.compile`` and
+``torch.export``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch.utils import _pytree as pytree
+
+Payload = Any
+"""A tensor, or a tuple / list / dict nesting of tensors."""
+
+
+def now() -> float:
+    """The clock of every timestamp in the library (monotonic, seconds)."""
+    return time.perf_counter()
+
+
+@dataclass(slots=True, eq=False)
+class Frame:
+    """One sample of a stream.
+
+    ``seq`` orders the stream; ``t_capture`` is when the source produced the frame (``now()``
+    clock), ``t_done`` when the pipeline delivered its output. ``target`` and ``meta`` travel
+    with the frame unchanged, so a delayed output is never paired with another frame's target.
+    """
+
+    seq: int
+    data: Payload
+    target: Payload | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    t_capture: float = field(default_factory=now)
+    t_done: float | None = None
+
+    @property
+    def latency(self) -> float | None:
+        """Seconds from capture to delivery, once delivered."""
+        return None if self.t_done is None else self.t_done - self.t_capture
+
+
+def leaves(payload: Payload) -> list[Any]:
+    """The leaves of a payload, in pytree order."""
+    return pytree.tree_leaves(payload)
+
+
+def tree_map(fn: Callable[[Any], Any], payload: Payload) -> Payload:
+    """Apply ``fn`` to every leaf of a payload, keeping its structure."""
+    return pytree.tree_map(fn, payload)
+
+
+def to_device(payload: Payload, device: torch.device, non_blocking: bool = False) -> Payload:
+    """Move every tensor leaf of a payload to ``device``."""
+    return pytree.tree_map(
+        lambda t: t.to(device, non_blocking=non_blocking) if isinstance(t, torch.Tensor) else t,
+        payload,
+    )

@@ -1,0 +1,122 @@
+"""Composing and running graphs: ``source >> pipeline >> [sink, …]``.
+
+:func:`run` owns the whole graph in one ``asyncio.TaskGroup``: the pipeline, the source pump
+and one task per sink, each sink fed through its own bounded channel with its own policy (a
+slow sink with ``policy="latest"`` drops frames for itself only; with ``block`` it throttles
+the whole graph). The first failure anywhere cancels everything and :func:`run` raises one
+:class:`PipelineError` naming the component and the frame.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any, Literal, Sequence
+
+from .channel import Channel
+from .errors import PipelineError, primary_error
+from .frame import Frame
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline, PipelineStats
+    from partime_async.sinks import Sink
+
+
+class Graph:
+    """A source, a pipeline and its sinks; build it with ``>>`` and start it with :func:`run`."""
+
+    def __init__(self, source: Any, pipeline: Pipeline, sinks: Sequence[Sink] = ()) -> None:
+        self.source = source
+        self.pipeline = pipeline
+        self.sinks = list(sinks)
+
+    def __rshift__(self, sinks: Sink | Sequence[Sink]) -> Graph:
+        from partime_async.sinks import Sink
+
+        added = list(sinks) if isinstance(sinks, (list, tuple)) else [sinks]
+        for sink in added:
+            if not isinstance(sink, Sink):
+                raise TypeError(f"{sink!r} is not a Sink; wrap a function with sinks.CallbackSink(fn)")
+        return Graph(self.source, self.pipeline, self.sinks + added)
+
+    def __rrshift__(self, source: Any) -> Graph:
+        if self.source is not None:
+            raise TypeError("this graph already has a source")
+        return Graph(source, self.pipeline, self.sinks)
+
+    def __repr__(self) -> str:
+        return f"Graph({self.source!r} >> {self.pipeline!r} >> {self.sinks!r})"
+
+
+async def run(graph: Graph) -> PipelineStats:
+    """Run ``graph`` until its source ends and every sink has written every frame.
+
+    Returns the pipeline's final statistics. Raises one :class:`PipelineError` on failure,
+    after every task is cancelled and every worker thread joined.
+    """
+    if graph.source is None:
+        raise ValueError("the graph has no source: write `source >> pipeline >> sinks`")
+    pipe = graph.pipeline
+    try:
+        async with pipe, asyncio.TaskGroup() as tg:
+            channels = []
+            for sink in graph.sinks:
+                channel: Channel[Frame] = Channel(sink.capacity, sink.policy, name=f"sink {sink.name}",
+                                                  on_drop=sink.count_drop)
+                channels.append(channel)
+                tg.create_task(_drive(sink, channel), name=f"partime-sink-{sink.name}")
+            try:
+                async for frame in pipe.stream(graph.source):
+                    for channel in channels:
+                        await channel.send(frame)
+            finally:
+                for channel in channels:
+                    channel.close()
+    except BaseExceptionGroup as group:
+        error = primary_error(group)
+        if error is None:
+            raise
+        raise error from None
+    return pipe.stats()
+
+
+async def _drive(sink: Sink, channel: Channel[Frame]) -> None:
+    try:
+        await sink.open()
+    except Exception as exc:
+        raise PipelineError(f"{type(exc).__name__}: {exc}", component=f"sink {sink.name}") from exc
+    try:
+        async for frame in channel:
+            try:
+                await sink.write(frame)
+            except Exception as exc:
+                raise PipelineError(f"{type(exc).__name__}: {exc}", component=f"sink {sink.name}",
+                                    seq=frame.seq) from exc
+            sink.written += 1
+    finally:
+        await sink.close()
+
+
+LoopKind = Literal["auto", "uvloop", "asyncio"]
+
+
+def run_sync(graph: Graph, *, loop: LoopKind = "auto") -> PipelineStats:
+    """:func:`run` from synchronous code, on a fresh event loop.
+
+    ``loop="uvloop"`` requires uvloop; ``"auto"`` uses it when it is installed.
+    """
+    with asyncio.Runner(loop_factory=loop_factory(loop)) as runner:
+        return runner.run(run(graph))
+
+
+def loop_factory(kind: LoopKind = "auto") -> Any:
+    """The event-loop factory for ``kind`` (None means asyncio's default)."""
+    if kind not in ("auto", "uvloop", "asyncio"):
+        raise ValueError(f"loop must be 'auto', 'uvloop' or 'asyncio', got {kind!r}")
+    if kind == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if kind == "uvloop":
+            raise RuntimeError("loop='uvloop' needs uvloop: pip install uvloop") from None
+        return None
+    return uvloop.new_event_loop

@@ -1,0 +1,471 @@
+"""The pipeline: a model split over devices, one stage executor per device, on one event loop.
+
+::
+
+    ingress ──ch0──▶ stage 0 (dev0) ──ch1──▶ stage 1 (dev1) ── … ──chS──▶ egress ──▶ routes
+
+Frames enter through :meth:`Pipeline.stream` (a whole source) or :meth:`Pipeline.submit` (one
+request); each carries a route that its output goes back to, in order. The stage executors and
+the egress are tasks of one ``asyncio.TaskGroup`` owned by the pipeline: the first failure
+cancels them all, every worker thread is joined, and one :class:`PipelineError` naming the
+component and the frame reaches whoever is waiting.
+
+The split is made when the first frame arrives (``balance="time"`` profiles every layer on
+it) unless a ``sample`` is given to :meth:`start`.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterable, AsyncIterator, Iterable, Literal, Sequence
+
+import torch
+from torch import nn
+
+from .channel import Channel, ChannelClosed, Policy
+from .devices import CpuDevice, CudaDevice, Device, resolve_devices
+from .errors import FrameError, PipelineClosed, PipelineError, primary_error
+from .executor import Job, OnError, StageExecutor, StageStats
+from .frame import Frame, Payload, now
+from .partition import check_balance, layers_of, min_max_partition, balance_by_params, profile_layers, split
+from .routes import FutureRoute, Route, StreamRoute
+from .validation import InputSpec, check_tensors
+
+Balance = Sequence[int] | Literal["time", "params"]
+
+
+@dataclass
+class PipelineStats:
+    """A snapshot of what the pipeline did so far."""
+
+    balance: list[int] | None
+    admitted: int = 0
+    delivered: int = 0
+    skipped_input: int = 0
+    dropped: int = 0
+    stages: list[StageStats] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+    @property
+    def skipped(self) -> int:
+        return self.skipped_input + sum(s.skipped for s in self.stages)
+
+    @property
+    def throughput(self) -> float:
+        """Delivered frames per second since start."""
+        return self.delivered / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def busy(self) -> list[float]:
+        """Each stage's busy fraction of the elapsed time."""
+        return [s.busy_s / self.elapsed_s if self.elapsed_s > 0 else 0.0 for s in self.stages]
+
+
+class Pipeline:
+    """Run ``model`` over streams, its layers split over ``devices`` and pipelined.
+
+    Args:
+        model: an ``nn.Sequential`` (or a list of modules); each child is a layer that may not
+            be split further. Stage modules share the model's parameters (on CPU), or the
+            model's layers are moved to their stage's GPU in place.
+        devices: ``"auto"`` (every GPU, else one CPU device per core), a list of
+            ``"cpu"``/``"cuda:N"``/``torch.device``/:class:`Device`, or :func:`cpu_devices`.
+        balance: layer counts per device, ``"time"`` (profile, then the optimal contiguous
+            split) or ``"params"``.
+        input_spec: ``"first"`` (every frame must match the first one's structure, shapes,
+            dtypes and device type), an :class:`InputSpec`, or ``None`` (only "tensors").
+        check_finite: reject frames with NaN or Inf in floating tensors.
+        on_error: ``"raise"`` stops the pipeline on the first failing frame; ``"skip"`` skips
+            that frame, counts it, and goes on.
+        capacity: slots in each channel (memory is bounded by ``capacity`` frames per hop).
+        policy: what the ingress does when full: ``"block"`` (backpressure on the source),
+            ``"drop_oldest"``, ``"drop_newest"`` or ``"latest"``. Inner channels always block.
+        window: frames a stage may have queued on its device beyond the one it finishes.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Sequence[nn.Module],
+        *,
+        devices: str | Sequence[Device | str | torch.device] = "auto",
+        balance: Balance = "time",
+        input_spec: InputSpec | Literal["first"] | None = "first",
+        check_finite: bool = False,
+        on_error: OnError = "raise",
+        capacity: int = 4,
+        policy: Policy = "block",
+        window: int = 2,
+    ) -> None:
+        self.model = model
+        self.layers = layers_of(model)
+        self.devices = resolve_devices(devices, len(self.layers))
+        if len(self.devices) > len(self.layers):
+            raise ValueError(f"cannot split {len(self.layers)} layers over {len(self.devices)} devices; "
+                             f"give at most {len(self.layers)} devices")
+        if isinstance(balance, str):
+            if balance not in ("time", "params"):
+                raise ValueError(f"balance must be 'time', 'params' or a list of layer counts, got {balance!r}")
+            self.balance = balance_by_params(self.layers, len(self.devices)) if balance == "params" else None
+        else:
+            self.balance = check_balance(balance, len(self.layers), len(self.devices))
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if input_spec not in ("first", None) and not isinstance(input_spec, InputSpec):
+            raise ValueError(f"input_spec must be 'first', None or an InputSpec, got {input_spec!r}")
+        if not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be an int >= 1, got {window!r}")
+        Channel(capacity, policy)  # validates both, with the channel's own messages
+        self.input_spec = input_spec
+        self.check_finite = check_finite
+        self.on_error: OnError = on_error
+        self.capacity = capacity
+        self.policy: Policy = policy
+        self.window = window
+        self.stages: list[nn.Sequential] = []
+        self.executors: list[StageExecutor] = []
+        self._task: asyncio.Task[None] | None = None
+        self._tg: asyncio.TaskGroup | None = None
+        self._error: PipelineError | None = None
+        self._seq = itertools.count()
+        self._t_start = self._t_end = 0.0
+        self._delivered = 0
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<Pipeline {state} {len(self.layers)} layers over {self.devices} balance={self.balance}>"
+
+    # -- lifecycle -------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def start(self, sample: Payload | None = None) -> None:
+        """Start the devices and the task group. With ``sample``, split the model now."""
+        if self._task is not None:
+            raise RuntimeError("the pipeline is already started; stop() it first")
+        loop = asyncio.get_running_loop()
+        self._error = None
+        self._routes: set[Route] = set()
+        self._pumps: set[asyncio.Task[None]] = set()
+        self._built = False
+        self._build_lock = asyncio.Lock()
+        self._stop_requested: asyncio.Future[None] = loop.create_future()
+        self._ingress: Channel[Job] = Channel(self.capacity, self.policy, name="ingress", on_drop=_dropped("ingress"))
+        self._skipped_input = 0
+        self._t_start = now()
+        started: asyncio.Future[None] = loop.create_future()
+        self._delivered = 0
+        self._task = loop.create_task(self._serve(started), name="partime-pipeline")
+        try:
+            await started
+        except BaseException:
+            await self.cancel()
+            raise
+        if sample is not None:
+            await self._build(sample)
+
+    async def _serve(self, started: asyncio.Future[None]) -> None:
+        try:
+            for device in self.devices:
+                device.start(asyncio.get_running_loop())
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                started.set_result(None)
+                await self._stop_requested
+        except BaseException as exc:  # recorded and re-raised by stop(); never lost here
+            self._error = primary_error(exc)
+            if not started.done():
+                started.set_exception(self._error or PipelineClosed("the pipeline was cancelled while starting"))
+        finally:
+            self._tg = None
+            self._t_end = now()
+            closed = PipelineClosed("the pipeline stopped before this frame's output")
+            self._ingress.abort(self._error or closed)
+            for route in list(self._routes):
+                route.fail(self._error or closed)
+            for device in self.devices:
+                device.close()
+
+    async def stop(self) -> None:
+        """Admit no more frames, finish those in flight, stop. Re-raises a failure, once."""
+        task = self._task
+        if task is None:
+            return
+        for pump in list(self._pumps):
+            pump.cancel()
+        self._ingress.close()
+        if not self._stop_requested.done():
+            self._stop_requested.set_result(None)
+        await task
+        self._task = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    async def cancel(self) -> None:
+        """Stop now: frames in flight are abandoned (their waiters get PipelineClosed)."""
+        task = self._task
+        if task is None:
+            return
+        task.cancel()
+        try:
+            await task
+        finally:
+            self._task = None
+            self._error = None
+
+    async def __aenter__(self) -> Pipeline:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is None:
+            await self.stop()
+        else:  # the body failed or was cancelled: do not drain, do not mask its exception
+            await self.cancel()
+
+    def _check_running(self) -> asyncio.TaskGroup:
+        if self._error is not None:
+            raise self._error
+        if self._tg is None:
+            raise PipelineClosed("the pipeline is not running; use `async with pipe:` or `await pipe.start()`")
+        return self._tg
+
+    # -- building ----------------------------------------------------------------------------
+    async def _build(self, sample: Payload) -> None:
+        async with self._build_lock:
+            if self._built:
+                return
+            check_tensors(sample, -1, finite=False)
+            if self.balance is None:
+                costs = await self._profile(self.layers, sample)
+                self.balance = min_max_partition(costs, len(self.devices))
+            self.stages = split(self.layers, self.balance)
+            for stage, device in zip(self.stages, self.devices):
+                stage.to(device.torch_device)
+            await self._choose_inline(sample)
+            self._spec = InputSpec.like(sample) if self.input_spec == "first" else self.input_spec
+            tg = self._check_running()
+            inbox = self._ingress
+            last = len(self.stages) - 1
+            self.executors = []
+            for k, (stage, device) in enumerate(zip(self.stages, self.devices)):
+                outbox: Channel[Job] = Channel(self.capacity, name=f"after stage {k}")
+                self.executors.append(StageExecutor(
+                    k, stage, device, inbox, outbox, window=self.window, on_error=self.on_error,
+                    download=(k == last and not isinstance(device, CpuDevice))))
+                inbox = outbox
+            for executor in self.executors:
+                tg.create_task(executor.run(), name=f"partime-{executor.name}")
+            tg.create_task(self._egress(inbox), name="partime-egress")
+            self._built = True
+
+    async def _profile(self, layers: Sequence[nn.Module], sample: Payload) -> list[list[float]]:
+        """Per-device rows of per-layer seconds; devices of one kind are profiled once.
+
+        RNG state and buffers are restored, so profiling changes nothing a later frame sees.
+        """
+        rows: dict[tuple[Any, ...], list[float]] = {}
+        cuda = [d.torch_device for d in self.devices if isinstance(d, CudaDevice)]
+        with torch.random.fork_rng(devices=cuda):
+            for device in self.devices:
+                key = _device_kind(device)
+                if key not in rows:
+                    for layer in layers:
+                        layer.to(device.torch_device)
+                    rows[key], _ = await device.submit(lambda x: profile_layers(layers, x), sample)
+        return [rows[_device_kind(d)] for d in self.devices]
+
+    async def _choose_inline(self, sample: Payload) -> None:
+        """Run on the loop thread the CPU stages cheaper than a measured thread hand-off."""
+        auto = [k for k, d in enumerate(self.devices) if isinstance(d, CpuDevice) and d.inline_mode == "auto"]
+        for k, device in enumerate(self.devices):
+            device.inline = isinstance(device, CpuDevice) and device.inline_mode is True
+        if not auto:
+            return
+        handoff = await _handoff_seconds(self.devices[auto[0]])
+        x = sample
+        with torch.random.fork_rng(devices=[]):
+            for k, (stage, device) in enumerate(zip(self.stages, self.devices)):
+                (seconds, x), _ = await device.submit(lambda v, s=stage: _time_stage(s, v), x)
+                if k in auto:
+                    device.inline = seconds < handoff
+                if isinstance(device, CudaDevice) and k + 1 < len(self.devices):
+                    x = await device.download(x, None)
+
+    # -- admitting frames ---------------------------------------------------------------------
+    async def _admit(self, frame: Frame, route: Route) -> None:
+        self._check_running()
+        if not self._built:
+            await self._build(frame.data)
+        try:
+            check_tensors(frame.data, frame.seq, finite=self.check_finite)
+            if self._spec is not None:
+                self._spec.check(frame.data, frame.seq)
+        except FrameError as error:
+            if self.on_error != "skip":
+                raise
+            self._skipped_input += 1
+            route.admitted += 1
+            route.skip(frame, error)
+            return
+        route.admitted += 1
+        try:
+            await self._ingress.send(Job(frame, route))
+        except BaseException:
+            route.admitted -= 1
+            raise
+
+    async def submit(self, x: Payload | Frame, *, target: Payload | None = None,
+                     meta: dict[str, Any] | None = None) -> Payload:
+        """Run one input through the pipeline and return its output (on the host).
+
+        Safe to call from many tasks at once (e.g. web handlers): requests are pipelined
+        and each caller gets its own output. A bad input raises :class:`FrameError` to this
+        caller only; the pipeline keeps running.
+        """
+        self._check_running()
+        frame = _own_frame(x, next(self._seq)) if isinstance(x, Frame) else Frame(next(self._seq), x, target, meta or {})
+        future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+        route = FutureRoute(future)
+        self._routes.add(route)
+        try:
+            await self._admit(frame, route)
+            return (await future).data
+        finally:
+            self._routes.discard(route)
+
+    async def stream(self, source: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Frame]:
+        """Feed ``source`` through the pipeline and yield its output frames, in order.
+
+        ``source`` is any iterable or async iterable of :class:`Frame` objects or payloads
+        (payloads get seq 0, 1, 2, …). A source that raises fails the pipeline with a
+        :class:`PipelineError` naming the source. To stop reading early, use
+        ``contextlib.aclosing(pipe.stream(...))`` so the source is closed at once.
+        """
+        tg = self._check_running()
+        route = StreamRoute(self.capacity)
+        self._routes.add(route)
+        pump = tg.create_task(self._pump(source, route), name="partime-source")
+        self._pumps.add(pump)
+        try:
+            async for frame in route.out:
+                yield frame
+        finally:
+            pump.cancel()
+            self._pumps.discard(pump)
+            route.detach()
+            self._routes.discard(route)
+
+    async def _pump(self, source: Iterable[Any] | AsyncIterable[Any], route: StreamRoute) -> None:
+        name = getattr(source, "name", type(source).__name__)
+        frames = aiter(_as_frames(source))
+        seq = 0
+        try:
+            while True:
+                try:
+                    frame = await anext(frames)
+                except StopAsyncIteration:
+                    return
+                except Exception as exc:
+                    raise PipelineError(f"{type(exc).__name__}: {exc}", component=f"source {name}", seq=seq) from exc
+                seq = frame.seq + 1
+                try:
+                    await self._admit(frame, route)
+                except ChannelClosed:
+                    return  # stop() was called: admission is over
+        except asyncio.CancelledError:
+            pass  # stop() or the reader went away; not an error of the graph
+        finally:
+            route.end_admission()
+            aclose = getattr(frames, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def _egress(self, last: Channel[Job]) -> None:
+        async for job in last:
+            job.frame.t_done = now()
+            self._delivered += 1
+            await job.route.deliver(job.frame)
+
+    # -- composition and introspection -----------------------------------------------------------
+    def __rrshift__(self, source: Any) -> Any:
+        from .graph import Graph
+
+        return Graph(source, self)
+
+    def __rshift__(self, sinks: Any) -> Any:
+        from .graph import Graph
+
+        return Graph(None, self) >> sinks
+
+    def stats(self) -> PipelineStats:
+        """Counts and per-stage timings so far (also after the pipeline stopped)."""
+        ingress = getattr(self, "_ingress", None)
+        end = now() if self.running else self._t_end
+        return PipelineStats(
+            balance=list(self.balance) if self.balance is not None else None,
+            admitted=ingress.sent if ingress is not None else 0,
+            delivered=self._delivered,
+            skipped_input=getattr(self, "_skipped_input", 0),
+            dropped=ingress.dropped if ingress is not None else 0,
+            stages=[e.stats for e in self.executors],
+            elapsed_s=end - self._t_start,
+        )
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def _dropped(where: str):
+    def on_drop(job: Job) -> None:
+        job.route.drop(job.frame, where)
+    return on_drop
+
+
+def _own_frame(frame: Frame, seq: int | None = None) -> Frame:
+    """A private copy whose ``data`` the stages may replace, leaving the caller's frame as it was."""
+    return Frame(frame.seq if seq is None else seq, frame.data, frame.target, dict(frame.meta), frame.t_capture)
+
+
+async def _as_frames(source: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Frame]:
+    counter = itertools.count()
+    if hasattr(source, "__aiter__"):
+        async for item in source:  # type: ignore[union-attr]
+            yield _own_frame(item) if isinstance(item, Frame) else Frame(next(counter), item)
+    elif hasattr(source, "__iter__") and not isinstance(source, torch.Tensor):
+        for item in source:  # type: ignore[union-attr]
+            yield _own_frame(item) if isinstance(item, Frame) else Frame(next(counter), item)
+    else:
+        raise TypeError(f"a source must be an iterable or async iterable of frames or tensors, "
+                        f"got {type(source).__name__} (for one tensor, use `await pipe.submit(x)`)")
+
+
+def _device_kind(device: Device) -> tuple[Any, ...]:
+    if isinstance(device, CpuDevice):
+        return ("cpu", device.threads)
+    return (device.torch_device.type, device.torch_device.index)
+
+
+def _time_stage(stage: nn.Module, x: Payload, repeats: int = 5) -> tuple[float, Payload]:
+    """Median seconds of one stage on ``x`` (buffers restored), and its output."""
+    times = profile_layers([stage], x, repeats=repeats)
+    with torch.no_grad():
+        saved = {k: b.clone() for k, b in stage.named_buffers()}
+        y = stage(x)
+        for k, b in stage.named_buffers():
+            b.copy_(saved[k])
+    return times[0], y
+
+
+async def _handoff_seconds(device: Device, repeats: int = 41) -> float:
+    """Median round trip of an empty job through ``device``'s worker thread and the loop."""
+    samples = []
+    for _ in range(repeats):
+        t0 = now()
+        await device.submit(_noop, None)
+        samples.append(now() - t0)
+    return statistics.median(samples)
+
+
+def _noop(x: Any) -> Any:
+    return x

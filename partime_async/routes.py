@@ -1,0 +1,101 @@
+"""Routes: where the output of an admitted frame goes.
+
+Every frame admitted into a pipeline carries a route, and every admitted frame *settles* on
+its route exactly once: delivered, skipped (``on_error="skip"``) or dropped (a channel
+policy). That invariant is what lets ``stream()`` end exactly when its last frame is out and
+lets ``submit()`` never hang, and it is what makes "nothing lost silently" checkable.
+"""
+from __future__ import annotations
+
+import asyncio
+
+from .channel import Channel
+from .errors import FrameDropped, PipelineError
+from .frame import Frame
+
+
+class Route:
+    """Base route; counts outcomes."""
+
+    def __init__(self) -> None:
+        self.admitted = 0
+        self.delivered = 0
+        self.skipped = 0
+        self.dropped = 0
+
+    async def deliver(self, frame: Frame) -> None:
+        raise NotImplementedError
+
+    def skip(self, frame: Frame, error: PipelineError) -> None:
+        self.skipped += 1
+
+    def drop(self, frame: Frame, where: str) -> None:
+        self.dropped += 1
+
+    def fail(self, error: BaseException) -> None:
+        """The pipeline failed or stopped: whoever waits on this route must learn why."""
+
+
+class FutureRoute(Route):
+    """One frame, one answer: the route of ``Pipeline.submit``."""
+
+    def __init__(self, future: asyncio.Future[Frame]) -> None:
+        super().__init__()
+        self.future = future
+
+    async def deliver(self, frame: Frame) -> None:
+        self.delivered += 1
+        if not self.future.done():  # the submitter may have been cancelled
+            self.future.set_result(frame)
+
+    def skip(self, frame: Frame, error: PipelineError) -> None:
+        super().skip(frame, error)
+        self.fail(error)
+
+    def drop(self, frame: Frame, where: str) -> None:
+        super().drop(frame, where)
+        self.fail(FrameDropped(f"dropped by the {where} channel policy", component="pipeline", seq=frame.seq))
+
+    def fail(self, error: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+
+class StreamRoute(Route):
+    """Many frames in order, read from :attr:`out`; it closes once admission has ended and
+    every admitted frame has settled."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.out: Channel[Frame] = Channel(capacity, name="stream output")
+        self.admitting = True
+        self.detached = False  # the reader went away: settle quietly, never block the egress
+
+    async def deliver(self, frame: Frame) -> None:
+        self.delivered += 1
+        if not self.detached:
+            await self.out.send(frame)
+        self._settled()
+
+    def skip(self, frame: Frame, error: PipelineError) -> None:
+        super().skip(frame, error)
+        self._settled()
+
+    def drop(self, frame: Frame, where: str) -> None:
+        super().drop(frame, where)
+        self._settled()
+
+    def end_admission(self) -> None:
+        self.admitting = False
+        self._settled()
+
+    def detach(self) -> None:
+        self.detached = True
+        self.out.close()
+
+    def fail(self, error: BaseException) -> None:
+        self.out.abort(error)
+
+    def _settled(self) -> None:
+        if not self.admitting and self.delivered + self.skipped + self.dropped == self.admitted:
+            self.out.close()

@@ -1,0 +1,87 @@
+"""Checking frames at the pipeline's door, so that bad input fails fast and clearly.
+
+An :class:`InputSpec` fixes the structure of a payload and, per tensor leaf, its dtype, device
+type and shape (``None`` in a shape is a free dimension). A pipeline built with
+``input_spec="first"`` takes the spec from its first frame; a frame that does not match gets
+a :class:`FrameError` that says what was expected and what came.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .errors import FrameError
+from .frame import Payload
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What one tensor leaf must be. ``None`` fields are not checked."""
+
+    shape: tuple[int | None, ...] | None = None
+    dtype: torch.dtype | None = None
+    device_type: str | None = None
+
+    @classmethod
+    def like(cls, t: torch.Tensor) -> TensorSpec:
+        return cls(tuple(t.shape), t.dtype, t.device.type)
+
+    def mismatch(self, t: Any) -> str | None:
+        """Why ``t`` does not match, or None."""
+        if not isinstance(t, torch.Tensor):
+            return f"expected a tensor, got {type(t).__name__}"
+        if self.dtype is not None and t.dtype != self.dtype:
+            return f"expected dtype {self.dtype}, got {t.dtype}"
+        if self.device_type is not None and t.device.type != self.device_type:
+            return f"expected a tensor on {self.device_type}, got one on {t.device}"
+        if self.shape is not None:
+            if t.dim() != len(self.shape):
+                return f"expected {len(self.shape)} dimensions {_shape(self.shape)}, got {t.dim()} {_shape(t.shape)}"
+            if any(e is not None and e != s for e, s in zip(self.shape, t.shape)):
+                return f"expected shape {_shape(self.shape)}, got {_shape(t.shape)}"
+        return None
+
+
+def _shape(shape: Sequence[int | None]) -> str:
+    return "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+
+
+class InputSpec:
+    """The structure of a payload and a :class:`TensorSpec` per leaf."""
+
+    def __init__(self, structure: pytree.TreeSpec, leaves: Sequence[TensorSpec]) -> None:
+        self.structure = structure
+        self.leaves = list(leaves)
+
+    @classmethod
+    def like(cls, payload: Payload) -> InputSpec:
+        """The spec that ``payload`` satisfies exactly."""
+        values, structure = pytree.tree_flatten(payload)
+        return cls(structure, [TensorSpec.like(v) if isinstance(v, torch.Tensor) else TensorSpec() for v in values])
+
+    def check(self, payload: Payload, seq: int) -> None:
+        """Raise :class:`FrameError` if ``payload`` does not match."""
+        values, structure = pytree.tree_flatten(payload)
+        if structure != self.structure:
+            raise FrameError(f"expected a payload shaped like {self.structure}, got {structure}",
+                             component="input", seq=seq)
+        for i, (spec, value) in enumerate(zip(self.leaves, values)):
+            why = spec.mismatch(value)
+            if why is not None:
+                where = "" if len(values) == 1 else f"leaf {i}: "
+                raise FrameError(where + why, component="input", seq=seq)
+
+
+def check_tensors(payload: Payload, seq: int, *, finite: bool) -> None:
+    """Every leaf must be a tensor; with ``finite``, floating leaves must hold no NaN or Inf."""
+    for i, value in enumerate(pytree.tree_leaves(payload)):
+        if not isinstance(value, torch.Tensor):
+            raise FrameError(
+                f"payload leaf {i} is a {type(value).__name__}, not a tensor; convert it with "
+                "torch.as_tensor (payloads are tensors or tuples/lists/dicts of tensors)",
+                component="input", seq=seq)
+        if finite and (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
+            raise FrameError("payload holds NaN or Inf (check_finite=True forbids them)", component="input", seq=seq)

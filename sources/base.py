@@ -1,0 +1,67 @@
+"""The source base class and adapters for what users already have."""
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any, AsyncIterable, AsyncIterator, Iterable
+
+from partime_async.frame import Frame, now
+
+
+class Source:
+    """A named, async-iterable stream of frames.
+
+    Subclasses implement :meth:`frames`. Iterating a source twice starts the stream again
+    (deterministic sources give the same frames). ``fps`` paces the frames to a wall clock
+    (None: as fast as the consumer takes them).
+    """
+
+    name = "source"
+
+    def __init__(self, *, fps: float | None = None, name: str | None = None) -> None:
+        if fps is not None and fps <= 0:
+            raise ValueError(f"fps must be positive or None, got {fps!r}")
+        self.fps = fps
+        if name is not None:
+            self.name = name
+
+    def frames(self) -> AsyncIterator[Frame]:
+        raise NotImplementedError
+
+    async def __aiter__(self) -> AsyncIterator[Frame]:
+        start = now()
+        async for frame in self.frames():
+            if self.fps is not None:
+                delay = start + frame.seq / self.fps - now()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                frame.t_capture = now()
+            yield frame
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
+
+class _Iterable(Source):
+    def __init__(self, items: Iterable[Any] | AsyncIterable[Any], *, fps: float | None, name: str) -> None:
+        super().__init__(fps=fps, name=name)
+        self.items = items
+
+    async def frames(self) -> AsyncIterator[Frame]:
+        counter = itertools.count()
+        if hasattr(self.items, "__aiter__"):
+            async for item in self.items:  # type: ignore[union-attr]
+                yield item if isinstance(item, Frame) else Frame(next(counter), item)
+        else:
+            for item in self.items:  # type: ignore[union-attr]
+                yield item if isinstance(item, Frame) else Frame(next(counter), item)
+
+
+def from_iterable(items: Iterable[Any], *, fps: float | None = None, name: str = "iterable") -> Source:
+    """A source over tensors, payloads or frames from any iterable (list, generator, …)."""
+    return _Iterable(items, fps=fps, name=name)
+
+
+def from_async_iterable(items: AsyncIterable[Any], *, fps: float | None = None, name: str = "async iterable") -> Source:
+    """A source over an async iterable (async generator, websocket reader, …)."""
+    return _Iterable(items, fps=fps, name=name)
