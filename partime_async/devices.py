@@ -192,7 +192,7 @@ def _host_input(payload: Payload, ready: Any) -> Payload:
     if ready is not None:
         ready.synchronize()
     if isinstance(payload, torch.Tensor):
-        return payload if payload.device.type == "cpu" else payload.cpu()
+        return payload if payload.is_cpu else payload.cpu()
     return to_device(payload, _CPU)
 
 

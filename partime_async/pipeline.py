@@ -19,7 +19,7 @@ import asyncio
 import itertools
 import statistics
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterable, AsyncIterator, Iterable, Literal, Sequence
+from typing import Any, AsyncIterable, Iterable, Literal, Sequence
 
 import torch
 from torch import nn
@@ -62,6 +62,55 @@ class PipelineStats:
         return [s.busy_s / self.elapsed_s if self.elapsed_s > 0 else 0.0 for s in self.stages]
 
 
+class OutputStream:
+    """The outputs of one :meth:`Pipeline.stream` call: an async iterator of frames, in order,
+    and an async context manager that closes it."""
+
+    def __init__(self, pipe: Pipeline, source: Iterable[Any] | AsyncIterable[Any]) -> None:
+        self._pipe = pipe
+        self._source = source
+        self._route: StreamRoute | None = None
+        self._pump: asyncio.Task[None] | None = None
+
+    def __aiter__(self) -> OutputStream:
+        return self
+
+    async def __anext__(self) -> Frame:
+        route = self._route or self._open()
+        try:
+            return await route.out.__anext__()
+        except BaseException:  # the end, a failure, or the reader was cancelled
+            self._close()
+            raise
+
+    def _open(self) -> StreamRoute:
+        pipe = self._pipe
+        tg = pipe._check_running()
+        self._route = route = StreamRoute(pipe.capacity)
+        pipe._routes.add(route)
+        self._pump = tg.create_task(pipe._pump(self._source, route), name="partime-source")
+        pipe._pumps.add(self._pump)
+        return route
+
+    def _close(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+            self._pipe._pumps.discard(self._pump)
+        if self._route is not None:
+            self._route.detach()
+            self._pipe._routes.discard(self._route)
+
+    async def aclose(self) -> None:
+        """Stop reading: the source is closed, frames still in flight are discarded."""
+        self._close()
+
+    async def __aenter__(self) -> OutputStream:
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        self._close()
+
+
 class Pipeline:
     """Run ``model`` over streams, its layers split over ``devices`` and pipelined.
 
@@ -78,7 +127,8 @@ class Pipeline:
         check_finite: reject frames with NaN or Inf in floating tensors.
         on_error: ``"raise"`` stops the pipeline on the first failing frame; ``"skip"`` skips
             that frame, counts it, and goes on.
-        capacity: slots in each channel (memory is bounded by ``capacity`` frames per hop).
+        capacity: slots in each channel (memory and queueing latency are bounded by
+            ``capacity`` frames per hop).
         policy: what the ingress does when full: ``"block"`` (backpressure on the source),
             ``"drop_oldest"``, ``"drop_newest"`` or ``"latest"``. Inner channels always block.
         window: frames a stage may have queued on its device beyond the one it finishes.
@@ -93,7 +143,7 @@ class Pipeline:
         input_spec: InputSpec | Literal["first"] | None = "first",
         check_finite: bool = False,
         on_error: OnError = "raise",
-        capacity: int = 4,
+        capacity: int = 2,
         policy: Policy = "block",
         window: int = 2,
     ) -> None:
@@ -163,7 +213,7 @@ class Pipeline:
             await self.cancel()
             raise
         if sample is not None:
-            await self._build(sample)
+            await self._build(sample, None)
 
     async def _serve(self, started: asyncio.Future[None]) -> None:
         try:
@@ -233,18 +283,16 @@ class Pipeline:
         return self._tg
 
     # -- building ----------------------------------------------------------------------------
-    async def _build(self, sample: Payload) -> None:
+    async def _build(self, sample: Payload, seq: int | None) -> None:
         async with self._build_lock:
             if self._built:
                 return
-            check_tensors(sample, -1, finite=False)
-            if self.balance is None:
-                costs = await self._profile(self.layers, sample)
-                self.balance = min_max_partition(costs, len(self.devices))
-            self.stages = split(self.layers, self.balance)
-            for stage, device in zip(self.stages, self.devices):
-                stage.to(device.torch_device)
-            await self._choose_inline(sample)
+            check_tensors(sample, seq, finite=False)
+            try:
+                await self._split(sample)
+            except Exception as exc:
+                raise PipelineError(f"{type(exc).__name__}: {exc} (while splitting and profiling the model "
+                                    "on this frame)", component="pipeline set-up", seq=seq) from exc
             self._spec = InputSpec.like(sample) if self.input_spec == "first" else self.input_spec
             tg = self._check_running()
             inbox = self._ingress
@@ -260,6 +308,17 @@ class Pipeline:
                 tg.create_task(executor.run(), name=f"partime-{executor.name}")
             tg.create_task(self._egress(inbox), name="partime-egress")
             self._built = True
+            self._t_start = now()  # throughput counts from here, not from set-up and profiling
+
+    async def _split(self, sample: Payload) -> None:
+        """Choose the balance (profiling if asked), place the stages, choose inline stages."""
+        if self.balance is None:
+            costs = await self._profile(self.layers, sample)
+            self.balance = min_max_partition(costs, len(self.devices))
+        self.stages = split(self.layers, self.balance)
+        for stage, device in zip(self.stages, self.devices):
+            stage.to(device.torch_device)
+        await self._choose_inline(sample)
 
     async def _profile(self, layers: Sequence[nn.Module], sample: Payload) -> list[list[float]]:
         """Per-device rows of per-layer seconds; devices of one kind are profiled once.
@@ -295,10 +354,8 @@ class Pipeline:
                     x = await device.download(x, None)
 
     # -- admitting frames ---------------------------------------------------------------------
-    async def _admit(self, frame: Frame, route: Route) -> None:
-        self._check_running()
-        if not self._built:
-            await self._build(frame.data)
+    def _prepare(self, frame: Frame, route: Route) -> Job | None:
+        """Check a frame and count it on its route; None if it was skipped as bad input."""
         try:
             check_tensors(frame.data, frame.seq, finite=self.check_finite)
             if self._spec is not None:
@@ -309,10 +366,20 @@ class Pipeline:
             self._skipped_input += 1
             route.admitted += 1
             route.skip(frame, error)
-            return
+            return None
         route.admitted += 1
+        return Job(frame, route)
+
+    async def _admit(self, frame: Frame, route: Route) -> None:
+        self._check_running()
+        if not self._built:
+            await self._build(frame.data, frame.seq)
+        job = self._prepare(frame, route)
+        if job is None:
+            return
         try:
-            await self._ingress.send(Job(frame, route))
+            if not self._ingress.send_nowait(job):  # fast path: room in the channel
+                await self._ingress.send(job)
         except BaseException:
             route.admitted -= 1
             raise
@@ -336,58 +403,66 @@ class Pipeline:
         finally:
             self._routes.discard(route)
 
-    async def stream(self, source: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Frame]:
-        """Feed ``source`` through the pipeline and yield its output frames, in order.
+    def stream(self, source: Iterable[Any] | AsyncIterable[Any]) -> OutputStream:
+        """Feed ``source`` through the pipeline; iterate the result for its outputs, in order.
 
         ``source`` is any iterable or async iterable of :class:`Frame` objects or payloads
-        (payloads get seq 0, 1, 2, …). A source that raises fails the pipeline with a
-        :class:`PipelineError` naming the source. To stop reading early, use
-        ``contextlib.aclosing(pipe.stream(...))`` so the source is closed at once.
+        (payloads get seq 0, 1, 2, …). Nothing starts until the first ``__anext__``. A source
+        that raises fails the pipeline with a :class:`PipelineError` naming the source. To
+        stop reading early, close the stream (``async with pipe.stream(src) as outputs:``
+        or ``await outputs.aclose()``): the source is closed and the frames still in flight
+        are discarded without blocking the pipeline.
         """
-        tg = self._check_running()
-        route = StreamRoute(self.capacity)
-        self._routes.add(route)
-        pump = tg.create_task(self._pump(source, route), name="partime-source")
-        self._pumps.add(pump)
-        try:
-            async for frame in route.out:
-                yield frame
-        finally:
-            pump.cancel()
-            self._pumps.discard(pump)
-            route.detach()
-            self._routes.discard(route)
+        return OutputStream(self, source)
 
     async def _pump(self, source: Iterable[Any] | AsyncIterable[Any], route: StreamRoute) -> None:
         name = getattr(source, "name", type(source).__name__)
-        frames = aiter(_as_frames(source))
+        if hasattr(source, "__aiter__"):
+            items, is_async = aiter(source), True  # type: ignore[arg-type]
+        elif hasattr(source, "__iter__") and not isinstance(source, torch.Tensor):
+            items, is_async = iter(source), False  # type: ignore[arg-type]
+        else:
+            route.end_admission()
+            raise TypeError(f"a source must be an iterable or async iterable of frames or tensors, "
+                            f"got {type(source).__name__} (for one tensor, use `await pipe.submit(x)`)")
         seq = 0
+        ingress = self._ingress
         try:
             while True:
                 try:
-                    frame = await anext(frames)
-                except StopAsyncIteration:
+                    item = (await anext(items)) if is_async else next(items)
+                except (StopIteration, StopAsyncIteration):
                     return
                 except Exception as exc:
                     raise PipelineError(f"{type(exc).__name__}: {exc}", component=f"source {name}", seq=seq) from exc
+                frame = _own_frame(item) if isinstance(item, Frame) else Frame(seq, item)
                 seq = frame.seq + 1
+                if not self._built:
+                    await self._build(frame.data, frame.seq)
+                job = self._prepare(frame, route)
+                if job is None:
+                    continue
                 try:
-                    await self._admit(frame, route)
+                    if not ingress.send_nowait(job):
+                        await ingress.send(job)
                 except ChannelClosed:
+                    route.admitted -= 1
                     return  # stop() was called: admission is over
         except asyncio.CancelledError:
             pass  # stop() or the reader went away; not an error of the graph
         finally:
             route.end_admission()
-            aclose = getattr(frames, "aclose", None)
+            aclose = getattr(items, "aclose", None)
             if aclose is not None:
                 await aclose()
 
     async def _egress(self, last: Channel[Job]) -> None:
         async for job in last:
-            job.frame.t_done = now()
+            frame = job.frame
+            frame.t_done = now()
             self._delivered += 1
-            await job.route.deliver(job.frame)
+            if not job.route.offer(frame):
+                await job.route.deliver(frame)
 
     # -- composition and introspection -----------------------------------------------------------
     def __rrshift__(self, source: Any) -> Any:
@@ -425,19 +500,6 @@ def _dropped(where: str):
 def _own_frame(frame: Frame, seq: int | None = None) -> Frame:
     """A private copy whose ``data`` the stages may replace, leaving the caller's frame as it was."""
     return Frame(frame.seq if seq is None else seq, frame.data, frame.target, dict(frame.meta), frame.t_capture)
-
-
-async def _as_frames(source: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Frame]:
-    counter = itertools.count()
-    if hasattr(source, "__aiter__"):
-        async for item in source:  # type: ignore[union-attr]
-            yield _own_frame(item) if isinstance(item, Frame) else Frame(next(counter), item)
-    elif hasattr(source, "__iter__") and not isinstance(source, torch.Tensor):
-        for item in source:  # type: ignore[union-attr]
-            yield _own_frame(item) if isinstance(item, Frame) else Frame(next(counter), item)
-    else:
-        raise TypeError(f"a source must be an iterable or async iterable of frames or tensors, "
-                        f"got {type(source).__name__} (for one tensor, use `await pipe.submit(x)`)")
 
 
 def _device_kind(device: Device) -> tuple[Any, ...]:

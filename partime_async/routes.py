@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
-from .channel import Channel
+from .channel import Channel, ChannelClosed
 from .errors import FrameDropped, PipelineError
 from .frame import Frame
 
@@ -23,7 +23,12 @@ class Route:
         self.skipped = 0
         self.dropped = 0
 
+    def offer(self, frame: Frame) -> bool:
+        """Deliver ``frame`` if that needs no waiting; False means: await :meth:`deliver`."""
+        raise NotImplementedError
+
     async def deliver(self, frame: Frame) -> None:
+        """Deliver ``frame``, waiting for room if the reader is behind."""
         raise NotImplementedError
 
     def skip(self, frame: Frame, error: PipelineError) -> None:
@@ -43,10 +48,14 @@ class FutureRoute(Route):
         super().__init__()
         self.future = future
 
-    async def deliver(self, frame: Frame) -> None:
+    def offer(self, frame: Frame) -> bool:
         self.delivered += 1
         if not self.future.done():  # the submitter may have been cancelled
             self.future.set_result(frame)
+        return True
+
+    async def deliver(self, frame: Frame) -> None:
+        self.offer(frame)
 
     def skip(self, frame: Frame, error: PipelineError) -> None:
         super().skip(frame, error)
@@ -71,10 +80,21 @@ class StreamRoute(Route):
         self.admitting = True
         self.detached = False  # the reader went away: settle quietly, never block the egress
 
-    async def deliver(self, frame: Frame) -> None:
+    def offer(self, frame: Frame) -> bool:
+        if not self.detached and not self.out.send_nowait(frame):
+            return False
         self.delivered += 1
+        self._settled()
+        return True
+
+    async def deliver(self, frame: Frame) -> None:
         if not self.detached:
-            await self.out.send(frame)
+            try:
+                await self.out.send(frame)
+            except ChannelClosed:
+                if not self.detached:  # closed by detach() while we waited: fine
+                    raise
+        self.delivered += 1
         self._settled()
 
     def skip(self, frame: Frame, error: PipelineError) -> None:

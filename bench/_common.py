@@ -1,0 +1,176 @@
+"""Helpers shared by the benchmarks: medians, interleaved repeats, timing, and RESULTS.md.
+
+Every benchmark in ``bench/`` is runnable as ``python bench/NAME.py [--quick] [--repeats N]``
+from the repository root and exposes ``main(argv) -> int`` for a CLI. Its last printed line is
+its headline ratio; :func:`record` appends one dated line per run to ``bench/RESULTS.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS = BENCH_DIR / "RESULTS.md"
+
+HEADER = """\
+# Benchmark results
+
+One line per full benchmark run, appended by `bench/_common.py:record` (never by tests):
+
+    - <ISO date+time UTC> | <benchmark> | <machine> | `<exact command>` | <numbers> | <headline ratio>
+
+* **machine**: OS/platform, CPU model (from /proc/cpuinfo), cores usable by the process
+  (`len(os.sched_getaffinity(0))`), torch version, GPU name or "no GPU".
+* **numbers**: `name=value` pairs; times are medians over interleaved repeats (the variants of
+  one benchmark alternate order from repeat to repeat, so drift and noise hit all of them);
+  units are in the names (`_us` microseconds, `_fps` frames per second).
+* **headline ratio**: the one number the benchmark is about, with its goal; it is also the last
+  line the benchmark prints.
+
+Numbers from a shared or busy machine are noisy: compare lines from the same machine only, and
+rerun before drawing conclusions. `--quick` runs (CI smoke tests) should use `--no-record` or be
+deleted from this file.
+
+"""
+
+
+# -- statistics and timing --------------------------------------------------------------------
+def median(values: Sequence[float]) -> float:
+    """Median of a non-empty sequence."""
+    return statistics.median(values)
+
+
+def spread(values: Sequence[float]) -> float:
+    """(max - min) / median: a rough noise indicator for a set of repeats."""
+    m = statistics.median(values)
+    return (max(values) - min(values)) / m if m else 0.0
+
+
+def time_call(fn: Callable[[], object]) -> float:
+    """Seconds of one call of ``fn`` (perf_counter), after a garbage collection."""
+    gc.collect()
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def throughput(frames: int, seconds: float) -> float:
+    """Frames per second."""
+    return frames / seconds if seconds > 0 else float("inf")
+
+
+def interleaved(variants: Mapping[str, Callable[[], float]], repeats: int, *,
+                verbose: bool = True) -> dict[str, list[float]]:
+    """Run every variant once per repeat and collect what each returns (seconds).
+
+    The order alternates (forward on even repeats, reversed on odd ones) so that a slow drift
+    of the machine or a warm-up effect does not favour whichever variant runs first. A
+    variant is a callable returning its own measured seconds (so that it can leave set-up and
+    tear-down out of the timing); ``gc.collect()`` runs before each.
+    """
+    names = list(variants)
+    results: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        order = names if r % 2 == 0 else names[::-1]
+        for name in order:
+            gc.collect()
+            results[name].append(variants[name]())
+        if verbose:
+            print(f"  repeat {r + 1}/{repeats} done", file=sys.stderr, flush=True)
+    return results
+
+
+# -- machine and command ------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def machine_line() -> str:
+    """Platform, CPU model, usable cores, Python and torch versions, GPU (if any)."""
+    import torch
+
+    gpu = "no GPU"
+    if torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        gpu = f"GPU {len(names)}x " + ", ".join(sorted(set(names)))
+    return (f"{platform.system()} {platform.release()} {platform.machine()}, {cpu_model()}, "
+            f"{cores()} cores, Python {platform.python_version()}, torch {torch.__version__}, {gpu}")
+
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """The command that ran the benchmark, rebuilt from ``sys.argv``.
+
+    ``python bench/X.py ARGS`` when run as a script; the console command as typed when a CLI
+    called ``main(argv)``; if ``argv`` differs from what ``sys.argv`` says (a caller passed its
+    own arguments), they are appended as ``[main(argv=...)]`` so the line is never misleading.
+    """
+    args = list(sys.argv)
+    if args and args[0].endswith(".py"):
+        cmd = shlex.join(["python", os.path.relpath(args[0]) if os.path.isabs(args[0]) else args[0], *args[1:]])
+    else:
+        cmd = shlex.join([os.path.basename(args[0]) if args else "python", *args[1:]])
+    if argv is not None and list(argv) != args[1:]:
+        cmd += f" [main(argv={list(argv)!r})]"
+    return cmd
+
+
+def add_common_args(parser: argparse.ArgumentParser, default_repeats: int) -> None:
+    parser.add_argument("--quick", action="store_true", help="tiny run (CI smoke test)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help=f"interleaved repeats, medians reported (default {default_repeats}; quick: 2)")
+    parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="results file (default bench/RESULTS.md)")
+
+
+# -- recording ----------------------------------------------------------------------------------
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        if value == 0 or 1e-3 <= abs(value) < 1e5:
+            return f"{value:.4g}" if abs(value) < 100 else f"{value:.1f}"
+        return f"{value:.3e}"
+    return str(value)
+
+
+def format_numbers(numbers: Mapping[str, object]) -> str:
+    return ", ".join(f"{k}={_fmt(v)}" for k, v in numbers.items())
+
+
+def record(name: str, machine: str, command: str, numbers: Mapping[str, object], ratio_text: str,
+           *, path: Path | None = RESULTS) -> str:
+    """Append one dated line to ``path`` (created with its header if missing; ``None``: do not
+    write) and print the ratio LAST. Returns the line."""
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    line = f"- {stamp} | {name} | {machine} | `{command}` | {format_numbers(numbers)} | {ratio_text}"
+    if path is not None:
+        path = Path(path)
+        new = not path.exists() or path.stat().st_size == 0
+        with open(path, "a") as f:
+            if new:
+                f.write(HEADER)
+            f.write(line + "\n")
+        print(f"recorded in {path}", flush=True)
+    print(ratio_text, flush=True)
+    return line

@@ -1,0 +1,178 @@
+"""The ``partime-async`` command: ``demo`` (the main job) and ``bench``.
+
+``partime-async demo`` streams the built-in synthetic video through a small conv net split
+over the available devices, shows a live progress line (frames/s, per-stage busy %, drops),
+and closes with a summary that includes the speed-up over the unsplit model measured in the
+same run. It runs on uvloop when installed.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import statistics
+import sys
+from pathlib import Path
+from typing import Sequence, TextIO
+
+import torch
+from torch import nn
+
+from .devices import available_cores, cpu_devices
+from .frame import Frame, now
+from .graph import LoopKind, loop_factory, run
+from .pipeline import Pipeline, PipelineStats
+from partime_async.sinks import Sink
+
+
+def demo_model(channels: int = 3, width: int = 32, depth: int = 8) -> nn.Sequential:
+    """The demo's conv net: ``depth`` × (3×3 conv + ReLU) then a 1×1 conv back to ``channels``.
+
+    Each conv + ReLU pair is one layer of the split.
+    """
+    layers: list[nn.Module] = []
+    c = channels
+    for _ in range(depth):
+        layers.append(nn.Sequential(nn.Conv2d(c, width, 3, padding=1), nn.ReLU()))
+        c = width
+    layers.append(nn.Conv2d(width, channels, 1))
+    return nn.Sequential(*layers).eval()
+
+
+def unsplit_throughput(model: nn.Module, frames: Sequence[torch.Tensor], threads: int) -> float:
+    """Frames per second of the unsplit model, one frame at a time, with ``threads`` intra-op threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            model(frames[0])
+            t0 = now()
+            for x in frames:
+                model(x)
+            return len(frames) / (now() - t0)
+    finally:
+        torch.set_num_threads(previous)
+
+
+class Progress(Sink):
+    """A sink that keeps a one-line live display of a running pipeline."""
+
+    name = "progress"
+
+    def __init__(self, pipe: Pipeline, total: int | None, out: TextIO, every: float = 0.5) -> None:
+        super().__init__()
+        self.pipe, self.total, self.out, self.every = pipe, total, out, every
+        self.latencies: list[float] = []
+        self._last = 0.0
+        self._tty = out.isatty()
+
+    async def write(self, frame: Frame) -> None:
+        self.update(frame)
+
+    async def close(self) -> None:
+        self._show(self.pipe.stats(), end="\n")
+
+    def update(self, frame: Frame) -> None:
+        if frame.latency is not None:
+            self.latencies.append(frame.latency)
+        t = now()
+        if t - self._last >= self.every:
+            self._last = t
+            self._show(self.pipe.stats(), end="\r" if self._tty else "\n")
+
+    def _show(self, stats: PipelineStats, end: str) -> None:
+        of = f"/{self.total}" if self.total else ""
+        busy = " ".join(f"{b:4.0%}" for b in stats.busy())
+        self.out.write(f"frames {stats.delivered}{of} | {stats.throughput:7.1f} frames/s | "
+                       f"stage busy {busy} | dropped {stats.dropped} skipped {stats.skipped}{end}")
+        self.out.flush()
+
+
+async def demo(frames: int = 600, size: int = 64, stages: int | None = None, out: TextIO = sys.stdout) -> dict[str, float]:
+    """The main job; returns the summary numbers (also printed)."""
+    from partime_async.sources import SyntheticVideo
+
+    torch.manual_seed(0)
+    model = demo_model()
+    source = SyntheticVideo(frames, height=size, width=size)
+    if torch.cuda.is_available():
+        devices: list | str = "auto"
+        n = torch.cuda.device_count()
+    else:
+        n = stages or max(1, min(available_cores(), 4))
+        devices = cpu_devices(n)
+    out.write(f"partime-async demo: {frames} frames of {size}x{size} synthetic video through a "
+              f"{len(model)}-layer conv net on {n} device(s)\n")
+    reference = [source.render(t) for t in range(min(frames, 100))]
+    cores = available_cores()
+    unsplit = max(unsplit_throughput(model, reference, t) for t in sorted({1, cores}))
+    pipe = Pipeline(model, devices=devices, balance="time")
+    progress = Progress(pipe, frames, out)
+    stats = await run(source >> pipe >> progress)
+    latency = sorted(progress.latencies)
+    summary = {
+        "frames": stats.delivered,
+        "pipeline_fps": stats.throughput,
+        "unsplit_fps": unsplit,
+        "speedup": stats.throughput / unsplit,
+        "latency_p50_ms": 1e3 * statistics.median(latency) if latency else 0.0,
+    }
+    out.write(f"balance {stats.balance}; per-stage compute " +
+              ", ".join(f"{1e3 * s.mean_compute_s:.2f} ms{' (inline)' if s.inline else ''}" for s in stats.stages) + "\n")
+    out.write(f"pipelined {summary['pipeline_fps']:.1f} frames/s vs unsplit {unsplit:.1f} frames/s "
+              f"(best of 1..{cores} threads, same run): speed-up {summary['speedup']:.2f}x; "
+              f"latency p50 {summary['latency_p50_ms']:.2f} ms\n")
+    return summary
+
+
+def _bench_dir() -> Path:
+    for candidate in (Path.cwd() / "bench", Path(__file__).resolve().parents[1] / "bench"):
+        if candidate.is_dir():
+            return candidate
+    raise SystemExit("the benchmarks live in a source checkout's bench/ folder; run this from the repository root")
+
+
+def bench(names: Sequence[str], extra: Sequence[str]) -> int:
+    folder = _bench_dir()
+    available = sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_"))
+    chosen = list(names) or available
+    unknown = [n for n in chosen if n not in available]
+    if unknown:
+        raise SystemExit(f"unknown benchmark(s) {unknown}; available: {', '.join(available)}")
+    sys.path.insert(0, str(folder))
+    for name in chosen:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        print(f"== {name}", flush=True)
+        module.main(list(extra))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="partime-async", description=__doc__.split("\n")[0])
+    parser.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto",
+                        help="event loop (auto: uvloop when installed)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p_demo = commands.add_parser("demo", help="stream the built-in video through a split conv net")
+    p_demo.add_argument("--frames", type=int, default=600)
+    p_demo.add_argument("--size", type=int, default=64, help="frame height and width")
+    p_demo.add_argument("--stages", type=int, default=None, help="CPU stages (default: one per core, at most 4)")
+    p_bench = commands.add_parser("bench", help="run benchmarks from bench/ (all by default)")
+    p_bench.add_argument("names", nargs="*")
+    p_bench.add_argument("--quick", action="store_true", help="tiny runs (smoke test)")
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        return bench(args.names, ["--quick"] if args.quick else [])
+    factory = loop_factory(args.loop)
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(demo(args.frames, args.size, args.stages))
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

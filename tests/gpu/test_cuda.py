@@ -1,0 +1,117 @@
+"""The CUDA path: exactness, ordering, no host synchronisation, bounded pools. Runs only with CUDA."""
+import asyncio
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import partime_async as pa
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Sequential(nn.Linear(256, 256), nn.ReLU()) for _ in range(6)]).eval()
+
+
+def convnet() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()),
+        *[nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()) for _ in range(5)],
+    ).eval()
+
+
+async def stream(pipe: pa.Pipeline, xs: list[torch.Tensor]) -> list[pa.Frame]:
+    async with pipe:
+        return [f async for f in pipe.stream(xs)]
+
+
+@pytest.fixture(autouse=True)
+def deterministic():
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    yield
+
+
+@pytest.mark.parametrize("make, shape", [(mlp, (1, 256)), (convnet, (1, 3, 32, 32))])
+@pytest.mark.parametrize("balance", ["time", "params"])
+async def test_outputs_equal_unsplit_on_gpu(make, shape, balance, cuda_devices):
+    model = make()
+    xs = [torch.randn(shape) for _ in range(40)]
+    with torch.no_grad():
+        expected = [model.cuda()(x.cuda()).cpu() for x in xs]
+    outs = await stream(pa.Pipeline(model, devices=cuda_devices(), balance=balance), xs)
+    assert [f.seq for f in outs] == list(range(40))
+    assert all(o.data.device.type == "cpu" and torch.equal(o.data, e) for o, e in zip(outs, expected))
+
+
+async def test_mixed_cpu_and_gpu_stages():
+    model = mlp()
+    xs = [torch.randn(1, 256) for _ in range(20)]
+    with torch.no_grad():
+        expected = [model(x) for x in xs]
+    outs = await stream(pa.Pipeline(model, devices=["cuda:0", pa.CpuDevice(0, threads=1)], balance=[3, 3]), xs)
+    assert all(torch.allclose(o.data, e, atol=1e-5) for o, e in zip(outs, expected))
+
+
+async def test_uint8_frames_normalised_on_gpu(cuda_devices):
+    class Normalise(nn.Module):
+        def forward(self, x):
+            return x.float().div_(255)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Normalise(), nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 1)).eval()
+    xs = [torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8) for _ in range(20)]
+    with torch.no_grad():
+        expected = [model.cuda()(x.cuda()).cpu() for x in xs]
+    outs = await stream(pa.Pipeline(model, devices=cuda_devices(), balance=[2, 2]), xs)
+    assert all(torch.equal(o.data, e) for o, e in zip(outs, expected))
+
+
+async def test_no_host_synchronisation_between_gpu_stages(cuda_devices):
+    model = mlp().cuda()
+    xs = [torch.randn(1, 256).pin_memory() for _ in range(30)]
+    pipe = pa.Pipeline(model, devices=cuda_devices(), balance=[3, 3])
+    async with pipe:
+        await pipe.submit(xs[0])  # build and profile (profiling synchronises on purpose)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            outs = [f async for f in pipe.stream(xs)]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert len(outs) == 30
+
+
+async def test_event_and_pinned_pools_do_not_grow_per_frame(cuda_devices):
+    devices = cuda_devices()
+    pipe = pa.Pipeline(mlp(), devices=devices, balance=[3, 3], window=2)
+    xs = [torch.randn(1, 256) for _ in range(300)]
+    async with pipe:
+        async for _ in pipe.stream(xs[:50]):
+            pass
+        created = [(d.events.created, d.staging.created) for d in devices]
+        async for _ in pipe.stream(xs):
+            pass
+    assert [(d.events.created, d.staging.created) for d in devices] == created
+    assert all(events <= 16 and pinned <= 16 for events, pinned in created)
+
+
+async def test_stage_error_on_gpu_names_stage_and_frame(cuda_devices):
+    class FailAt(nn.Module):
+        def forward(self, x):
+            if float(x[0, 0]) == 7.0:
+                raise RuntimeError("boom")
+            return x
+
+    model = nn.Sequential(nn.Linear(4, 4), FailAt())
+    xs = [torch.full((1, 4), float(i)) for i in range(20)]
+    model[0].weight.data = torch.eye(4)
+    model[0].bias.data.zero_()
+    with pytest.raises(pa.PipelineError) as info:
+        await stream(pa.Pipeline(model, devices=cuda_devices(), balance=[1, 1]), xs)
+    assert info.value.component.startswith("stage 1") and info.value.seq == 7
+    assert not [t for t in threading.enumerate() if t.name.startswith("partime-")]
+    assert len(asyncio.all_tasks()) == 1
