@@ -11,12 +11,13 @@ from .devices import CpuDevice, CudaDevice, Device, cpu_devices
 from .errors import FrameDropped, FrameError, PipelineClosed, PipelineError
 from .frame import Frame
 from .graph import Graph, run, run_sync
+from .learning import OnlineLearning
 from .pipeline import Pipeline, PipelineStats
 from .validation import InputSpec, TensorSpec
 
 __all__ = [
     "Channel", "ChannelClosed", "CpuDevice", "CudaDevice", "Device", "EndOfStream", "Frame",
-    "FrameDropped", "FrameError", "Graph", "InputSpec", "Pipeline", "PipelineClosed",
+    "FrameDropped", "FrameError", "Graph", "InputSpec", "OnlineLearning", "Pipeline", "PipelineClosed",
     "PipelineError", "PipelineStats", "TensorSpec", "cpu_devices", "run", "run_sync",
 ]
 __version__ = "0.1.0"

@@ -27,6 +27,7 @@ from .channel import Channel
 from .devices import CpuDevice, Device
 from .errors import PipelineError
 from .frame import Frame, Payload, now
+from .learning import StageLearner
 
 OnError = Literal["raise", "skip"]
 
@@ -55,10 +56,54 @@ class StageStats:
     skipped: int = 0
     busy_s: float = 0.0
     skipped_seqs: deque[int] = field(default_factory=lambda: deque(maxlen=1024))  # the latest
+    loss: float | None = None  # learning, last stage: the latest frame's loss
 
     @property
     def mean_compute_s(self) -> float:
         return self.busy_s / self.frames if self.frames else 0.0
+
+
+class GradBox:
+    """Gradients sent back to a stage by the next one, looked up by frame seq.
+
+    Bounded by the schedule, not by a capacity: a stage only ever has the few gradients it
+    is owed in flight (at most 2 in steady state).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._grads: dict[int, tuple[Any, Any]] = {}
+        self._waiters: dict[int, asyncio.Future[tuple[Any, Any]]] = {}
+        self._closed = False
+
+    def put(self, seq: int, grad: Any, ready: Any) -> None:
+        waiter = self._waiters.pop(seq, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result((grad, ready))
+        else:
+            self._grads[seq] = (grad, ready)
+
+    async def get(self, seq: int) -> tuple[Any, Any]:
+        if seq in self._grads:
+            return self._grads.pop(seq)
+        if self._closed:
+            raise RuntimeError(f"{self.name}: the gradient of frame {seq} never came (the next stage ended)")
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters[seq] = waiter
+        try:
+            return await waiter
+        finally:
+            self._waiters.pop(seq, None)
+
+    def close(self) -> None:
+        self._closed = True
+        for seq, waiter in self._waiters.items():
+            if not waiter.done():
+                waiter.set_exception(RuntimeError(f"{self.name}: the gradient of frame {seq} never came "
+                                                  "(the next stage ended)"))
+
+    def __len__(self) -> int:
+        return len(self._grads)
 
 
 class StageExecutor:
@@ -75,6 +120,9 @@ class StageExecutor:
         window: int = 2,
         on_error: OnError = "raise",
         download: bool = False,
+        learner: StageLearner | None = None,
+        grads_in: GradBox | None = None,
+        grads_out: GradBox | None = None,
     ) -> None:
         self.index = index
         self.module = module
@@ -84,6 +132,9 @@ class StageExecutor:
         self.window = window
         self.on_error = on_error
         self.download = download  # last stage: hand host tensors to the sinks
+        self.learner = learner      # learning: this stage's optimiser and schedule
+        self.grads_in = grads_in    # gradients from the next stage, by seq (None on the last)
+        self.grads_out = grads_out  # the previous stage's box (None on the first)
         self.name = f"stage {index} ({getattr(device, 'name', device.torch_device)})"
         self.stats = StageStats(self.name, str(getattr(device, "name", device.torch_device)), len(module))
         self._compute = self._make_compute()
@@ -113,12 +164,16 @@ class StageExecutor:
     async def run(self) -> None:
         """Process jobs until the inbox ends; then close the outbox (always)."""
         try:
-            if self.device.inline:
+            if self.learner is not None:
+                await self._run_learning()
+            elif self.device.inline:
                 await self._run_inline()
             else:
                 await self._run_windowed()
         finally:
             self.outbox.close()
+            if self.grads_out is not None:
+                self.grads_out.close()
 
     async def _run_inline(self) -> None:
         compute, device = self._compute, self.device
@@ -152,22 +207,96 @@ class StageExecutor:
             inflight.close()
 
     async def _collect(self, inflight: Channel[Job]) -> None:
-        stats, outbox, device = self.stats, self.outbox, self.device
-        async for job in inflight:
+        stats, outbox, device, learning = self.stats, self.outbox, self.device, self.learner is not None
+        try:
+            async for job in inflight:
+                try:
+                    data, job.ready = await job.ticket
+                    if learning:
+                        data, loss = data
+                        if loss is not None:
+                            job.frame.meta["loss"] = stats.loss = float(loss)
+                    if self.download:
+                        data = await device.download(data, job.ready)
+                        job.ready = None
+                except Exception as exc:
+                    self._failed(job, exc)
+                    continue
+                finally:
+                    job.ticket = None
+                job.frame.data = data
+                stats.frames += 1
+                if not outbox.send_nowait(job):
+                    await outbox.send(job)
+        finally:
+            # The next stage may start its end-of-stream work (a learning drain) now, while
+            # this stage still waits for the gradients that drain will send back.
+            outbox.close()
+
+    # -- learning --------------------------------------------------------------------------
+    async def _run_learning(self) -> None:
+        inflight: Channel[Job] = Channel(self.window, name=f"{self.name} in-flight")
+        backward: Channel[tuple[int, Any]] = Channel(self.window, name=f"{self.name} backward")
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._feed_learning(inflight, backward))
+            tg.create_task(self._collect(inflight))
+            tg.create_task(self._send_gradients(backward))
+
+    async def _feed_learning(self, inflight: Channel[Job], backward: Channel[tuple[int, Any]]) -> None:
+        """Forward every frame, and after each forward the backward the schedule owes.
+
+        Submissions to the device are strictly ordered forward(t), backward(owed at t),
+        forward(t+1), … whatever the timing; that order is what makes learning deterministic.
+        """
+        learner, submit, last = self.learner, self.device.submit, self.grads_in is None
+        forward, backward_step = self._timed(learner.forward), self._timed(learner.backward)
+        try:
+            async for job in self.inbox:
+                frame = job.frame
+                has_target = frame.target is not None
+                payload = (frame.seq, frame.data, learner.learns(has_target), frame.target if last else None)
+                job.ticket = submit(forward, payload, job.ready)
+                if not inflight.send_nowait(job):
+                    await inflight.send(job)
+                owed = learner.owes(frame.seq, has_target)
+                if owed is not None:
+                    await self._backward(owed, backward_step, backward)
+            inflight.close()
+            for owed in learner.remaining():
+                if learner.config.mode == "partime":
+                    learner.dropped_gradients += 1  # no newer graph left to carry it
+                else:
+                    await self._backward(owed, backward_step, backward)
+        finally:
+            inflight.close()
+            backward.close()
+
+    async def _backward(self, seq: int, step: Callable[[Any], Any], backward: Channel[tuple[int, Any]]) -> None:
+        grad, ready = (None, None) if self.grads_in is None else await self.grads_in.get(seq)
+        ticket = self.device.submit(step, (seq, grad), ready)
+        await backward.send((seq, ticket))
+
+    async def _send_gradients(self, backward: Channel[tuple[int, Any]]) -> None:
+        async for seq, ticket in backward:
             try:
-                data, job.ready = await job.ticket
-                if self.download:
-                    data = await device.download(data, job.ready)
-                    job.ready = None
+                (_, grad), ready = await ticket
             except Exception as exc:
-                self._failed(job, exc)
-                continue
+                error = PipelineError(f"{type(exc).__name__}: {exc} (in the backward step)", component=self.name, seq=seq)
+                raise error from exc
+            if self.grads_out is not None:
+                self.grads_out.put(seq, grad, ready)
+
+    def _timed(self, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        stats = self.stats
+
+        def timed(payload: Any) -> Any:
+            t0 = now()
+            try:
+                return fn(payload)
             finally:
-                job.ticket = None
-            job.frame.data = data
-            stats.frames += 1
-            if not outbox.send_nowait(job):
-                await outbox.send(job)
+                stats.busy_s += now() - t0
+
+        return timed
 
     def _failed(self, job: Job, exc: Exception) -> None:
         seq = job.frame.seq

@@ -16,6 +16,7 @@ it) unless a ``sample`` is given to :meth:`start`.
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import statistics
 from dataclasses import dataclass, field
@@ -27,7 +28,8 @@ from torch import nn
 from .channel import Channel, ChannelClosed, Policy
 from .devices import CpuDevice, CudaDevice, Device, resolve_devices
 from .errors import FrameError, PipelineClosed, PipelineError, primary_error
-from .executor import Job, OnError, StageExecutor, StageStats
+from .executor import GradBox, Job, OnError, StageExecutor, StageStats
+from .learning import OnlineLearning, StageLearner
 from .frame import Frame, Payload, now
 from .partition import check_balance, layers_of, min_max_partition, balance_by_params, profile_layers, split
 from .routes import FutureRoute, Route, StreamRoute
@@ -38,7 +40,12 @@ Balance = Sequence[int] | Literal["time", "params"]
 
 @dataclass
 class PipelineStats:
-    """A snapshot of what the pipeline did so far."""
+    """A snapshot of what the pipeline did so far.
+
+    Once the pipeline has drained, every admitted frame is accounted for:
+    ``admitted == delivered + dropped + sum(stage.skipped)``; frames rejected at the door
+    (bad input with ``on_error="skip"``) are counted in ``skipped_input`` instead.
+    """
 
     balance: list[int] | None
     admitted: int = 0
@@ -146,10 +153,20 @@ class Pipeline:
         capacity: int = 2,
         policy: Policy = "block",
         window: int = 2,
+        learning: OnlineLearning | None = None,
     ) -> None:
         self.model = model
         self.layers = layers_of(model)
         self.devices = resolve_devices(devices, len(self.layers))
+        if learning is not None:
+            if not isinstance(learning, OnlineLearning):
+                raise TypeError(f"learning must be an OnlineLearning, got {type(learning).__name__}")
+            if learning.mode == "sequential" and len(self.devices) != 1:
+                raise ValueError(f"mode='sequential' runs the whole model on one device, got {len(self.devices)} "
+                                 "devices; pass devices=[one device] (or use mode='partime' / 'stashed')")
+            if on_error == "skip":
+                raise ValueError("on_error='skip' cannot be combined with learning: a skipped frame would leave "
+                                 "a gradient owed forever; bad input is still rejected at the door with FrameError")
         if len(self.devices) > len(self.layers):
             raise ValueError(f"cannot split {len(self.layers)} layers over {len(self.devices)} devices; "
                              f"give at most {len(self.layers)} devices")
@@ -172,6 +189,9 @@ class Pipeline:
         self.capacity = capacity
         self.policy: Policy = policy
         self.window = window
+        self.learning = learning
+        self.learners: list[StageLearner] = []
+        self._pending_state: dict[str, Any] | None = None
         self.stages: list[nn.Sequential] = []
         self.executors: list[StageExecutor] = []
         self._task: asyncio.Task[None] | None = None
@@ -180,6 +200,7 @@ class Pipeline:
         self._seq = itertools.count()
         self._t_start = self._t_end = 0.0
         self._delivered = 0
+        self._position = 0
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
@@ -203,6 +224,7 @@ class Pipeline:
         self._stop_requested: asyncio.Future[None] = loop.create_future()
         self._ingress: Channel[Job] = Channel(self.capacity, self.policy, name="ingress", on_drop=_dropped("ingress"))
         self._skipped_input = 0
+        self._admitted = 0
         self._t_start = now()
         started: asyncio.Future[None] = loop.create_future()
         self._delivered = 0
@@ -297,12 +319,16 @@ class Pipeline:
             tg = self._check_running()
             inbox = self._ingress
             last = len(self.stages) - 1
+            boxes = [GradBox(f"stage {k}") for k in range(len(self.stages))]
             self.executors = []
             for k, (stage, device) in enumerate(zip(self.stages, self.devices)):
                 outbox: Channel[Job] = Channel(self.capacity, name=f"after stage {k}")
+                learner = self.learners[k] if self.learners else None
                 self.executors.append(StageExecutor(
                     k, stage, device, inbox, outbox, window=self.window, on_error=self.on_error,
-                    download=(k == last and not isinstance(device, CpuDevice))))
+                    download=(k == last and not isinstance(device, CpuDevice)), learner=learner,
+                    grads_in=boxes[k] if learner is not None and k < last else None,
+                    grads_out=boxes[k - 1] if learner is not None and k > 0 else None))
                 inbox = outbox
             for executor in self.executors:
                 tg.create_task(executor.run(), name=f"partime-{executor.name}")
@@ -318,7 +344,17 @@ class Pipeline:
         self.stages = split(self.layers, self.balance)
         for stage, device in zip(self.stages, self.devices):
             stage.to(device.torch_device)
-        await self._choose_inline(sample)
+        if self.learning is not None:
+            if not self.learners:  # a restarted pipeline keeps its optimisers' state
+                n = len(self.stages)
+                self.learners = [StageLearner(self.learning, stage, k, n) for k, stage in enumerate(self.stages)]
+            if self._pending_state is not None:
+                self._load_learners(self._pending_state)
+                self._pending_state = None
+            for device in self.devices:
+                device.inline = False  # a learning stage keeps graphs between its own calls
+        else:
+            await self._choose_inline(sample)
 
     async def _profile(self, layers: Sequence[nn.Module], sample: Payload) -> list[list[float]]:
         """Per-device rows of per-layer seconds; devices of one kind are profiled once.
@@ -368,6 +404,7 @@ class Pipeline:
             route.skip(frame, error)
             return None
         route.admitted += 1
+        self._admitted += 1
         return Job(frame, route)
 
     async def _admit(self, frame: Frame, route: Route) -> None:
@@ -382,6 +419,7 @@ class Pipeline:
                 await self._ingress.send(job)
         except BaseException:
             route.admitted -= 1
+            self._admitted -= 1
             raise
 
     async def submit(self, x: Payload | Frame, *, target: Payload | None = None,
@@ -447,6 +485,7 @@ class Pipeline:
                         await ingress.send(job)
                 except ChannelClosed:
                     route.admitted -= 1
+                    self._admitted -= 1
                     return  # stop() was called: admission is over
         except asyncio.CancelledError:
             pass  # stop() or the reader went away; not an error of the graph
@@ -461,8 +500,59 @@ class Pipeline:
             frame = job.frame
             frame.t_done = now()
             self._delivered += 1
+            self._position = frame.seq + 1
             if not job.route.offer(frame):
                 await job.route.deliver(frame)
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Weights, per-stage optimiser and scheduler state, and the stream position.
+
+        Take it while no frame is in flight (before start, after stop, or from a checkpoint
+        point between frames): with learning, a frame in flight is a half-applied update.
+        Unlike ``nn.Module.state_dict`` it is a snapshot (tensors are copied): learning that
+        goes on afterwards does not change it, and loading it never aliases live state.
+        """
+        state: dict[str, Any] = {
+            "model": nn.Sequential(*self.layers).state_dict(),
+            "balance": list(self.balance) if self.balance is not None else None,
+            "next_seq": self._next_seq_value(),
+            "position": self._position,  # 1 + the last delivered frame's seq: where a resumed source starts
+        }
+        if self.learners:
+            state["learners"] = [learner.state_dict() for learner in self.learners]
+        elif self._pending_state is not None and "learners" in self._pending_state:
+            state["learners"] = self._pending_state["learners"]
+        return copy.deepcopy(state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output (before start, or while no frame is in flight)."""
+        state = copy.deepcopy(state)  # ours from here on: the caller's dict is never aliased
+        nn.Sequential(*self.layers).load_state_dict(state["model"])
+        if state.get("balance") is not None and self.balance is None:
+            self.balance = check_balance(state["balance"], len(self.layers), len(self.devices))
+        self._seq = itertools.count(state.get("next_seq", 0))
+        self._position = state.get("position", 0)
+        if self.learners:
+            self._load_learners(state)
+        else:
+            self._pending_state = state  # optimisers are made when the stages are
+
+    def _load_learners(self, state: dict[str, Any]) -> None:
+        saved = state.get("learners")
+        if saved is None:
+            return
+        if len(saved) != len(self.learners):
+            raise ValueError(f"the state has {len(saved)} learning stages but this pipeline has {len(self.learners)}; "
+                             "load it into a pipeline with the same devices and balance")
+        for learner, learner_state in zip(self.learners, saved):
+            learner.load_state_dict(learner_state)
+
+    def _next_seq_value(self) -> int:
+        """The seq that submit() will use next, without consuming it."""
+        value = next(self._seq)
+        self._seq = itertools.count(value)
+        return value
 
     # -- composition and introspection -----------------------------------------------------------
     def __rrshift__(self, source: Any) -> Any:
@@ -481,7 +571,7 @@ class Pipeline:
         end = now() if self.running else self._t_end
         return PipelineStats(
             balance=list(self.balance) if self.balance is not None else None,
-            admitted=ingress.sent if ingress is not None else 0,
+            admitted=getattr(self, "_admitted", 0),
             delivered=self._delivered,
             skipped_input=getattr(self, "_skipped_input", 0),
             dropped=ingress.dropped if ingress is not None else 0,

@@ -5,5 +5,7 @@ names (used in error messages), seeds, pacing and ``>>`` composition.
 """
 from .base import Source, from_async_iterable, from_iterable
 from .synthetic import SyntheticVideo
+from .targets import NextFrameTargets, next_frame_targets
 
-__all__ = ["Source", "SyntheticVideo", "from_async_iterable", "from_iterable"]
+__all__ = ["NextFrameTargets", "Source", "SyntheticVideo", "from_async_iterable", "from_iterable",
+           "next_frame_targets"]

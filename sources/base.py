@@ -47,14 +47,19 @@ class _Iterable(Source):
         super().__init__(fps=fps, name=name)
         self.items = items
 
-    async def frames(self) -> AsyncIterator[Frame]:
-        counter = itertools.count()
-        if hasattr(self.items, "__aiter__"):
-            async for item in self.items:  # type: ignore[union-attr]
-                yield item if isinstance(item, Frame) else Frame(next(counter), item)
-        else:
-            for item in self.items:  # type: ignore[union-attr]
-                yield item if isinstance(item, Frame) else Frame(next(counter), item)
+    def frames(self) -> AsyncIterator[Frame]:
+        return iterate_frames(self.items)
+
+
+async def iterate_frames(items: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Frame]:
+    """The items of any (async) iterable as frames; payloads get seq 0, 1, 2, …"""
+    counter = itertools.count()
+    if hasattr(items, "__aiter__"):
+        async for item in items:  # type: ignore[union-attr]
+            yield item if isinstance(item, Frame) else Frame(next(counter), item)
+    else:
+        for item in items:  # type: ignore[union-attr]
+            yield item if isinstance(item, Frame) else Frame(next(counter), item)
 
 
 def from_iterable(items: Iterable[Any], *, fps: float | None = None, name: str = "iterable") -> Source:

@@ -1,0 +1,252 @@
+"""Online learning while the stream flows: losses, per-stage optimisers, and the three modes.
+
+With S stages, stage k owes, after its forward of frame t, the gradient of frame
+t - d_k with d_k = 2(S-1-k): the one a lock-step pipeline delivers (the last stage owes frame
+t itself: it computes the loss). What each mode does with it:
+
+``sequential``  one stage (the whole model on the first device): exact online SGD, frame after
+                frame. The reference.
+``partime``     PARTIME's rule: back-propagate the gradient of frame t - d_k through the graph
+                of frame t (the newest one), step. O(1) activation memory; the error signal is
+                d_k frames older than the activations it meets.
+``stashed``     back-propagate it through the graph *of frame t - d_k*, kept since its forward,
+                at the weights that forward used (weight stashing, PipeDream-style): exact
+                per-frame gradients, delayed weights. ``recompute=True`` keeps only the input
+                and recomputes the graph at the current weights (less memory).
+
+The schedule fixes the delays, so learning is deterministic: the same stream and seeds give
+the same weights on CPU whatever the stage speeds. Warm-up: a gradient owed for a frame that
+does not exist (t - d_k < 0) or that had no target is skipped. End of stream: ``stashed``
+applies every owed gradient; ``partime`` has no newer graph to carry its last owed gradients,
+drops them and counts them in :attr:`StageLearner.dropped_gradients`.
+
+Everything in :class:`StageLearner` runs on the stage's device thread (its worker thread on
+CPU): :meth:`~StageLearner.forward` and :meth:`~StageLearner.backward` calls for one stage
+are strictly ordered, forward(t), backward(owed at t), forward(t+1), …
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Literal
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.utils import _pytree as pytree
+
+from .frame import Payload
+
+Mode = Literal["sequential", "partime", "stashed"]
+MODES: tuple[str, ...] = ("sequential", "partime", "stashed")
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+
+
+@dataclass
+class OnlineLearning:
+    """How a pipeline learns from its stream.
+
+    Args:
+        loss: ``loss(output, target) -> scalar tensor`` for frames that carry a target; with
+            ``needs_target=False``, ``loss(output)`` on every frame (an unsupervised loss).
+        optimizer: a factory called once per stage with that stage's parameters, e.g.
+            ``lambda params: torch.optim.Adam(params, 1e-3)``.
+        mode: ``"sequential"``, ``"partime"`` or ``"stashed"`` (see the module docstring).
+        recompute: ``stashed`` only: keep inputs and recompute, instead of stashing weights.
+        clip_grad_norm: clip each stage's gradient to this norm before its step (per stage).
+        scheduler: a factory ``scheduler(optimizer)``; stepped after every optimiser step.
+        needs_target: see ``loss``.
+    """
+
+    loss: Callable[..., torch.Tensor]
+    optimizer: OptimizerFactory = field(default=lambda params: torch.optim.SGD(params, lr=1e-2))
+    mode: Mode = "partime"
+    recompute: bool = False
+    clip_grad_norm: float | None = None
+    scheduler: SchedulerFactory | None = None
+    needs_target: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown learning mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.recompute and self.mode != "stashed":
+            raise ValueError("recompute=True applies to mode='stashed' only")
+        if not callable(self.loss) or not callable(self.optimizer):
+            raise TypeError("loss and optimizer must be callables (a loss module and an optimiser factory)")
+        if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
+            raise ValueError(f"clip_grad_norm must be positive or None, got {self.clip_grad_norm}")
+
+    def delay(self, stage: int, n_stages: int) -> int:
+        """Frames between stage ``stage``'s forward and the gradient it applies after it."""
+        return 2 * (n_stages - 1 - stage)
+
+
+@dataclass
+class _Saved:
+    """What a stage keeps of one frame's forward until its gradient comes back."""
+
+    seq: int
+    learns: bool                       # had a target (or the loss needs none)
+    x: Payload = None                  # stage input (requires grad where upstream wants it)
+    out: Payload = None                # stage output, with its graph
+    weights: dict[str, torch.Tensor] | None = None  # stashed weight version
+    loss: torch.Tensor | None = None   # last stage: this frame's loss
+
+
+class StageLearner:
+    """The learning state of one stage: optimiser, scheduler, the frames it still owes."""
+
+    def __init__(self, config: OnlineLearning, module: nn.Module, stage: int, n_stages: int) -> None:
+        self.config = config
+        self.module = module
+        self.stage = stage
+        self.last = stage == n_stages - 1
+        self.delay = config.delay(stage, n_stages)
+        self.names = [n for n, p in module.named_parameters() if p.requires_grad]
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.optimizer = config.optimizer(self.params) if self.params else None
+        self.scheduler = config.scheduler(self.optimizer) if config.scheduler and self.optimizer else None
+        self.pending: deque[_Saved] = deque()  # device thread: kept forwards, oldest first
+        self._order: deque[tuple[int, bool]] = deque()  # loop thread: (seq, learns) in forward order
+        self.steps = 0
+        self.dropped_gradients = 0
+        self._stash = config.mode == "stashed" and not config.recompute and self.delay > 0
+
+    # -- the schedule (loop thread) ------------------------------------------------------------
+    def owes(self, seq: int, has_target: bool) -> int | None:
+        """Record that frame ``seq`` was forwarded; the seq whose gradient is now owed, if any.
+
+        Runs on the loop thread in the same order as the forwards; it only decides, from
+        positions and targets, never from timing.
+        """
+        learns = self.learns(has_target)
+        self._order.append((seq, learns))
+        if len(self._order) <= self.delay:
+            return None
+        owed_seq, owed_learns = self._order.popleft()
+        return owed_seq if owed_learns else None
+
+    def remaining(self) -> list[int]:
+        """At end of stream: the seqs still owed a gradient, oldest first."""
+        owed = [seq for seq, learns in self._order if learns]
+        self._order.clear()
+        return owed
+
+    # -- the work (device thread) -------------------------------------------------------------
+    def learns(self, has_target: bool) -> bool:
+        """Whether a frame contributes a gradient."""
+        return has_target or not self.config.needs_target
+
+    def forward(self, payload: tuple[int, Payload, bool, Payload | None]) -> tuple[Payload, torch.Tensor | None]:
+        """Forward one frame ``(seq, x, learns, target)`` with autograd on where it will be
+        needed; returns the detached output and, on the last stage, the frame's loss. Only
+        the last stage is given the target."""
+        seq, x, learns, target = payload
+        mode = self.config.mode
+        # partime carries an older frame's gradient through this frame's graph, so it keeps
+        # every graph (once past warm-up); the other modes keep only frames that will learn.
+        if not (learns or (mode == "partime" and self.delay > 0)):
+            with torch.no_grad():
+                return self.module(x), None
+        with torch.enable_grad():
+            if self.stage > 0:
+                x = pytree.tree_map(_leaf_requiring_grad, x)
+            saved = _Saved(seq, learns, x=x)
+            if mode == "stashed" and self.config.recompute and self.delay > 0:
+                with torch.no_grad():
+                    out = self.module(x)
+            elif self._stash:
+                saved.weights = {n: p.detach().clone().requires_grad_() for n, p in zip(self.names, self.params)}
+                out = functional_call(self.module, saved.weights, (x,))
+            else:
+                out = self.module(x)
+            loss = None
+            if self.last and learns:
+                loss = self.config.loss(out, target) if self.config.needs_target else self.config.loss(out)
+                saved.loss = loss
+            saved.out = out
+        if mode == "partime":
+            # Only the newest graph is ever used: frame t's graph carries the owed gradient.
+            self.pending.clear()
+        self.pending.append(saved)
+        return pytree.tree_map(_detach, out), (loss.detach() if loss is not None else None)
+
+    def backward(self, payload: tuple[int, Payload | None]) -> tuple[int, Payload | None]:
+        """Apply the gradient owed for frame ``seq`` (``grad`` w.r.t. this stage's output; None
+        on the last stage, whose gradient comes from the loss), step, and return the
+        gradient w.r.t. this stage's input, labelled with ``seq``, for the stage before."""
+        seq, grad = payload
+        mode = self.config.mode
+        if mode == "partime":
+            saved = self.pending[-1]           # the graph of the newest frame
+        else:
+            saved = self.pending.popleft()     # the graph of frame ``seq`` itself
+            if saved.seq != seq:
+                raise RuntimeError(f"stage {self.stage}: gradient for frame {seq} but the oldest kept frame is "
+                                   f"{saved.seq}; the learning schedule is out of step")
+        with torch.enable_grad():
+            if mode == "stashed" and self.config.recompute and self.delay > 0:
+                saved.out = self.module(saved.x)
+            if self.last:
+                outputs, grads = [saved.loss], [None]
+            else:
+                pairs = list(zip(pytree.tree_leaves(saved.out), pytree.tree_leaves(grad), strict=True))
+                pairs = [(o, g) for o, g in pairs if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
+                outputs, grads = [o for o, _ in pairs], [g for _, g in pairs]
+            weights = list(saved.weights.values()) if saved.weights is not None else self.params
+            inputs = [t for t in pytree.tree_leaves(saved.x) if isinstance(t, torch.Tensor) and t.requires_grad]
+            wrt = weights + inputs
+            found = torch.autograd.grad(outputs, wrt, grads, allow_unused=True) if wrt and outputs else [None] * len(wrt)
+        param_grads, input_grads = found[:len(weights)], found[len(weights):]
+        self._step(param_grads)
+        if mode == "partime":
+            saved.out = saved.loss = None      # the graph is spent; frees its activations
+        if self.stage == 0:
+            return seq, None
+        it = iter(input_grads)
+        grad_in = pytree.tree_map(
+            lambda t: _zeros_if_none(next(it), t) if isinstance(t, torch.Tensor) and t.requires_grad else None, saved.x)
+        return seq, grad_in
+
+    def _step(self, grads: Iterable[torch.Tensor | None]) -> None:
+        if self.optimizer is None:
+            return
+        for p, g in zip(self.params, grads):
+            p.grad = g
+        if self.config.clip_grad_norm is not None:
+            nn.utils.clip_grad_norm_(self.params, self.config.clip_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.steps += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.optimizer is not None and state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.steps = state.get("steps", 0)
+
+
+def _leaf_requiring_grad(t: Any) -> Any:
+    if isinstance(t, torch.Tensor) and t.is_floating_point():
+        return t.detach().requires_grad_()
+    return t
+
+
+def _detach(t: Any) -> Any:
+    return t.detach() if isinstance(t, torch.Tensor) else t
+
+
+def _zeros_if_none(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if grad is None else grad

@@ -1,0 +1,267 @@
+"""Online learning: every mode against a hand-written reference, every stage learning.
+
+The references below are written independently of partime_async.learning: a lock-step clock
+as in PARTIME's own code (at clock c, stage k forwards frame c - k and applies the gradient of
+frame c - k - 2(S-1-k), which stage k+1 produced at clock c - 1), with deep copies of the
+stage modules as the stashed weight versions.
+"""
+import asyncio
+import copy
+import time
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import partime_async as pa
+
+
+def make_model(width: int = 6, depth: int = 6, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(depth)])
+
+
+def make_frames(n: int, width: int = 6, every_target: int = 1, seed: int = 1) -> list[pa.Frame]:
+    g = torch.Generator().manual_seed(seed)
+    return [pa.Frame(t, torch.randn(1, width, generator=g),
+                     target=torch.randn(1, width, generator=g) if t % every_target == 0 else None)
+            for t in range(n)]
+
+
+def sgd(lr: float = 0.05):
+    return lambda params: torch.optim.SGD(params, lr=lr)
+
+
+async def learn(model, frames, mode, balance, *, optimizer=None, threads=1, **kwargs):
+    learning = pa.OnlineLearning(loss=nn.MSELoss(), optimizer=optimizer or sgd(), mode=mode, **kwargs)
+    pipe = pa.Pipeline(model, devices=pa.cpu_devices(len(balance), threads=threads), balance=balance,
+                       learning=learning)
+    async with pipe:
+        outputs = [f async for f in pipe.stream(frames)]
+    return pipe, outputs
+
+
+def split_copy(model, balance):
+    stages, start = [], 0
+    for n in balance:
+        stages.append(copy.deepcopy(nn.Sequential(*list(model)[start:start + n])))
+        start += n
+    return stages
+
+
+def reference(model, frames, mode, balance, lr=0.05):
+    """PARTIME's lock-step schedule, written out; returns the stage modules after learning."""
+    stages = split_copy(model, balance)
+    S, N = len(stages), len(frames)
+    opts = [torch.optim.SGD(s.parameters(), lr=lr) for s in stages]
+    delay = [2 * (S - 1 - k) for k in range(S)]
+    inputs = {}        # (k, t) -> detached input of stage k for frame t
+    kept = {}          # (k, t) -> (input requiring grad, output graph, module version used)
+    grads = {}         # (k, t) -> gradient w.r.t. stage k's output for frame t
+    for c in range(N + 3 * S):
+        produced = {}
+        for k in range(S):
+            t = c - k
+            if 0 <= t < N:  # forward frame t
+                x = frames[t].data if k == 0 else inputs[(k, t)]
+                x = x if k == 0 else x.detach().requires_grad_()
+                version = copy.deepcopy(stages[k]) if mode == "stashed" else stages[k]
+                out = version(x)
+                kept[(k, t)] = (x, out, version)
+                if k + 1 < S:
+                    inputs[(k + 1, t)] = out.detach()
+            owed = t - delay[k]
+            if not 0 <= owed < N or frames[owed].target is None:
+                continue
+            if mode == "partime" and not 0 <= t < N:
+                continue  # drain: no newer graph to carry it
+            graph_of = t if mode == "partime" else owed
+            x, out, version = kept[(k, graph_of)]
+            params = list(version.parameters())
+            if k == S - 1:
+                loss = nn.functional.mse_loss(out, frames[owed].target)
+                found = torch.autograd.grad(loss, params + ([x] if k > 0 else []))
+            else:
+                found = torch.autograd.grad(out, params + ([x] if k > 0 else []), grads.pop((k, owed)))
+            for p, g in zip(stages[k].parameters(), found[:len(params)]):
+                p.grad = g
+            opts[k].step()
+            opts[k].zero_grad(set_to_none=True)
+            if k > 0:
+                produced[(k - 1, owed)] = found[len(params)]
+        grads.update(produced)
+    return stages
+
+
+def stage_params(model, balance):
+    out, start = [], 0
+    for n in balance:
+        out.append([p for layer in list(model)[start:start + n] for p in layer.parameters()])
+        start += n
+    return out
+
+
+@pytest.mark.parametrize("mode", ["sequential", "partime", "stashed"])
+async def test_one_stage_equals_plain_online_sgd(mode):
+    model, frames = make_model(), make_frames(25, every_target=2)
+    expected = copy.deepcopy(model)
+    opt = torch.optim.SGD(expected.parameters(), lr=0.05)
+    losses = []
+    for f in frames:
+        out = expected(f.data)
+        if f.target is not None:
+            loss = nn.functional.mse_loss(out, f.target)
+            losses.append(loss.item())
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    _, outputs = await learn(model, frames, mode, [6])
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), expected.parameters()))
+    assert [f.meta["loss"] for f in outputs if "loss" in f.meta] == losses
+
+
+@pytest.mark.parametrize("mode", ["partime", "stashed"])
+@pytest.mark.parametrize("balance", [[3, 3], [2, 2, 2], [1, 2, 2, 1]])
+async def test_pipelined_learning_equals_reference(mode, balance):
+    model, frames = make_model(), make_frames(30)
+    expected = reference(copy.deepcopy(model), frames, mode, balance)
+    pipe, outputs = await learn(model, frames, mode, balance)
+    assert [f.seq for f in outputs] == list(range(30))
+    for k, (ours, ref) in enumerate(zip(stage_params(model, balance), expected)):
+        for p, q in zip(ours, ref.parameters()):
+            assert torch.equal(p, q), f"stage {k} differs from the reference"
+
+
+@pytest.mark.parametrize("mode", ["partime", "stashed"])
+async def test_frames_without_targets_learn_nothing_but_flow(mode):
+    model, frames = make_model(), make_frames(24, every_target=3)
+    expected = reference(copy.deepcopy(model), frames, mode, [2, 2, 2])
+    pipe, outputs = await learn(model, frames, mode, [2, 2, 2])
+    assert len(outputs) == 24
+    for ours, ref in zip(stage_params(model, [2, 2, 2]), expected):
+        assert all(torch.equal(p, q) for p, q in zip(ours, ref.parameters()))
+
+
+@pytest.mark.parametrize("mode", ["partime", "stashed"])
+async def test_every_stage_receives_gradients_and_changes(mode):
+    model, frames = make_model(), make_frames(20)
+    before = copy.deepcopy(model)
+    pipe, _ = await learn(model, frames, mode, [2, 2, 2])
+    for k, (ours, old) in enumerate(zip(stage_params(model, [2, 2, 2]), stage_params(before, [2, 2, 2]))):
+        assert all(not torch.equal(p, q) for p, q in zip(ours, old)), f"stage {k} did not learn"
+    steps = [learner.steps for learner in pipe.learners]
+    if mode == "stashed":  # every frame with a target updates every stage exactly once
+        assert steps == [20, 20, 20]
+        assert [learner.dropped_gradients for learner in pipe.learners] == [0, 0, 0]
+    else:  # partime drops the last 2(S-1-k) gradients at stage k, and says so
+        assert steps == [16, 18, 20]
+        assert [learner.dropped_gradients for learner in pipe.learners] == [4, 2, 0]
+
+
+async def test_stashed_recompute_learns_every_frame_at_current_weights():
+    model, frames = make_model(), make_frames(20)
+    pipe, _ = await learn(model, frames, "stashed", [3, 3], recompute=True)
+    assert [learner.steps for learner in pipe.learners] == [20, 20]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class Jitter(nn.Module):
+    """Sleeps a seeded random time per call: stage speeds vary, results must not."""
+
+    def __init__(self, seed: int, scale: float) -> None:
+        super().__init__()
+        self.rng = __import__("random").Random(seed)
+        self.scale = scale
+
+    def forward(self, x):
+        time.sleep(self.rng.random() * self.scale)
+        return x
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 1000), mode=st.sampled_from(["partime", "stashed"]))
+def test_learning_is_deterministic_whatever_the_stage_speeds(seed, mode):
+    frames = make_frames(16)
+
+    def run_with(jitter_seed):
+        torch.manual_seed(0)
+        layers = list(make_model())
+        layers.insert(2, Jitter(jitter_seed, 0.002))
+        layers.insert(5, Jitter(jitter_seed + 1, 0.002))
+        model = nn.Sequential(*layers)
+        asyncio.run(learn(model, frames, mode, [3, 2, 3]))
+        return [p.detach().clone() for p in model.parameters()]
+
+    a, b = run_with(seed), run_with(seed + 7)
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+async def test_adam_clipping_and_scheduler_per_stage():
+    model, frames = make_model(), make_frames(12)
+    sched = lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
+    pipe, _ = await learn(model, frames, "stashed", [3, 3], optimizer=lambda p: torch.optim.Adam(p, 1e-2),
+                          clip_grad_norm=0.5, scheduler=sched)
+    assert all(isinstance(learner.optimizer, torch.optim.Adam) for learner in pipe.learners)
+    assert [learner.scheduler.last_epoch for learner in pipe.learners] == [12, 12]
+    assert pipe.learners[0].optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.25)
+
+
+async def test_unsupervised_loss_needs_no_target():
+    model = make_model()
+    frames = [pa.Frame(f.seq, f.data) for f in make_frames(10)]
+    learning = pa.OnlineLearning(loss=lambda out: out.pow(2).mean(), optimizer=sgd(), mode="stashed",
+                                 needs_target=False)
+    pipe = pa.Pipeline(model, devices=pa.cpu_devices(2, threads=1), balance=[3, 3], learning=learning)
+    async with pipe:
+        outputs = [f async for f in pipe.stream(frames)]
+    assert [learner.steps for learner in pipe.learners] == [10, 10]
+    assert all("loss" in f.meta for f in outputs)
+
+
+async def test_state_dict_round_trip_resumes_identically():
+    frames = make_frames(20)
+    model_a = make_model()
+    pipe_a, _ = await learn(model_a, frames[:10], "stashed", [3, 3],
+                            optimizer=lambda p: torch.optim.Adam(p, 1e-2))
+    state = pipe_a.state_dict()
+    assert state["position"] == 10 and len(state["learners"]) == 2
+
+    model_b = make_model(seed=123)  # different weights: the state must overwrite them
+    learning = pa.OnlineLearning(loss=nn.MSELoss(), optimizer=lambda p: torch.optim.Adam(p, 1e-2), mode="stashed")
+    pipe_b = pa.Pipeline(model_b, devices=pa.cpu_devices(2, threads=1), balance=[3, 3], learning=learning)
+    pipe_b.load_state_dict(state)
+    assert all(torch.equal(p, q) for p, q in zip(model_a.parameters(), model_b.parameters()))
+    async with pipe_b:
+        async for _ in pipe_b.stream(frames[state["position"]:]):
+            pass
+    async with pipe_a:  # the first pipeline goes on over the same frames
+        async for _ in pipe_a.stream(frames[10:]):
+            pass
+    assert all(torch.equal(p, q) for p, q in zip(model_a.parameters(), model_b.parameters()))
+    for la, lb in zip(pipe_a.learners, pipe_b.learners):
+        sa, sb = la.optimizer.state_dict()["state"], lb.optimizer.state_dict()["state"]
+        assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
+
+
+def test_learning_configuration_errors():
+    with pytest.raises(ValueError, match="unknown learning mode"):
+        pa.OnlineLearning(loss=nn.MSELoss(), mode="async")
+    with pytest.raises(ValueError, match="recompute"):
+        pa.OnlineLearning(loss=nn.MSELoss(), mode="partime", recompute=True)
+    with pytest.raises(ValueError, match="one device"):
+        pa.Pipeline(make_model(), devices=pa.cpu_devices(2), learning=pa.OnlineLearning(loss=nn.MSELoss(), mode="sequential"))
+    with pytest.raises(ValueError, match="on_error='skip'"):
+        pa.Pipeline(make_model(), devices=pa.cpu_devices(2), on_error="skip",
+                    learning=pa.OnlineLearning(loss=nn.MSELoss()))
+
+
+async def test_next_frame_prediction_targets_join_by_seq():
+    from partime_async.sources import SyntheticVideo, next_frame_targets
+
+    video = SyntheticVideo(6, height=8, width=8)
+    frames = [f async for f in next_frame_targets(video)]
+    assert [f.seq for f in frames] == [0, 1, 2, 3, 4]
+    assert all(torch.equal(f.data, video.render(f.seq)) and torch.equal(f.target, video.render(f.seq + 1))
+               for f in frames)
