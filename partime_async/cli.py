@@ -1,28 +1,33 @@
 """The ``partime-async`` command: ``demo`` (the main job) and ``bench``.
 
-``partime-async demo`` streams the built-in synthetic video through a small conv net split
-over the available devices, shows a live progress line (frames/s, per-stage busy %, drops),
-and closes with a summary that includes the speed-up over the unsplit model measured in the
-same run. It runs on uvloop when installed.
+``partime-async demo`` streams a camera panning over a real photograph through a small conv
+net split over the available devices, learning online to predict the next frame (``partime``
+mode by default; ``--no-learn`` for inference only). It shows a live progress line (frames/s,
+running loss, per-stage busy %, drops) and closes with a summary that includes the speed-up
+over the unsplit model, measured in the same run on the same frames. It runs on uvloop when
+installed.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import importlib.util
 import statistics
 import sys
 from pathlib import Path
-from typing import Sequence, TextIO
+from typing import Any, AsyncIterator, Sequence, TextIO
 
 import torch
 from torch import nn
 
-from .devices import available_cores, cpu_devices
-from .frame import Frame, now
-from .graph import LoopKind, loop_factory, run
-from .pipeline import Pipeline, PipelineStats
 from partime_async.sinks import Sink
+
+from .devices import Device, available_cores, cpu_devices
+from .frame import Frame, now
+from .graph import loop_factory, run
+from .learning import MODES, OnlineLearning
+from .pipeline import Pipeline, PipelineStats
 
 
 def demo_model(channels: int = 3, width: int = 32, depth: int = 8) -> nn.Sequential:
@@ -36,20 +41,39 @@ def demo_model(channels: int = 3, width: int = 32, depth: int = 8) -> nn.Sequent
         layers.append(nn.Sequential(nn.Conv2d(c, width, 3, padding=1), nn.ReLU()))
         c = width
     layers.append(nn.Conv2d(width, channels, 1))
-    return nn.Sequential(*layers).eval()
+    return nn.Sequential(*layers)
 
 
-def unsplit_throughput(model: nn.Module, frames: Sequence[torch.Tensor], threads: int) -> float:
-    """Frames per second of the unsplit model, one frame at a time, with ``threads`` intra-op threads."""
+def demo_learning(mode: str = "partime") -> OnlineLearning:
+    """Next-frame prediction: mean squared error, Adam per stage."""
+    return OnlineLearning(loss=nn.MSELoss(), optimizer=lambda params: torch.optim.Adam(params, lr=1e-3), mode=mode)
+
+
+def unsplit_throughput(model: nn.Module, frames: Sequence[Frame], threads: int,
+                       learning: OnlineLearning | None = None) -> float:
+    """Frames per second of the unsplit model on one device, one frame at a time, with
+    ``threads`` intra-op threads: inference, or sequential online learning (forward, loss,
+    backward, step) when ``learning`` is given. ``model`` is used as is: pass a copy."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
+    optimizer = learning.optimizer(model.parameters()) if learning is not None else None
+
+    def step(frame: Frame) -> None:
+        if optimizer is None:
+            with torch.no_grad():
+                model(frame.data)
+            return
+        loss = learning.loss(model(frame.data), frame.target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
     try:
-        with torch.no_grad():
-            model(frames[0])
-            t0 = now()
-            for x in frames:
-                model(x)
-            return len(frames) / (now() - t0)
+        step(frames[0])  # warm-up
+        t0 = now()
+        for frame in frames:
+            step(frame)
+        return len(frames) / (now() - t0)
     finally:
         torch.set_num_threads(previous)
 
@@ -63,50 +87,56 @@ class Progress(Sink):
         super().__init__()
         self.pipe, self.total, self.out, self.every = pipe, total, out, every
         self.latencies: list[float] = []
+        self.loss: float | None = None  # running mean (exponential, over ~50 frames)
         self._last = 0.0
         self._tty = out.isatty()
 
     async def write(self, frame: Frame) -> None:
-        self.update(frame)
-
-    async def close(self) -> None:
-        self._show(self.pipe.stats(), end="\n")
-
-    def update(self, frame: Frame) -> None:
         if frame.latency is not None:
             self.latencies.append(frame.latency)
+        loss = frame.meta.get("loss")
+        if loss is not None:
+            self.loss = loss if self.loss is None else 0.98 * self.loss + 0.02 * loss
         t = now()
         if t - self._last >= self.every:
             self._last = t
             self._show(self.pipe.stats(), end="\r" if self._tty else "\n")
 
+    async def close(self) -> None:
+        self._show(self.pipe.stats(), end="\n")
+
     def _show(self, stats: PipelineStats, end: str) -> None:
         of = f"/{self.total}" if self.total else ""
         busy = " ".join(f"{b:4.0%}" for b in stats.busy())
-        self.out.write(f"frames {stats.delivered}{of} | {stats.throughput:7.1f} frames/s | "
+        loss = f" | loss {self.loss:.5f}" if self.loss is not None else ""
+        self.out.write(f"frames {stats.delivered}{of} | {stats.throughput:7.1f} frames/s{loss} | "
                        f"stage busy {busy} | dropped {stats.dropped} skipped {stats.skipped}{end}")
         self.out.flush()
 
 
-async def demo(frames: int = 600, size: int = 64, stages: int | None = None, out: TextIO = sys.stdout) -> dict[str, float]:
+async def demo(frames: int = 600, size: int = 64, stages: int | None = None, learn: bool = True,
+               mode: str = "partime", out: TextIO = sys.stdout) -> dict[str, float]:
     """The main job; returns the summary numbers (also printed)."""
-    from partime_async.sources import SyntheticVideo
+    from partime_async.sources import PanZoomCamera, next_frame_targets
 
     torch.manual_seed(0)
     model = demo_model()
-    source = SyntheticVideo(frames, height=size, width=size)
+    camera = PanZoomCamera(frames + 1 if learn else frames, height=size, width=size)
+    source = next_frame_targets(camera) if learn else camera
     if torch.cuda.is_available():
-        devices: list | str = "auto"
+        devices: list[Device] | str = "auto"
         n = torch.cuda.device_count()
     else:
-        n = stages or max(1, min(available_cores(), 4))
+        n = 1 if mode == "sequential" else stages or max(1, min(available_cores(), 4))
         devices = cpu_devices(n)
-    out.write(f"partime-async demo: {frames} frames of {size}x{size} synthetic video through a "
-              f"{len(model)}-layer conv net on {n} device(s)\n")
-    reference = [source.render(t) for t in range(min(frames, 100))]
+    learning = demo_learning(mode) if learn else None
+    job = f"learning next-frame prediction online ({mode} mode)" if learn else "inference"
+    out.write(f"partime-async demo: {frames} frames of a {size}x{size} camera over {camera.path.name}, "
+              f"{job}, {len(model)}-layer conv net on {n} device(s)\n")
+    sample = [frame async for frame in _take(source, min(frames, 60))]
     cores = available_cores()
-    unsplit = max(unsplit_throughput(model, reference, t) for t in sorted({1, cores}))
-    pipe = Pipeline(model, devices=devices, balance="time")
+    unsplit = max(unsplit_throughput(copy.deepcopy(model), sample, t, learning) for t in sorted({1, cores}))
+    pipe = Pipeline(model, devices=devices, balance="time", learning=learning)
     progress = Progress(pipe, frames, out)
     stats = await run(source >> pipe >> progress)
     latency = sorted(progress.latencies)
@@ -117,12 +147,24 @@ async def demo(frames: int = 600, size: int = 64, stages: int | None = None, out
         "speedup": stats.throughput / unsplit,
         "latency_p50_ms": 1e3 * statistics.median(latency) if latency else 0.0,
     }
+    if progress.loss is not None:
+        summary["loss"] = progress.loss
     out.write(f"balance {stats.balance}; per-stage compute " +
               ", ".join(f"{1e3 * s.mean_compute_s:.2f} ms{' (inline)' if s.inline else ''}" for s in stats.stages) + "\n")
     out.write(f"pipelined {summary['pipeline_fps']:.1f} frames/s vs unsplit {unsplit:.1f} frames/s "
-              f"(best of 1..{cores} threads, same run): speed-up {summary['speedup']:.2f}x; "
-              f"latency p50 {summary['latency_p50_ms']:.2f} ms\n")
+              f"(best of 1..{cores} threads, same run, same frames): speed-up {summary['speedup']:.2f}x; "
+              f"latency p50 {summary['latency_p50_ms']:.2f} ms" +
+              (f"; running loss {summary['loss']:.5f}" if "loss" in summary else "") + "\n")
     return summary
+
+
+async def _take(source: Any, n: int) -> AsyncIterator[Frame]:
+    count = 0
+    async for frame in source:
+        if count >= n:
+            return
+        yield frame
+        count += 1
 
 
 def _bench_dir() -> Path:
@@ -158,6 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_demo.add_argument("--frames", type=int, default=600)
     p_demo.add_argument("--size", type=int, default=64, help="frame height and width")
     p_demo.add_argument("--stages", type=int, default=None, help="CPU stages (default: one per core, at most 4)")
+    p_demo.add_argument("--mode", choices=MODES, default="partime", help="online learning mode")
+    p_demo.add_argument("--no-learn", dest="learn", action="store_false", help="inference only")
     p_bench = commands.add_parser("bench", help="run benchmarks from bench/ (all by default)")
     p_bench.add_argument("names", nargs="*")
     p_bench.add_argument("--quick", action="store_true", help="tiny runs (smoke test)")
@@ -167,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     factory = loop_factory(args.loop)
     try:
         with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(demo(args.frames, args.size, args.stages))
+            runner.run(demo(args.frames, args.size, args.stages, args.learn, args.mode))
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

@@ -27,6 +27,8 @@ from .channel import Channel
 from .devices import CpuDevice, Device
 from .errors import PipelineError
 from .frame import Frame, Payload, now
+from .checkpoint import META_KEY as CHECKPOINT_KEY
+from .checkpoint import stage_state
 from .learning import StageLearner
 
 OnError = Literal["raise", "skip"]
@@ -261,6 +263,9 @@ class StageExecutor:
                 owed = learner.owes(frame.seq, has_target)
                 if owed is not None:
                     await self._backward(owed, backward_step, backward)
+                snapshot = frame.meta.get(CHECKPOINT_KEY)
+                if snapshot is not None:  # this stage's part of a checkpoint cut at this frame
+                    snapshot.add(self.index, submit(self._stage_state, None))
             inflight.close()
             for owed in learner.remaining():
                 if learner.config.mode == "partime":
@@ -285,6 +290,9 @@ class StageExecutor:
                 raise error from exc
             if self.grads_out is not None:
                 self.grads_out.put(seq, grad, ready)
+
+    def _stage_state(self, _: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        return stage_state(self.module, self.learner)
 
     def _timed(self, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
         stats = self.stats

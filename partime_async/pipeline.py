@@ -28,6 +28,8 @@ from torch import nn
 from .channel import Channel, ChannelClosed, Policy
 from .devices import CpuDevice, CudaDevice, Device, resolve_devices
 from .errors import FrameError, PipelineClosed, PipelineError, primary_error
+from .checkpoint import META_KEY as CHECKPOINT_KEY
+from .checkpoint import Snapshot
 from .executor import GradBox, Job, OnError, StageExecutor, StageStats
 from .learning import OnlineLearning, StageLearner
 from .frame import Frame, Payload, now
@@ -191,6 +193,7 @@ class Pipeline:
         self.window = window
         self.learning = learning
         self.learners: list[StageLearner] = []
+        self.checkpoint_every: int | None = None  # set by a Checkpoint sink
         self._pending_state: dict[str, Any] | None = None
         self.stages: list[nn.Sequential] = []
         self.executors: list[StageExecutor] = []
@@ -405,6 +408,8 @@ class Pipeline:
             return None
         route.admitted += 1
         self._admitted += 1
+        if self.checkpoint_every and self._admitted % self.checkpoint_every == 0:
+            frame.meta[CHECKPOINT_KEY] = Snapshot(frame.seq, len(self.stages)) if self.learners else True
         return Job(frame, route)
 
     async def _admit(self, frame: Frame, route: Route) -> None:

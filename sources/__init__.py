@@ -4,8 +4,9 @@ A pipeline accepts any iterable or async iterable of frames or payloads; the cla
 names (used in error messages), seeds, pacing and ``>>`` composition.
 """
 from .base import Source, from_async_iterable, from_iterable
+from .camera import PanZoomCamera, load_image, sample_photograph
 from .synthetic import SyntheticVideo
 from .targets import NextFrameTargets, next_frame_targets
 
-__all__ = ["NextFrameTargets", "Source", "SyntheticVideo", "from_async_iterable", "from_iterable",
-           "next_frame_targets"]
+__all__ = ["NextFrameTargets", "PanZoomCamera", "Source", "SyntheticVideo", "from_async_iterable", "from_iterable",
+           "load_image", "next_frame_targets", "sample_photograph"]

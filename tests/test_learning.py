@@ -265,3 +265,58 @@ async def test_next_frame_prediction_targets_join_by_seq():
     assert [f.seq for f in frames] == [0, 1, 2, 3, 4]
     assert all(torch.equal(f.data, video.render(f.seq)) and torch.equal(f.target, video.render(f.seq + 1))
                for f in frames)
+
+
+async def test_checkpoint_is_the_cut_at_its_frame_and_resumes(tmp_path):
+    from partime_async.checkpoint import load
+    from partime_async.sinks import Checkpoint
+
+    frames = make_frames(30)
+    balance = [2, 2, 2]
+    learning = lambda: pa.OnlineLearning(loss=nn.MSELoss(), optimizer=lambda p: torch.optim.Adam(p, 1e-2), mode="partime")
+
+    model = make_model()
+    pipe = pa.Pipeline(model, devices=pa.cpu_devices(3, threads=1), balance=balance, learning=learning())
+    sink = Checkpoint(pipe, tmp_path / "ckpt-{seq}.pt", every=10)
+    await pa.run(frames >> pipe >> sink)
+    assert [p.name for p in sink.saved] == ["ckpt-9.pt", "ckpt-19.pt", "ckpt-29.pt"]
+    assert not list(tmp_path.glob("*.tmp"))  # written atomically: no temporary file left
+    state = load(tmp_path / "ckpt-19.pt")
+    assert state["position"] == 20
+
+    # In partime mode a run over frames 0..19 ends in exactly the state of the cut at frame
+    # 19 (its drain drops the owed gradients, as the cut leaves them out).
+    short = make_model()
+    short_pipe, _ = await learn(short, frames[:20], "partime", balance, optimizer=lambda p: torch.optim.Adam(p, 1e-2))
+    expected = short_pipe.state_dict()
+    assert state["model"].keys() == expected["model"].keys()
+    assert all(torch.equal(state["model"][k], expected["model"][k]) for k in expected["model"])
+    for ours, ref in zip(state["learners"], expected["learners"]):
+        assert ours["steps"] == ref["steps"]
+        assert all(torch.equal(ours["optimizer"]["state"][i]["exp_avg"], ref["optimizer"]["state"][i]["exp_avg"])
+                   for i in ref["optimizer"]["state"])
+
+    # Resume: a new pipeline loads the checkpoint and continues from its position, exactly as
+    # the short run continues when streamed the rest.
+    resumed = make_model(seed=5)
+    pipe2 = pa.Pipeline(resumed, devices=pa.cpu_devices(3, threads=1), balance=balance, learning=learning())
+    pipe2.load_state_dict(state)
+    async with pipe2:
+        async for _ in pipe2.stream(frames[state["position"]:]):
+            pass
+    async with short_pipe:
+        async for _ in short_pipe.stream(frames[20:]):
+            pass
+    assert all(torch.equal(p, q) for p, q in zip(resumed.parameters(), short.parameters()))
+
+
+async def test_checkpoint_without_learning_saves_model_and_position(tmp_path):
+    from partime_async.checkpoint import load
+    from partime_async.sinks import Checkpoint
+
+    model = make_model().eval()
+    pipe = pa.Pipeline(model, devices=pa.cpu_devices(2, threads=1), balance=[3, 3])
+    await pa.run(make_frames(7) >> pipe >> Checkpoint(pipe, tmp_path / "model.pt", every=3))
+    state = load(tmp_path / "model.pt")
+    assert state["position"] == 6
+    assert all(torch.equal(state["model"][k], v) for k, v in nn.Sequential(*model).state_dict().items())

@@ -1,0 +1,180 @@
+"""Online learning on the real-image stream: pipelined modes against sequential online SGD.
+
+The stream: a camera panning and zooming over a real photograph (matplotlib's sample
+photograph, :class:`partime_async.sources.PanZoomCamera`), 64 x 64 frames; the task:
+next-frame prediction (frame t's target is frame t+1), mean squared error, Adam (lr 1e-3) —
+the demo's job. The model: the demo's 9-layer conv net. Frames are generated before timing,
+and every variant starts from the same weights and sees the same frames.
+
+Variants, in the same run with interleaved repeats (medians):
+
+* ``sequential_1t``: plain PyTorch online SGD on the unsplit model (forward, loss, backward,
+  step per frame) with ``torch.set_num_threads(1)`` — PARTIME's baseline;
+* ``sequential_2t``: the same with 2 intra-op threads;
+* ``partime`` / ``stashed``: ``Pipeline(model, devices=cpu_devices(2, threads=1),
+  learning=OnlineLearning(mode=...))``, built (profiled, balanced) before the clock starts.
+
+Printed: frames/s of each, throughput ratios (goals: >= 1.7x over sequential_1t, >= 1.3x over
+the best sequential), the final running loss of each mode (mean over the last quarter of the
+frames) relative to sequential's (goal <= 1.10x), and a PNG of loss against frames
+(``bench/learning_loss.png``). Last line: the better pipelined mode's throughput over the best
+sequential.
+
+    python bench/learning.py [--quick] [--repeats N] [--frames N] [--no-record | --record]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+if __package__ in (None, ""):  # run as a script: make `bench._common` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+from torch import nn
+
+import partime_async as pa
+from bench import _common as C
+from partime_async.cli import demo_learning, demo_model
+from partime_async.sources import PanZoomCamera
+
+PLOT = C.BENCH_DIR / "learning_loss.png"
+
+
+def make_frames(n: int, size: int) -> list[pa.Frame]:
+    camera = PanZoomCamera(n + 1, height=size, width=size)
+    images = [camera.render(t) for t in range(n + 1)]
+    return [pa.Frame(t, images[t], target=images[t + 1]) for t in range(n)]
+
+
+def sequential(model: nn.Module, frames: Sequence[pa.Frame], threads: int) -> tuple[float, list[float]]:
+    """Plain online SGD on the unsplit model: seconds and per-frame losses."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    learning = demo_learning("sequential")
+    optimizer = learning.optimizer(model.parameters())
+    losses = []
+    try:
+        t0 = time.perf_counter()
+        for frame in frames:
+            loss = learning.loss(model(frame.data), frame.target)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        return time.perf_counter() - t0, losses
+    finally:
+        torch.set_num_threads(previous)
+
+
+def pipelined(model: nn.Module, frames: Sequence[pa.Frame], mode: str) -> tuple[float, list[float], list[int]]:
+    """Our pipeline with two CPU stages: seconds, per-frame losses, balance."""
+
+    async def go() -> tuple[float, list[float], list[int]]:
+        pipe = pa.Pipeline(model, devices=pa.cpu_devices(2, threads=1), balance="time", learning=demo_learning(mode))
+        # Build on an unlabelled copy of frame 0 (profiling only; a frame without target does
+        # not learn), so that the clock below times the stream alone.
+        await pipe.start(sample=frames[0].data)
+        try:
+            t0 = time.perf_counter()
+            losses = [f.meta["loss"] async for f in pipe.stream(frames)]
+            seconds = time.perf_counter() - t0
+        finally:
+            await pipe.stop()
+        return seconds, losses, list(pipe.balance)
+
+    return asyncio.run(go())
+
+
+def final_loss(losses: Sequence[float]) -> float:
+    tail = losses[-max(1, len(losses) // 4):]
+    return sum(tail) / len(tail)
+
+
+def plot(curves: dict[str, list[float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, losses in curves.items():
+        window = 10
+        smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
+                  for i in range(len(losses))]
+        ax.plot(smooth, label=name, linewidth=1.4)
+    ax.set_xlabel("frame")
+    ax.set_ylabel("next-frame MSE (running mean of 10)")
+    ax.set_yscale("log")
+    ax.set_title("Online learning on the pan-zoom camera stream")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    C.add_common_args(parser, default_repeats=3)
+    parser.add_argument("--frames", type=int, default=None, help="frames per run (default 300; quick: 24)")
+    parser.add_argument("--size", type=int, default=64, help="frame height and width")
+    args = parser.parse_args(argv)
+    n = args.frames or (24 if args.quick else 300)
+    repeats = args.repeats or (1 if args.quick else 3)
+
+    torch.manual_seed(0)
+    initial = demo_model()
+    frames = make_frames(n, args.size)
+    curves: dict[str, list[float]] = {}
+    balances: dict[str, list[int]] = {}
+
+    def variant(name: str, run: Callable[[nn.Module], tuple]) -> Callable[[], float]:
+        def timed() -> float:
+            seconds, losses, *rest = run(copy.deepcopy(initial))
+            curves[name] = losses
+            if rest:
+                balances[name] = rest[0]
+            return seconds
+        return timed
+
+    variants = {
+        "sequential_1t": variant("sequential_1t", lambda m: sequential(m, frames, 1)),
+        "sequential_2t": variant("sequential_2t", lambda m: sequential(m, frames, 2)),
+        "partime": variant("partime", lambda m: pipelined(m, frames, "partime")),
+        "stashed": variant("stashed", lambda m: pipelined(m, frames, "stashed")),
+    }
+    times = C.interleaved(variants, repeats)
+    fps = {name: C.throughput(n, C.median(ts)) for name, ts in times.items()}
+    best_seq = max(fps["sequential_1t"], fps["sequential_2t"])
+    seq_loss = final_loss(curves["sequential_1t"])
+    numbers: dict[str, object] = {"frames": n, "repeats": repeats, "size": args.size}
+    for name in variants:
+        numbers[f"{name}_fps"] = fps[name]
+        print(f"{name:14s} {fps[name]:8.1f} frames/s   final running loss {final_loss(curves[name]):.5f}")
+    for mode in ("partime", "stashed"):
+        numbers[f"{mode}_over_seq1t"] = fps[mode] / fps["sequential_1t"]
+        numbers[f"{mode}_over_best_seq"] = fps[mode] / best_seq
+        numbers[f"{mode}_loss_over_seq"] = final_loss(curves[mode]) / seq_loss
+        numbers[f"{mode}_balance"] = balances.get(mode)
+        print(f"{mode}: {fps[mode] / fps['sequential_1t']:.2f}x sequential-1-thread (goal >= 1.7), "
+              f"{fps[mode] / best_seq:.2f}x best sequential (goal >= 1.3), "
+              f"final loss {final_loss(curves[mode]) / seq_loss:.3f}x sequential's (goal <= 1.10)")
+    numbers["spread"] = max(C.spread(ts) for ts in times.values())
+    if not args.quick:
+        plot(curves, PLOT)
+        print(f"loss plot written to {PLOT}")
+    best = max(("partime", "stashed"), key=lambda m: fps[m])
+    ratio = fps[best] / best_seq
+    C.record("learning", C.machine_line(), C.command_line(argv), numbers,
+             f"learning: best pipelined ({best}) / best sequential = {ratio:.2f} (goal >= 1.3)",
+             path=C.results_path(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Consistent checkpoints of a learning pipeline, taken while frames keep flowing.
+
+A checkpoint "at frame t" is a cut through the schedule: every stage contributes its state
+as it is right after its work for frame t (its forward of t and the optimiser step that
+follows it), captured on the stage's own device thread, in order with its other work, so no
+update is half-applied and no stage waits. The frame that closes the cut carries a
+:class:`Snapshot` in ``frame.meta["checkpoint"]``; the checkpoint sink awaits it and writes it
+atomically.
+
+Resuming from a checkpoint restores exactly those weights and optimiser states, and the
+stream goes on at ``state["position"]`` (t + 1). What the cut leaves out: gradients that were
+still owed for frames before t (in flight between the stages) — the resumed pipeline starts a
+fresh warm-up, as at the start of a stream.
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Awaitable
+
+import torch
+
+META_KEY = "checkpoint"
+
+
+class Snapshot:
+    """The per-stage states of one cut, filled in by the stage executors as they pass it."""
+
+    def __init__(self, seq: int, n_stages: int) -> None:
+        self.seq = seq
+        self._parts: list[Awaitable[Any] | None] = [None] * n_stages
+
+    def add(self, stage: int, part: Awaitable[Any]) -> None:
+        self._parts[stage] = part
+
+    async def state(self, pipe: Any) -> dict[str, Any]:
+        """The pipeline's state at this cut, shaped like :meth:`Pipeline.state_dict`."""
+        model: dict[str, torch.Tensor] = {}
+        learners = []
+        offset = 0
+        for k, part in enumerate(self._parts):
+            if part is None:
+                raise RuntimeError(f"stage {k} did not contribute to the checkpoint at frame {self.seq}")
+            (module_state, learner_state), _ = await part
+            for key, value in module_state.items():
+                index, _, rest = key.partition(".")
+                model[f"{int(index) + offset}.{rest}"] = value
+            offset += pipe.balance[k]
+            learners.append(learner_state)
+        return {"model": model, "balance": list(pipe.balance), "learners": learners,
+                "position": self.seq + 1, "next_seq": pipe._next_seq_value()}
+
+
+def stage_state(module: torch.nn.Module, learner: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A copy of one stage's weights and learner state (run on the stage's device thread)."""
+    return copy.deepcopy((module.state_dict(), learner.state_dict()))
+
+
+def save_atomic(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to ``path`` so that a crash never leaves a partial file: write a
+    temporary file in the same folder, flush it to disk, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+async def save_atomic_async(obj: Any, path: str | Path) -> Path:
+    """:func:`save_atomic` on a worker thread, keeping the event loop free."""
+    return await asyncio.to_thread(save_atomic, obj, path)
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """A checkpoint written by :class:`~partime_async.sinks.Checkpoint` (tensors on CPU)."""
+    return torch.load(path, map_location="cpu", weights_only=False)
