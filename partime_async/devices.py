@@ -106,6 +106,8 @@ class CpuDevice(Device):
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._closing = False
+        self._dead = False  # the worker has left: nothing queued from now on would ever run
+        self._lock = threading.Lock()  # orders submit() against the worker's last drain
 
     def __repr__(self) -> str:
         return f"CpuDevice({self.index}, threads={self.threads})"
@@ -118,7 +120,7 @@ class CpuDevice(Device):
         if self._thread is not None:
             raise RuntimeError(f"{self.name} is already started; a device serves one pipeline at a time")
         self._loop = loop
-        self._closing = False
+        self._closing = self._dead = False
         self._queue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._work, name=f"partime-{self.name}", daemon=True)
         self._thread.start()
@@ -127,7 +129,10 @@ class CpuDevice(Device):
         if self._thread is None or self._closing:
             raise RuntimeError(f"{self.name} is not running")
         future = self._loop.create_future()
-        self._queue.put((future, fn, payload, ready))
+        with self._lock:
+            if self._dead:
+                raise RuntimeError(f"the worker thread of {self.name} has died; the pipeline must stop")
+            self._queue.put((future, fn, payload, ready))
         return future
 
     def run_inline(self, fn: Callable[[Payload], Payload], payload: Payload, ready: Any = None) -> Payload:
@@ -146,15 +151,18 @@ class CpuDevice(Device):
         thread.join()
 
     def _work(self) -> None:
-        if self.threads is not None:
-            torch.set_num_threads(self.threads)
         loop, resolve = self._loop, _resolve
         item = None
         try:
+            if self.threads is not None:
+                # ATen sets a new thread's intra-op count lazily, from the process-wide value,
+                # at its first parallel op; query first so that our setting is not overwritten.
+                torch.get_num_threads()
+                torch.set_num_threads(self.threads)
             while (item := self._queue.get()) is not _STOP:
                 future, fn, payload, ready = item
-                if self._closing:
-                    loop.call_soon_threadsafe(resolve, future, None, RuntimeError(f"{self.name} closed"))
+                if self._closing:  # shutting down: whoever waited is being cancelled too
+                    loop.call_soon_threadsafe(future.cancel)
                     continue
                 try:
                     result = (fn(_host_input(payload, ready)), None)
@@ -172,17 +180,22 @@ class CpuDevice(Device):
 
     def _fail_pending(self, current: Any) -> None:
         pending = [current] if current not in (None, _STOP) else []
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not _STOP:
-                pending.append(item)
+        with self._lock:
+            self._dead = True
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not _STOP:
+                    pending.append(item)
         for future, *_ in pending:
-            error = RuntimeError(f"worker thread of {self.name} stopped before running this frame")
             try:
-                self._loop.call_soon_threadsafe(_resolve, future, None, error)
+                if self._closing:
+                    self._loop.call_soon_threadsafe(future.cancel)
+                else:
+                    error = RuntimeError(f"the worker thread of {self.name} died before running this frame")
+                    self._loop.call_soon_threadsafe(_resolve, future, None, error)
             except RuntimeError:
                 return
 

@@ -138,7 +138,8 @@ class StageExecutor:
         self.grads_in = grads_in    # gradients from the next stage, by seq (None on the last)
         self.grads_out = grads_out  # the previous stage's box (None on the first)
         self.name = f"stage {index} ({getattr(device, 'name', device.torch_device)})"
-        self.stats = StageStats(self.name, str(getattr(device, "name", device.torch_device)), len(module))
+        self.stats = StageStats(self.name, str(getattr(device, "name", device.torch_device)), len(module),
+                                inline=device.inline and learner is None)
         self._compute = self._make_compute()
 
     def _make_compute(self) -> Callable[[Payload], Payload]:

@@ -74,7 +74,7 @@ async def run(graph: Graph) -> PipelineStats:
         error = primary_error(group)
         if error is None:
             raise
-        raise error from None
+        raise error from error.__cause__  # one error, still chained to what really failed
     return pipe.stats()
 
 

@@ -19,6 +19,14 @@ from torch import nn
 from .frame import Payload, now
 
 
+class LayerFailed(RuntimeError):
+    """A layer raised while being profiled; the original exception is the ``__cause__``."""
+
+    def __init__(self, index: int, layer: nn.Module) -> None:
+        self.index = index
+        super().__init__(f"layer {index} ({type(layer).__name__})")
+
+
 def layers_of(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
     """The layers a model is split between: the children of an ``nn.Sequential``, or a list."""
     if isinstance(model, nn.Sequential):
@@ -121,7 +129,10 @@ def profile_layers(layers: Sequence[nn.Module], sample: Payload, *, repeats: int
                 x = sample
                 for i, layer in enumerate(layers):
                     t0 = now()
-                    x = layer(x)
+                    try:
+                        x = layer(x)
+                    except Exception as exc:
+                        raise LayerFailed(i, layer) from exc
                     if cuda:
                         torch.cuda.synchronize()
                     if rep >= warmup:

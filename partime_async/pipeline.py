@@ -33,7 +33,8 @@ from .checkpoint import Snapshot
 from .executor import GradBox, Job, OnError, StageExecutor, StageStats
 from .learning import OnlineLearning, StageLearner
 from .frame import Frame, Payload, now
-from .partition import check_balance, layers_of, min_max_partition, balance_by_params, profile_layers, split
+from .partition import (LayerFailed, balance_by_params, check_balance, layers_of, min_max_partition,
+                        profile_layers, split)
 from .routes import FutureRoute, Route, StreamRoute
 from .validation import InputSpec, check_tensors
 
@@ -112,6 +113,15 @@ class OutputStream:
     async def aclose(self) -> None:
         """Stop reading: the source is closed, frames still in flight are discarded."""
         self._close()
+
+    def __del__(self) -> None:
+        # A reader that breaks out of ``async for`` without closing: CPython frees the stream at
+        # once, and its pump must not keep the pipeline's egress waiting for it.
+        if self._route is not None and not self._route.detached:
+            try:
+                self._close()
+            except RuntimeError:  # the loop is already closed: nothing left to unblock
+                pass
 
     async def __aenter__(self) -> OutputStream:
         return self
@@ -312,12 +322,19 @@ class Pipeline:
         async with self._build_lock:
             if self._built:
                 return
-            check_tensors(sample, seq, finite=False)
             try:
                 await self._split(sample)
+            except LayerFailed as exc:  # profiling: the split is not known yet, the layer is
+                cause = exc.__cause__
+                raise PipelineError(f"{type(cause).__name__}: {cause} (while profiling the model on its first frame)",
+                                    component=str(exc), seq=seq) from cause
+            except _StageFailed as exc:
+                cause = exc.__cause__
+                raise PipelineError(f"{type(cause).__name__}: {cause} (while timing the stage on its first frame)",
+                                    component=exc.name, seq=seq) from cause
             except Exception as exc:
-                raise PipelineError(f"{type(exc).__name__}: {exc} (while splitting and profiling the model "
-                                    "on this frame)", component="pipeline set-up", seq=seq) from exc
+                raise PipelineError(f"{type(exc).__name__}: {exc} (while splitting the model on its first frame)",
+                                    component="pipeline set-up", seq=seq) from exc
             self._spec = InputSpec.like(sample) if self.input_spec == "first" else self.input_spec
             tg = self._check_running()
             inbox = self._ingress
@@ -386,7 +403,11 @@ class Pipeline:
         x = sample
         with torch.random.fork_rng(devices=[]):
             for k, (stage, device) in enumerate(zip(self.stages, self.devices)):
-                (seconds, x), _ = await device.submit(lambda v, s=stage: _time_stage(s, v), x)
+                try:
+                    (seconds, x), _ = await device.submit(lambda v, s=stage: _time_stage(s, v), x)
+                except Exception as exc:
+                    cause = exc.__cause__ if isinstance(exc, LayerFailed) else exc
+                    raise _StageFailed(f"stage {k} ({getattr(device, 'name', device.torch_device)})") from cause
                 if k in auto:
                     device.inline = seconds < handoff
                 if isinstance(device, CudaDevice) and k + 1 < len(self.devices):
@@ -402,9 +423,7 @@ class Pipeline:
         except FrameError as error:
             if self.on_error != "skip":
                 raise
-            self._skipped_input += 1
-            route.admitted += 1
-            route.skip(frame, error)
+            self._skip_input(frame, route, error)
             return None
         route.admitted += 1
         self._admitted += 1
@@ -412,10 +431,27 @@ class Pipeline:
             frame.meta[CHECKPOINT_KEY] = Snapshot(frame.seq, len(self.stages)) if self.learners else True
         return Job(frame, route)
 
+    async def _first(self, frame: Frame, route: Route) -> bool:
+        """Split the model on the first good frame; False if ``frame`` was skipped as bad."""
+        try:
+            check_tensors(frame.data, frame.seq, finite=self.check_finite)
+        except FrameError as error:
+            if self.on_error != "skip":
+                raise
+            self._skip_input(frame, route, error)
+            return False
+        await self._build(frame.data, frame.seq)
+        return True
+
+    def _skip_input(self, frame: Frame, route: Route, error: FrameError) -> None:
+        self._skipped_input += 1
+        route.admitted += 1
+        route.skip(frame, error)
+
     async def _admit(self, frame: Frame, route: Route) -> None:
         self._check_running()
-        if not self._built:
-            await self._build(frame.data, frame.seq)
+        if not self._built and not await self._first(frame, route):
+            return
         job = self._prepare(frame, route)
         if job is None:
             return
@@ -465,9 +501,10 @@ class Pipeline:
         elif hasattr(source, "__iter__") and not isinstance(source, torch.Tensor):
             items, is_async = iter(source), False  # type: ignore[arg-type]
         else:
-            route.end_admission()
-            raise TypeError(f"a source must be an iterable or async iterable of frames or tensors, "
-                            f"got {type(source).__name__} (for one tensor, use `await pipe.submit(x)`)")
+            error = TypeError(f"a source must be an iterable or async iterable of frames or tensors, got "
+                              f"{type(source).__name__} (for one tensor, use `await pipe.submit(x)`)")
+            route.fail(error)
+            raise error
         seq = 0
         ingress = self._ingress
         try:
@@ -475,25 +512,30 @@ class Pipeline:
                 try:
                     item = (await anext(items)) if is_async else next(items)
                 except (StopIteration, StopAsyncIteration):
-                    return
+                    break
                 except Exception as exc:
                     raise PipelineError(f"{type(exc).__name__}: {exc}", component=f"source {name}", seq=seq) from exc
                 frame = _own_frame(item) if isinstance(item, Frame) else Frame(seq, item)
                 seq = frame.seq + 1
-                if not self._built:
-                    await self._build(frame.data, frame.seq)
+                if not self._built and not await self._first(frame, route):
+                    continue
                 job = self._prepare(frame, route)
                 if job is None:
                     continue
                 try:
                     if not ingress.send_nowait(job):
                         await ingress.send(job)
-                except ChannelClosed:
+                except BaseException:  # not queued after all (stop(), or the reader went away)
                     route.admitted -= 1
                     self._admitted -= 1
-                    return  # stop() was called: admission is over
-        except asyncio.CancelledError:
-            pass  # stop() or the reader went away; not an error of the graph
+                    raise
+        except (asyncio.CancelledError, ChannelClosed):
+            pass  # stop() or the reader went away: admission ends, not an error of the graph
+        except BaseException as exc:
+            # Fail the reader now: ending admission cleanly would let a stream whose frames
+            # were all delivered end as if the source had simply run out.
+            route.fail(exc)
+            raise
         finally:
             route.end_admission()
             aclose = getattr(items, "aclose", None)
@@ -586,6 +628,14 @@ class Pipeline:
 
 
 # -- helpers ---------------------------------------------------------------------------------------
+class _StageFailed(RuntimeError):
+    """A stage raised while being timed at start; ``str()`` names it, ``__cause__`` is the error."""
+
+    @property
+    def name(self) -> str:
+        return str(self)
+
+
 def _dropped(where: str):
     def on_drop(job: Job) -> None:
         job.route.drop(job.frame, where)

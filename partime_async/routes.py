@@ -114,7 +114,8 @@ class StreamRoute(Route):
         self.out.close()
 
     def fail(self, error: BaseException) -> None:
-        self.out.abort(error)
+        if not self.out.closed:  # a complete stream keeps its frames: its reader gets them all
+            self.out.abort(error)
 
     def _settled(self) -> None:
         if not self.admitting and self.delivered + self.skipped + self.dropped == self.admitted:
