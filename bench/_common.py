@@ -37,8 +37,8 @@ One line per full benchmark run, appended by `bench/_common.py:record` (never by
   line the benchmark prints.
 
 Numbers from a shared or busy machine are noisy: compare lines from the same machine only, and
-rerun before drawing conclusions. `--quick` runs (CI smoke tests) should use `--no-record` or be
-deleted from this file.
+rerun before drawing conclusions. `--quick` runs (CI smoke tests) are not recorded unless
+`--record` is given; `--no-record` skips recording for any run.
 
 """
 
@@ -132,8 +132,9 @@ def command_line(argv: Sequence[str] | None = None) -> str:
         cmd = shlex.join(["python", os.path.relpath(args[0]) if os.path.isabs(args[0]) else args[0], *args[1:]])
     else:
         cmd = shlex.join([os.path.basename(args[0]) if args else "python", *args[1:]])
-    if argv is not None and list(argv) != args[1:]:
-        cmd += f" [main(argv={list(argv)!r})]"
+    argv = list(argv) if argv is not None else None
+    if argv and argv != args[len(args) - len(argv):]:  # not what the command line ends with
+        cmd += f" [main(argv={argv!r})]"
     return cmd
 
 
@@ -142,7 +143,16 @@ def add_common_args(parser: argparse.ArgumentParser, default_repeats: int) -> No
     parser.add_argument("--repeats", type=int, default=None,
                         help=f"interleaved repeats, medians reported (default {default_repeats}; quick: 2)")
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    parser.add_argument("--record", action="store_true",
+                        help="append to the results file even with --quick (quick runs do not, by default)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="results file (default bench/RESULTS.md)")
+
+
+def results_path(args: argparse.Namespace) -> Path | None:
+    """Where :func:`record` writes: None for --no-record, and for --quick unless --record."""
+    if args.no_record or (args.quick and not args.record):
+        return None
+    return args.results
 
 
 # -- recording ----------------------------------------------------------------------------------
@@ -160,8 +170,8 @@ def format_numbers(numbers: Mapping[str, object]) -> str:
 
 def record(name: str, machine: str, command: str, numbers: Mapping[str, object], ratio_text: str,
            *, path: Path | None = RESULTS) -> str:
-    """Append one dated line to ``path`` (created with its header if missing; ``None``: do not
-    write) and print the ratio LAST. Returns the line."""
+    """Append one dated line to ``path`` (created with its header if missing; ``None``: print it
+    only) and print the ratio LAST. Returns the line."""
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     line = f"- {stamp} | {name} | {machine} | `{command}` | {format_numbers(numbers)} | {ratio_text}"
     if path is not None:
@@ -172,5 +182,7 @@ def record(name: str, machine: str, command: str, numbers: Mapping[str, object],
                 f.write(HEADER)
             f.write(line + "\n")
         print(f"recorded in {path}", flush=True)
+    else:
+        print(f"not recorded: {line}", flush=True)
     print(ratio_text, flush=True)
     return line

@@ -23,7 +23,7 @@ S=1 figure, t(S=1) / frames, is the whole per-frame cost of a one-stage chain (a
 one hop, delivery). Goals: ours_inline / bare_queue <= 1.5, ours_thread / bare_executor <= 1.0.
 The last line printed is the inline ratio.
 
-    python bench/hop_overhead.py [--quick] [--repeats N] [--loop asyncio|uvloop] [--no-record]
+    python bench/hop_overhead.py [--quick] [--repeats N] [--loop asyncio|uvloop] [--no-record | --record]
 """
 from __future__ import annotations
 
@@ -236,10 +236,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(f"\nper_hop = (t(S={s_hi}) - t(S={s_lo})) / {s_hi - s_lo} / frames, paired within each repeat, "
           f"median over repeats; S={s_lo}: t / frames")
-    print(f"{'variant':36s} {'S=1 us/frame':>13s} {'S=4 us/frame':>13s} {'per-hop us':>11s}")
+    print(f"{'variant':36s} {'S=1 us/frame':>13s} {'S=4 us/frame':>13s} {'per-hop us':>11s}  spread S=1/S=4")
     for n in VARIANTS:
-        print(f"{LABELS[n]:36s} {per_frame[n, s_lo]:13.2f} {per_frame[n, s_hi]:13.2f} {per_hop[n]:11.2f}")
-    print(f"(largest (max-min)/median over repeats of one variant: {noise:.0%})")
+        print(f"{LABELS[n]:36s} {per_frame[n, s_lo]:13.2f} {per_frame[n, s_hi]:13.2f} {per_hop[n]:11.2f}"
+              f"  {C.spread(raw[f'{n}@{s_lo}']):.0%}/{C.spread(raw[f'{n}@{s_hi}']):.0%}")
+    print("(spread: (max - min) / median of a variant's repeats; large spreads mean a busy machine: rerun)")
 
     def ratio(a: float, b: float) -> float:
         return a / b if b > 0 else float("inf")
@@ -265,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    ratio_thread_s1=r_thread_s1, noise=noise)
     headline = f"per-hop ratio ours_inline/bare_queue = {r_inline:.2f} (goal <= 1.5)"
     C.record("hop_overhead" + (" (quick)" if args.quick else ""), C.machine_line(), C.command_line(argv),
-             numbers, headline, path=None if args.no_record else args.results)
+             numbers, headline, path=C.results_path(args))
     return 0
 
 
