@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .channel import Channel
-from .devices import CpuDevice, Device
+from .devices import CpuDevice, Device, _host_input
 from .errors import PipelineError
 from .frame import Frame, Payload, now
 from .checkpoint import META_KEY as CHECKPOINT_KEY
@@ -316,3 +316,88 @@ class StageExecutor:
         self.stats.skipped += 1
         self.stats.skipped_seqs.append(seq)
         job.route.skip(job.frame, error)
+
+
+class _StageFailed(Exception):
+    """Carries a stage's exception from a worker thread to the chain's collector."""
+
+    def __init__(self, stage: int, error: BaseException) -> None:
+        super().__init__(stage, error)
+        self.stage = stage
+        self.error = error
+
+
+class ThreadChain:
+    """Consecutive threaded CPU stages that hand frames from worker thread to worker thread.
+
+    The loop submits each frame to the first stage's worker; every worker, once done, queues
+    the frame straight onto the next stage's worker, and only the last one tells the loop
+    (batched, see :meth:`CpuDevice.notify`). In steady state no stage pays a loop round trip
+    per frame, and the loop thread, which shares the cores with the workers, stays idle.
+    Order is kept by the FIFO worker queues; up to ``window`` frames per stage are in flight.
+    The stages' own executors supply their compute functions, statistics and error rules.
+    """
+
+    def __init__(self, executors: list[StageExecutor]) -> None:
+        self.executors = executors
+        self.inbox = executors[0].inbox
+        self.outbox = executors[-1].outbox
+        self.window = sum(e.window for e in executors)
+        self.name = f"stages {executors[0].index}-{executors[-1].index}"
+
+    async def run(self) -> None:
+        inflight: Channel[Job] = Channel(self.window, name=f"{self.name} in-flight")
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._feed(inflight))
+                tg.create_task(self._collect(inflight))
+        finally:
+            self.outbox.close()
+
+    async def _feed(self, inflight: Channel[Job]) -> None:
+        first = self.executors[0].device
+        loop = asyncio.get_running_loop()
+        try:
+            async for job in self.inbox:
+                job.ticket = future = loop.create_future()
+                first.post(self._task(0, _host_input(job.frame.data, job.ready), future), future)
+                if not inflight.send_nowait(job):
+                    await inflight.send(job)
+        finally:
+            inflight.close()
+
+    def _task(self, k: int, x: Payload, future: asyncio.Future[Any]) -> Callable[[], None]:
+        executor = self.executors[k]
+        last = k == len(self.executors) - 1
+
+        def task() -> None:  # runs on stage k's worker thread
+            device = executor.device
+            try:
+                y = executor._compute(x)
+            except BaseException as exc:
+                device.notify(future, None, _StageFailed(k, exc))
+                return
+            executor.stats.frames += 1
+            if last:
+                device.notify(future, y, None)
+                return
+            try:
+                self.executors[k + 1].device.post(self._task(k + 1, y, future), future)
+            except RuntimeError as exc:  # the next worker is gone: the frame fails, not this thread
+                device.notify(future, None, _StageFailed(k + 1, exc))
+
+        return task
+
+    async def _collect(self, inflight: Channel[Job]) -> None:
+        outbox = self.outbox
+        async for job in inflight:
+            try:
+                job.frame.data = await job.ticket
+            except _StageFailed as failed:
+                self.executors[failed.stage]._failed(job, failed.error)  # raises, or skips and counts
+                continue
+            finally:
+                job.ticket = None
+            job.ready = None
+            if not outbox.send_nowait(job):
+                await outbox.send(job)

@@ -30,7 +30,7 @@ from .devices import CpuDevice, CudaDevice, Device, resolve_devices
 from .errors import FrameError, PipelineClosed, PipelineError, primary_error
 from .checkpoint import META_KEY as CHECKPOINT_KEY
 from .checkpoint import Snapshot
-from .executor import GradBox, Job, OnError, StageExecutor, StageStats
+from .executor import GradBox, Job, OnError, StageExecutor, StageStats, ThreadChain
 from .learning import OnlineLearning, StageLearner
 from .frame import Frame, Payload, now
 from .partition import (LayerFailed, balance_by_params, check_balance, layers_of, min_max_partition,
@@ -350,8 +350,8 @@ class Pipeline:
                     grads_in=boxes[k] if learner is not None and k < last else None,
                     grads_out=boxes[k - 1] if learner is not None and k > 0 else None))
                 inbox = outbox
-            for executor in self.executors:
-                tg.create_task(executor.run(), name=f"partime-{executor.name}")
+            for runner in _runners(self.executors):
+                tg.create_task(runner.run(), name=f"partime-{runner.name}")
             tg.create_task(self._egress(inbox), name="partime-egress")
             self._built = True
             self._t_start = now()  # throughput counts from here, not from set-up and profiling
@@ -634,6 +634,29 @@ class _StageFailed(RuntimeError):
     @property
     def name(self) -> str:
         return str(self)
+
+
+def _runners(executors: list[StageExecutor]) -> list[StageExecutor | ThreadChain]:
+    """What runs the stages: runs of consecutive threaded CPU inference stages become one
+    :class:`ThreadChain` (worker-to-worker hand-off); every other stage runs on its own."""
+    runners: list[StageExecutor | ThreadChain] = []
+    run: list[StageExecutor] = []
+
+    def flush() -> None:
+        if len(run) > 1:
+            runners.append(ThreadChain(list(run)))
+        else:
+            runners.extend(run)
+        run.clear()
+
+    for executor in executors:
+        if isinstance(executor.device, CpuDevice) and not executor.device.inline and executor.learner is None:
+            run.append(executor)
+        else:
+            flush()
+            runners.append(executor)
+    flush()
+    return runners
 
 
 def _dropped(where: str):

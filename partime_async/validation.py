@@ -55,6 +55,13 @@ class InputSpec:
     def __init__(self, structure: pytree.TreeSpec, leaves: Sequence[TensorSpec]) -> None:
         self.structure = structure
         self.leaves = list(leaves)
+        # Fast path for the common payload, one plain tensor with a fixed shape: a few
+        # attribute compares instead of a pytree walk (this runs on every frame).
+        self._plain: tuple[torch.Size, torch.dtype | None, str | None] | None = None
+        if structure.is_leaf() and len(self.leaves) == 1:
+            spec = self.leaves[0]
+            if spec.shape is not None and None not in spec.shape:
+                self._plain = (torch.Size(spec.shape), spec.dtype, spec.device_type)
 
     @classmethod
     def like(cls, payload: Payload) -> InputSpec:
@@ -64,6 +71,11 @@ class InputSpec:
 
     def check(self, payload: Payload, seq: int) -> None:
         """Raise :class:`FrameError` if ``payload`` does not match."""
+        plain = self._plain
+        if plain is not None and type(payload) is torch.Tensor and payload.shape == plain[0] \
+                and (plain[1] is None or payload.dtype == plain[1]) \
+                and (plain[2] is None or payload.device.type == plain[2]):
+            return
         values, structure = pytree.tree_flatten(payload)
         if structure != self.structure:
             raise FrameError(f"expected a payload shaped like {self.structure}, got {structure}",
@@ -77,6 +89,8 @@ class InputSpec:
 
 def check_tensors(payload: Payload, seq: int, *, finite: bool) -> None:
     """Every leaf must be a tensor; with ``finite``, floating leaves must hold no NaN or Inf."""
+    if not finite and type(payload) is torch.Tensor:
+        return
     for i, value in enumerate(pytree.tree_leaves(payload)):
         if not isinstance(value, torch.Tensor):
             raise FrameError(
