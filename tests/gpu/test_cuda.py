@@ -115,3 +115,30 @@ async def test_stage_error_on_gpu_names_stage_and_frame(cuda_devices):
     assert info.value.component.startswith("stage 1") and info.value.seq == 7
     assert not [t for t in threading.enumerate() if t.name.startswith("partime-")]
     assert len(asyncio.all_tasks()) == 1
+
+
+@pytest.mark.parametrize("mode", ["partime", "stashed"])
+async def test_learning_on_gpu_every_stage_learns_deterministically(mode, cuda_devices):
+    def run_once():
+        model = mlp().train()
+        before = [p.detach().clone() for p in model.parameters()]
+        learning = pa.OnlineLearning(loss=nn.MSELoss(), optimizer=lambda p: torch.optim.SGD(p, lr=0.05), mode=mode)
+        pipe = pa.Pipeline(model, devices=cuda_devices(), balance=[3, 3], learning=learning)
+        g = torch.Generator().manual_seed(1)
+        frames = [pa.Frame(t, torch.randn(1, 256, generator=g), target=torch.randn(1, 256, generator=g))
+                  for t in range(30)]
+        return pipe, model, before, frames
+
+    async def go():
+        pipe, model, before, frames = run_once()
+        async with pipe:
+            outs = [f async for f in pipe.stream(frames)]
+        return pipe, model, before, outs
+
+    pipe, model, before, outs = await go()
+    assert [f.seq for f in outs] == list(range(30)) and all("loss" in f.meta for f in outs)
+    assert all(not torch.equal(p.detach().cpu(), q) for p, q in zip(model.parameters(), before))
+    expected_steps = [30, 30] if mode == "stashed" else [28, 30]
+    assert [learner.steps for learner in pipe.learners] == expected_steps
+    _, model2, _, _ = await go()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model2.parameters()))
