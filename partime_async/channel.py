@@ -208,6 +208,4 @@ def _wake_one(waiters: deque[asyncio.Future[None]]) -> None:
 
 def _wake_all(waiters: deque[asyncio.Future[None]]) -> None:
     while waiters:
-        waiter = waiters.popleft()
-        if not waiter.done():
-            waiter.set_result(None)
+        _wake_one(waiters)

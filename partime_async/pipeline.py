@@ -458,7 +458,7 @@ class Pipeline:
         try:
             if not self._ingress.send_nowait(job):  # fast path: room in the channel
                 await self._ingress.send(job)
-        except BaseException:
+        except BaseException:  # not queued after all (stop(), or the reader went away)
             route.admitted -= 1
             self._admitted -= 1
             raise
@@ -506,7 +506,6 @@ class Pipeline:
             route.fail(error)
             raise error
         seq = 0
-        ingress = self._ingress
         try:
             while True:
                 try:
@@ -517,18 +516,7 @@ class Pipeline:
                     raise PipelineError(f"{type(exc).__name__}: {exc}", component=f"source {name}", seq=seq) from exc
                 frame = _own_frame(item) if isinstance(item, Frame) else Frame(seq, item)
                 seq = frame.seq + 1
-                if not self._built and not await self._first(frame, route):
-                    continue
-                job = self._prepare(frame, route)
-                if job is None:
-                    continue
-                try:
-                    if not ingress.send_nowait(job):
-                        await ingress.send(job)
-                except BaseException:  # not queued after all (stop(), or the reader went away)
-                    route.admitted -= 1
-                    self._admitted -= 1
-                    raise
+                await self._admit(frame, route)
         except (asyncio.CancelledError, ChannelClosed):
             pass  # stop() or the reader went away: admission ends, not an error of the graph
         except BaseException as exc:
