@@ -3,10 +3,15 @@
 A pipeline accepts any iterable or async iterable of frames or payloads; the classes here add
 names (used in error messages), seeds, pacing and ``>>`` composition.
 """
-from .base import Source, from_async_iterable, from_iterable
+from .base import Source, from_async_iterable, from_iterable, iterate_frames
 from .camera import PanZoomCamera, load_image, sample_photograph
+from .files import NpyDirectory, NpzVideo
+from .queues import END, QueueSource, from_queue
+from .realtime import RealTime
+from .sensor import SensorSource
 from .synthetic import SyntheticVideo
 from .targets import NextFrameTargets, next_frame_targets
 
-__all__ = ["NextFrameTargets", "PanZoomCamera", "Source", "SyntheticVideo", "from_async_iterable", "from_iterable",
-           "load_image", "next_frame_targets", "sample_photograph"]
+__all__ = ["END", "NextFrameTargets", "NpyDirectory", "NpzVideo", "PanZoomCamera", "QueueSource", "RealTime",
+           "SensorSource", "Source", "SyntheticVideo", "from_async_iterable", "from_iterable", "from_queue",
+           "iterate_frames", "load_image", "next_frame_targets", "sample_photograph"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from typing import Any, AsyncIterable, AsyncIterator, Iterable
 
@@ -30,13 +31,16 @@ class Source:
 
     async def __aiter__(self) -> AsyncIterator[Frame]:
         start = now()
-        async for frame in self.frames():
-            if self.fps is not None:
-                delay = start + frame.seq / self.fps - now()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                frame.t_capture = now()
-            yield frame
+        # aclosing: a consumer that stops early closes frames() at once (its finally blocks run
+        # now, on this task), not whenever the garbage collector finalises the generator.
+        async with contextlib.aclosing(self.frames()) as frames:
+            async for frame in frames:
+                if self.fps is not None:
+                    delay = start + frame.seq / self.fps - now()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    frame.t_capture = now()
+                yield frame
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
@@ -52,11 +56,21 @@ class _Iterable(Source):
 
 
 async def iterate_frames(items: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Frame]:
-    """The items of any (async) iterable as frames; payloads get seq 0, 1, 2, …"""
+    """The items of any (async) iterable as frames; payloads get seq 0, 1, 2, …
+
+    An async iterator that has ``aclose`` (an async generator, a :class:`Source`) is closed
+    when this generator is, so that its ``finally`` blocks run when the consumer stops early.
+    """
     counter = itertools.count()
     if hasattr(items, "__aiter__"):
-        async for item in items:  # type: ignore[union-attr]
-            yield item if isinstance(item, Frame) else Frame(next(counter), item)
+        iterator = aiter(items)  # type: ignore[arg-type]
+        try:
+            async for item in iterator:
+                yield item if isinstance(item, Frame) else Frame(next(counter), item)
+        finally:
+            aclose = getattr(iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
     else:
         for item in items:  # type: ignore[union-attr]
             yield item if isinstance(item, Frame) else Frame(next(counter), item)

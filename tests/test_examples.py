@@ -22,3 +22,21 @@ def test_online_learning_example(mode, tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"{mode}: 16 frames" in result.stdout and "resumed at frame 16" in result.stdout
     assert (tmp_path / "latest.pt").exists()
+
+
+def test_web_backend_example():
+    pytest.importorskip("aiohttp")
+    result = subprocess.run([sys.executable, str(EXAMPLES / "web_backend.py"), "--smoke"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "smoke ok: 2 predictions equal to the model's, 1 bad input refused, 3 stream events" in result.stdout
+
+
+def test_custom_sensor_example():
+    result = subprocess.run([sys.executable, str(EXAMPLES / "custom_sensor.py"), "--frames", "16"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "streamed 16 frames from the simulated camera" in result.stdout
+    assert "every frame delivered in order and equal to the unsplit model's output" in result.stdout
+    assert "reconnects" in result.stdout and " 0 reconnects" not in result.stdout
+    assert "dead camera: 'source simulated camera' gave up after 3 attempts (ConnectionResetError" in result.stdout

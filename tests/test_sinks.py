@@ -1,0 +1,264 @@
+"""Sinks: files round-trip bit for bit, crashes leave no partial file, fan-out with independent policies."""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import partime_async as pa
+from partime_async.sinks import AtomicFile, CallbackSink, Collect, JsonlSink, NpySink, Sink, summarize
+from partime_async.sources import NpyDirectory, SyntheticVideo, from_iterable
+from pa_helpers import FailOn, marked
+
+
+def identity_pipe(**kwargs) -> pa.Pipeline:
+    return pa.Pipeline([nn.Identity(), nn.Identity()], devices=pa.cpu_devices(2), balance=[1, 1], **kwargs)
+
+
+def listing(directory) -> list[str]:
+    """Every entry of a folder, hidden (temporary) files included."""
+    return sorted(p.name for p in directory.iterdir())
+
+
+def special_frames(dtype: torch.dtype, n: int = 6) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    if dtype == torch.uint8:
+        return [torch.randint(0, 256, (1, 3, 5, 7), dtype=dtype, generator=g) for _ in range(n)]
+    frames = [torch.randn(1, 3, 5, 7, generator=g).to(dtype) * 1e3 for _ in range(n)]
+    frames[0].view(-1)[:5] = torch.tensor([math.nan, math.inf, -math.inf, -0.0, 1e-40], dtype=torch.float64).to(dtype)
+    return frames
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.numpy().tobytes() == b.numpy().tobytes()
+
+
+# -- NpySink -> NpyDirectory ------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8, torch.float64])
+async def test_npy_round_trip_is_bit_exact(tmp_path, dtype):
+    xs = special_frames(dtype)
+    sink = NpySink(tmp_path / "out")
+    stats = await pa.run(from_iterable(xs) >> identity_pipe() >> sink)
+    assert stats.delivered == sink.written == len(xs)
+    assert listing(tmp_path / "out") == [f"frame_{i:08d}.npy" for i in range(len(xs))]  # no temporary file left
+    frames = [f async for f in NpyDirectory(tmp_path / "out")]
+    assert [f.seq for f in frames] == list(range(len(xs)))
+    assert all(same_bits(f.data, x) for f, x in zip(frames, xs))
+
+
+async def test_npy_sink_names_from_seq_read_back_by_index(tmp_path):
+    xs = [pa.Frame(seq, torch.full((2, 2), float(seq))) for seq in (3, 9, 12)]
+    sink = NpySink(tmp_path, prefix="out-", digits=4, fsync=False)
+    await pa.run(from_iterable(xs) >> identity_pipe() >> sink)
+    assert listing(tmp_path) == ["out-0003.npy", "out-0009.npy", "out-0012.npy"]
+    assert sink.paths == [tmp_path / n for n in listing(tmp_path)]
+    frames = [f async for f in NpyDirectory(tmp_path, order="index")]
+    assert [f.seq for f in frames] == [3, 9, 12] and all(float(f.data[0, 0]) == f.seq for f in frames)
+
+
+async def test_npy_sink_select_and_clear_errors(tmp_path):
+    xs = [(torch.zeros(2), torch.ones(3)) for _ in range(2)]
+    await pa.run(from_iterable(xs) >> identity_pipe(input_spec=None) >> NpySink(tmp_path / "a", select=lambda f: f.data[1]))
+    assert [f.data.tolist() async for f in NpyDirectory(tmp_path / "a")] == [[1.0, 1.0, 1.0]] * 2
+    with pytest.raises(pa.PipelineError, match="NpySink saves one tensor per frame, but frame 0 holds tuple") as info:
+        await pa.run(from_iterable(xs) >> identity_pipe(input_spec=None) >> NpySink(tmp_path / "b"))
+    assert info.value.component == "sink npy"
+    with pytest.raises(pa.PipelineError, match="NumPy cannot hold a torch.bfloat16 tensor"):
+        await pa.run(from_iterable([torch.zeros(2, dtype=torch.bfloat16)]) >> identity_pipe() >> NpySink(tmp_path / "c"))
+    assert listing(tmp_path / "c") == []
+
+
+async def test_npy_sink_crash_mid_write_leaves_only_complete_files(tmp_path, monkeypatch):
+    real_write = AtomicFile.write
+
+    async def failing_write(self, data):
+        if self.path.name == "frame_00000003.npy":
+            await real_write(self, bytes(data)[:40])  # half of it reaches the temporary file...
+            raise OSError("disk full")               # ...and then the write fails
+        await real_write(self, data)
+
+    monkeypatch.setattr(AtomicFile, "write", failing_write)
+    with pytest.raises(pa.PipelineError) as info:
+        await pa.run(from_iterable(special_frames(torch.float32)) >> identity_pipe() >> NpySink(tmp_path))
+    assert info.value.component == "sink npy" and info.value.seq == 3
+    assert isinstance(info.value.__cause__, OSError)
+    assert listing(tmp_path) == [f"frame_{i:08d}.npy" for i in range(3)]
+    assert len([f async for f in NpyDirectory(tmp_path)]) == 3  # each one complete
+
+
+# -- JsonlSink --------------------------------------------------------------------------------------------
+async def test_jsonl_sink_writes_one_line_per_frame(tmp_path):
+    video = SyntheticVideo(5, height=4, width=4)
+    frames = [pa.Frame(f.seq, f.data, meta={"camera": "front", "loss": torch.tensor(0.25), "n": np.int64(3)})
+              async for f in video]
+    path = tmp_path / "sub" / "out.jsonl"
+    sink = JsonlSink(path)
+    await pa.run(from_iterable(frames) >> identity_pipe() >> sink)
+    assert sink.committed == path and listing(path.parent) == ["out.jsonl"]
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["seq"] for r in lines] == list(range(5))
+    for record, frame in zip(lines, frames):
+        assert record["meta"] == {"camera": "front", "loss": 0.25, "n": 3}
+        assert record["latency"] == pytest.approx(record["t_done"] - record["t_capture"]) and record["latency"] >= 0
+        x = frame.data
+        assert record["output"] == {"shape": [1, 3, 4, 4], "dtype": "float32", "min": x.double().min().item(),
+                                    "max": x.double().max().item(), "mean": x.double().mean().item()}
+
+
+async def test_jsonl_sink_to_json_hook_and_summaries(tmp_path):
+    sink = JsonlSink(tmp_path / "o.jsonl", to_json=lambda frame: {"sum": float(frame.data.sum())}, fsync=False)
+    await pa.run(from_iterable([torch.ones(3), torch.zeros(3)]) >> identity_pipe() >> sink)
+    assert [json.loads(line)["output"] for line in (tmp_path / "o.jsonl").read_text().splitlines()] == \
+        [{"sum": 3.0}, {"sum": 0.0}]
+    assert summarize({"a": torch.zeros(0), "b": (torch.tensor([1, 3]),)}) == {
+        "a": {"shape": [0], "dtype": "float32"},
+        "b": ({"shape": [2], "dtype": "int64", "min": 1.0, "max": 3.0, "mean": 2.0},)}
+
+
+async def test_jsonl_sink_crash_mid_write_leaves_no_file(tmp_path, monkeypatch):
+    path = tmp_path / "out.jsonl"
+    path.write_text("the previous run\n")
+    real_write = AtomicFile.write
+    calls = 0
+
+    async def failing_write(self, data):
+        nonlocal calls
+        calls += 1
+        if calls == 4:
+            raise OSError("disk full")
+        await real_write(self, data)
+
+    monkeypatch.setattr(AtomicFile, "write", failing_write)
+    with pytest.raises(pa.PipelineError) as info:
+        await pa.run(from_iterable([torch.zeros(2)] * 8) >> identity_pipe() >> JsonlSink(path))
+    assert info.value.component == "sink jsonl" and info.value.seq == 3
+    assert listing(tmp_path) == ["out.jsonl"] and path.read_text() == "the previous run\n"
+
+
+async def test_jsonl_sink_leaves_no_file_when_another_component_fails(tmp_path):
+    def gated_source(written: asyncio.Event):
+        async def frames():
+            for i in range(4):
+                yield marked(i)
+            await written.wait()  # the sink has written lines before the failure comes
+            for i in range(4, 10):
+                yield marked(i)
+        return frames()
+
+    def noting(event: asyncio.Event):
+        def to_json(frame):
+            if frame.seq == 3:
+                event.set()
+            return None
+        return to_json
+
+    written = asyncio.Event()
+    sink = JsonlSink(tmp_path / "stage.jsonl", to_json=noting(written))
+    with pytest.raises(pa.PipelineError, match="stage 1"):
+        await pa.run(gated_source(written) >> pa.Pipeline([nn.Identity(), FailOn(6)], devices=pa.cpu_devices(2),
+                                                          balance=[1, 1]) >> sink)
+    assert sink.written >= 4 and listing(tmp_path) == []
+
+    class Broken(Sink):
+        async def write(self, frame):
+            if frame.seq == 5:
+                raise RuntimeError("broken sink")
+
+    written = asyncio.Event()
+    sink = JsonlSink(tmp_path / "sink.jsonl", to_json=noting(written))
+    with pytest.raises(pa.PipelineError, match="broken sink"):
+        await pa.run(gated_source(written) >> identity_pipe() >> [sink, Broken(name="broken")])
+    assert sink.written >= 4 and listing(tmp_path) == []
+
+
+async def test_jsonl_sink_cancelled_mid_stream_leaves_no_file(tmp_path):
+    third = asyncio.Event()
+
+    def to_json(frame):
+        if frame.seq == 3:
+            third.set()
+        return None
+
+    sink = JsonlSink(tmp_path / "out.jsonl", to_json=to_json)
+    run = asyncio.create_task(pa.run(SyntheticVideo(None, height=4, width=4) >> identity_pipe() >> sink))
+    await third.wait()
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    assert sink.written >= 3 and listing(tmp_path) == []
+
+
+async def test_atomic_file(tmp_path):
+    async with AtomicFile(tmp_path / "a.bin") as f:
+        await f.write(b"abc")
+        assert listing(tmp_path) == [f".a.bin.{f.tmp.name.split('.')[-2]}.tmp"]
+    assert (tmp_path / "a.bin").read_bytes() == b"abc"
+    with pytest.raises(KeyError):
+        async with AtomicFile(tmp_path / "a.bin", fsync=False) as f:
+            await f.write(b"new")
+            raise KeyError("boom")
+    assert listing(tmp_path) == ["a.bin"] and (tmp_path / "a.bin").read_bytes() == b"abc"
+    f = AtomicFile(tmp_path / "b.bin")
+    with pytest.raises(RuntimeError, match="open"):
+        await f.write(b"x")
+    await f.open()
+    await f.discard()
+    await f.discard()
+    assert listing(tmp_path) == ["a.bin"]
+
+
+# -- fan-out --------------------------------------------------------------------------------------------
+async def test_fan_out_sinks_have_independent_backpressure_policies(tmp_path):
+    n = 12
+    gate = asyncio.Event()
+
+    class Fast(Collect):
+        async def write(self, frame):
+            await super().write(frame)
+            if frame.seq == n - 1:
+                gate.set()  # the slow sinks stay stuck on their first frame until all n went by
+
+    def slow(name, **kwargs):
+        seen = []
+
+        async def write(frame):
+            seen.append(frame.seq)
+            await gate.wait()
+        sink = CallbackSink(write, name=name, **kwargs)
+        sink.seen = seen
+        return sink
+
+    fast = Fast()
+    latest = slow("latest", policy="latest")
+    oldest = slow("oldest", policy="drop_oldest", capacity=3)
+    jsonl = JsonlSink(tmp_path / "all.jsonl", fsync=False)
+    stats = await pa.run(from_iterable([torch.zeros(2)] * n) >> identity_pipe() >> [fast, latest, oldest, jsonl])
+
+    assert stats.delivered == n
+    assert [f.seq for f in fast.frames] == list(range(n)) and fast.dropped == 0
+    assert len((tmp_path / "all.jsonl").read_text().splitlines()) == n and jsonl.dropped == 0
+    for sink, kept in ((latest, 1), (oldest, 3)):
+        assert sink.written + sink.dropped == n
+        assert sink.written == 1 + kept and sink.dropped == n - 1 - kept  # the first, then the newest `kept`
+        assert sink.seen == sorted(sink.seen) and sink.seen[-kept:] == list(range(n - kept, n))
+
+
+async def test_jsonl_sink_closed_in_a_finally_after_an_error_discards(tmp_path):
+    sink = JsonlSink(tmp_path / "out.jsonl")
+    await sink.open()
+    with pytest.raises(ZeroDivisionError):
+        try:
+            await sink.write(pa.Frame(0, torch.zeros(1)))
+            1 / 0
+        finally:
+            await sink.close()
+    assert listing(tmp_path) == []
+    await sink.open()
+    await sink.write(pa.Frame(0, torch.zeros(1)))
+    await sink.abort()
+    assert listing(tmp_path) == []
