@@ -5,7 +5,8 @@ net split over the available devices, learning online to predict the next frame 
 mode by default; ``--no-learn`` for inference only). It shows a live progress line (frames/s,
 running loss, per-stage busy %, drops) and closes with a summary that includes the speed-up
 over the unsplit model, measured in the same run on the same frames. It runs on uvloop when
-installed.
+installed. ``--trace FILE`` writes the run's Perfetto trace and ``--plot FILE`` its timeline
+picture (see :mod:`partime_async.metrics`).
 """
 from __future__ import annotations
 
@@ -115,8 +116,10 @@ class Progress(Sink):
 
 
 async def demo(frames: int = 600, size: int = 64, stages: int | None = None, learn: bool = True,
-               mode: str = "partime", out: TextIO = sys.stdout) -> dict[str, float]:
-    """The main job; returns the summary numbers (also printed)."""
+               mode: str = "partime", out: TextIO = sys.stdout, trace: str | Path | None = None,
+               plot: str | Path | None = None) -> dict[str, float]:
+    """The main job; returns the summary numbers (also printed). ``trace``: write the run's
+    Chrome/Perfetto trace there; ``plot``: draw its timeline there (PNG)."""
     from partime_async.sources import PanZoomCamera, next_frame_targets
 
     torch.manual_seed(0)
@@ -155,6 +158,12 @@ async def demo(frames: int = 600, size: int = 64, stages: int | None = None, lea
               f"(best of 1..{cores} threads, same run, same frames): speed-up {summary['speedup']:.2f}x; "
               f"latency p50 {summary['latency_p50_ms']:.2f} ms" +
               (f"; running loss {summary['loss']:.5f}" if "loss" in summary else "") + "\n")
+    if trace is not None:
+        out.write(f"trace written to {pipe.export_trace(trace)} (open it in https://ui.perfetto.dev)\n")
+    if plot is not None:
+        from .plot import timeline
+
+        out.write(f"timeline written to {timeline(pipe, plot)}\n")
     return summary
 
 
@@ -202,6 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_demo.add_argument("--stages", type=int, default=None, help="CPU stages (default: one per core, at most 4)")
     p_demo.add_argument("--mode", choices=MODES, default="partime", help="online learning mode")
     p_demo.add_argument("--no-learn", dest="learn", action="store_false", help="inference only")
+    p_demo.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace of the run (JSON)")
+    p_demo.add_argument("--plot", metavar="FILE", help="draw a timeline of the run (PNG)")
     p_bench = commands.add_parser("bench", help="run benchmarks from bench/ (all by default)")
     p_bench.add_argument("names", nargs="*")
     p_bench.add_argument("--quick", action="store_true", help="tiny runs (smoke test)")
@@ -211,7 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     factory = loop_factory(args.loop)
     try:
         with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(demo(args.frames, args.size, args.stages, args.learn, args.mode))
+            runner.run(demo(args.frames, args.size, args.stages, args.learn, args.mode,
+                            trace=args.trace, plot=args.plot))
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

@@ -2,13 +2,14 @@
 
 One small abstraction hides CPU and CUDA from the stage executor:
 
-``device.submit(fn, payload, ready) -> Ticket``
+``device.submit(fn, payload, ready, seq=, kind=) -> Ticket``
     Start ``fn(payload)`` on this device, after the work of every earlier ``submit``
     (FIFO). ``payload`` may live on another device; ``ready`` is the event that says it is
     complete there (``None`` for host tensors). The ticket is awaited on the event loop and
     gives ``(result, ready)``: the result stays on this device, with the event that marks
     it complete, so the next device can take it over without a host synchronisation.
-``device.download(payload, ready) -> awaitable`` a host copy of a result (for sinks).
+    ``seq`` and ``kind`` label the work for metrics (see :mod:`partime_async.metrics`).
+``device.download(payload, ready, seq=) -> awaitable`` a host copy of a result (for sinks).
 
 :class:`CpuDevice` owns one worker thread. Submitted work is queued to that thread, which
 runs it back to back (torch releases the GIL inside ops, so several CPU devices compute on
@@ -21,6 +22,11 @@ a copy stream (host tensors through reused pinned staging buffers, device tensor
 device-to-device after waiting on the producer's event), records events from a pool, and
 polls ``event.query()`` with an adaptive back-off so that one loop keeps many GPUs and their
 copy engines busy.
+
+Spans (metrics): on a CPU device the stage executor times its own work on the thread that
+runs it, and reads the frame's seq from :attr:`CpuDevice.seq`. A CUDA device times its copies
+and kernels itself with timing events (host clocks around asynchronous launches would time
+the launches), once the work is complete, into its ``spans`` ring when the executor set one.
 """
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ from typing import Any, Awaitable, Callable, Sequence
 
 import torch
 
-from .frame import Payload, leaves, to_device, tree_map
+from .frame import Payload, leaves, now, to_device, tree_map
 
 Ticket = Awaitable[tuple[Payload, Any]]
 """Awaitable result of :meth:`Device.submit`: ``(result, ready_event_or_None)``."""
@@ -59,12 +65,17 @@ class Device(ABC):
         """Acquire the resources (threads, streams); called on the loop thread."""
 
     @abstractmethod
-    def submit(self, fn: Callable[[Payload], Payload], payload: Payload, ready: Any = None) -> Ticket:
-        """Run ``fn(payload)`` here after all earlier submissions; see the module docstring."""
+    def submit(self, fn: Callable[[Payload], Payload], payload: Payload, ready: Any = None, *,
+               seq: int = -1, kind: str = "compute") -> Ticket:
+        """Run ``fn(payload)`` here after all earlier submissions; see the module docstring.
+
+        ``seq`` (the frame, -1 for none) and ``kind`` (``"compute"`` or ``"backward"``) label
+        the work in the spans this device records."""
 
     @abstractmethod
-    async def download(self, payload: Payload, ready: Any) -> Payload:
-        """A host (CPU, pageable) copy of a payload produced on this device."""
+    async def download(self, payload: Payload, ready: Any, *, seq: int = -1) -> Payload:
+        """A host (CPU, pageable) copy of a payload produced on this device (``seq`` labels
+        its span, where the device records one)."""
 
     @abstractmethod
     def close(self) -> None:
@@ -110,6 +121,7 @@ class CpuDevice(Device):
         self._lock = threading.Lock()  # orders post() against the worker's last drain
         self._done: deque[tuple[asyncio.Future[Any], Any, BaseException | None]] = deque()
         self._wake_pending = False
+        self.seq = -1  # the frame whose work runs now, set on the thread that runs it (for spans)
 
     def __repr__(self) -> str:
         return f"CpuDevice({self.index}, threads={self.threads})"
@@ -119,6 +131,9 @@ class CpuDevice(Device):
         return f"cpu:{self.index}"
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        # The workers' torch.set_num_threads also moves the process-wide default that a thread
+        # takes at its first parallel op: fix the calling thread's own count before that.
+        torch.get_num_threads()
         if self._thread is not None:
             raise RuntimeError(f"{self.name} is already started; a device serves one pipeline at a time")
         self._loop = loop
@@ -128,12 +143,14 @@ class CpuDevice(Device):
         self._thread = threading.Thread(target=self._work, name=f"partime-{self.name}", daemon=True)
         self._thread.start()
 
-    def submit(self, fn: Callable[[Payload], Payload], payload: Payload, ready: Any = None) -> Ticket:
+    def submit(self, fn: Callable[[Payload], Payload], payload: Payload, ready: Any = None, *,
+               seq: int = -1, kind: str = "compute") -> Ticket:
         future = self._loop.create_future() if self._loop is not None else None
         if future is None:
             raise RuntimeError(f"{self.name} is not running")
 
         def task() -> None:
+            self.seq = seq
             try:
                 result = (fn(_host_input(payload, ready)), None)
             except BaseException as exc:  # delivered to the awaiting stage, never lost here
@@ -174,11 +191,18 @@ class CpuDevice(Device):
         while done:
             _resolve(*done.popleft())
 
-    def run_inline(self, fn: Callable[[Payload], Payload], payload: Payload, ready: Any = None) -> Payload:
+    def run_inline(self, fn: Callable[[Payload], Payload], payload: Payload, ready: Any = None, *,
+                   seq: int = -1) -> Payload:
         """Run ``fn`` on the calling (loop) thread; for stages cheaper than a hand-off."""
+        self.seq = seq
         return fn(_host_input(payload, ready))
 
-    async def download(self, payload: Payload, ready: Any) -> Payload:
+    @property
+    def queued(self) -> int:
+        """Work waiting for the worker thread (approximate while frames flow)."""
+        return self._queue.qsize()
+
+    async def download(self, payload: Payload, ready: Any, *, seq: int = -1) -> Payload:
         return payload
 
     def close(self) -> None:
@@ -271,17 +295,21 @@ def cpu_devices(n: int | None = None, *, threads: int | None = None, inline: boo
 # CUDA
 # ---------------------------------------------------------------------------------------
 class EventPool:
-    """CUDA events reused across frames: the pool grows to the in-flight depth, never per frame."""
+    """CUDA events reused across frames: the pool grows to the in-flight depth, never per frame.
 
-    def __init__(self) -> None:
+    ``timing=True``: events that can be timed (``elapsed_time``), for spans.
+    """
+
+    def __init__(self, timing: bool = False) -> None:
         self._free: list[torch.cuda.Event] = []
         self.created = 0
+        self.timing = timing
 
     def take(self) -> torch.cuda.Event:
         if self._free:
             return self._free.pop()
         self.created += 1
-        return torch.cuda.Event()
+        return torch.cuda.Event(enable_timing=self.timing)
 
     def give(self, event: torch.cuda.Event) -> None:
         self._free.append(event)
@@ -340,6 +368,10 @@ class CudaDevice(Device):
     Work is launched from the loop thread onto this device's compute stream; inputs arrive on
     a separate copy stream so that the copy of frame t+1 overlaps the compute of frame t, and
     downloads use a third stream.
+
+    With ``spans`` set (by the stage executor, metrics on), each copy, compute and download is
+    bracketed by timing events on its stream and recorded, once complete, as a span on the host
+    clock (:func:`~partime_async.frame.now`), labelled with ``track`` (the stage index).
     """
 
     def __init__(self, index: int | str | torch.device = 0) -> None:
@@ -352,6 +384,11 @@ class CudaDevice(Device):
         self.compute: torch.cuda.Stream | None = None
         self.copy_in: torch.cuda.Stream | None = None
         self.copy_out: torch.cuda.Stream | None = None
+        self.timing = EventPool(timing=True)
+        self.spans: deque[tuple[int, str, int, float, float]] | None = None
+        self.track = -1
+        self._anchor: torch.cuda.Event | None = None  # a completed event at host time _t_anchor
+        self._t_anchor = 0.0
 
     @property
     def name(self) -> str:
@@ -366,16 +403,40 @@ class CudaDevice(Device):
             self.compute = torch.cuda.Stream()
             self.copy_in = torch.cuda.Stream()
             self.copy_out = torch.cuda.Stream()
+            # Event times are relative; one synchronised event ties them to the host clock.
+            self._anchor = torch.cuda.Event(enable_timing=True)
+            self._anchor.record(self.compute)
+            self._anchor.synchronize()
+            self._t_anchor = now()
 
-    def _upload(self, payload: Payload, ready: Any) -> tuple[Payload, torch.cuda.Event]:
-        """Enqueue the copy of ``payload`` to this device on the copy stream; return its event."""
+    def _mark(self, stream: torch.cuda.Stream) -> torch.cuda.Event:
+        """A timing event recorded on ``stream`` now (spans)."""
+        event = self.timing.take()
+        event.record(stream)
+        return event
+
+    def _span(self, spans: deque[Any], kind: str, seq: int, start: torch.cuda.Event, end: torch.cuda.Event) -> None:
+        """Record into ``spans`` the span between two completed timing events; they go back to
+        the pool."""
+        anchor, t = self._anchor, self._t_anchor
+        spans.append((self.track, kind, seq, t + anchor.elapsed_time(start) * 1e-3, t + anchor.elapsed_time(end) * 1e-3))
+        self.timing.give(start)
+        self.timing.give(end)
+
+    def _upload(self, payload: Payload, ready: Any) -> tuple[Payload, torch.cuda.Event, Any]:
+        """Enqueue the copy of ``payload`` to this device on the copy stream; return its event,
+        and for spans ``(kind, start, end)`` timing events of the copies (None if untimed or
+        nothing was copied)."""
         staged: list[torch.Tensor] = []
+        kind: str | None = None  # "h2d" or "d2d", from the first tensor copied
         if ready is not None:
             self.copy_in.wait_event(ready)
 
         def move(t: Any) -> Any:
+            nonlocal kind
             if not isinstance(t, torch.Tensor) or t.device == self.torch_device:
                 return t
+            kind = kind or ("h2d" if t.device.type == "cpu" else "d2d")
             if t.device.type == "cpu":
                 if not t.is_pinned():
                     buf = self.staging.take(t)
@@ -386,35 +447,56 @@ class CudaDevice(Device):
                 t.record_stream(self.copy_in)  # producer's allocator must not reuse it early
             return t.to(self.torch_device, non_blocking=True)
 
+        timed = self.spans is not None
         with torch.cuda.stream(self.copy_in):
+            start = self._mark(self.copy_in) if timed else None
             moved = tree_map(move, payload)
         event = self.events.take()
         event.record(self.copy_in)
         self.staging.hold(event, staged)
-        return moved, event
+        copy = None
+        if timed:
+            if kind is None:
+                self.timing.give(start)
+            else:
+                copy = (kind, start, self._mark(self.copy_in))
+        return moved, event, copy
 
-    def submit(self, fn: Callable[[Payload], Payload], payload: Payload, ready: Any = None) -> Ticket:
+    def submit(self, fn: Callable[[Payload], Payload], payload: Payload, ready: Any = None, *,
+               seq: int = -1, kind: str = "compute") -> Ticket:
+        spans = self.spans
+        timed = spans is not None
         with torch.cuda.device(self.torch_device):
-            x, copied = self._upload(payload, ready)
+            x, copied, copy = self._upload(payload, ready)
             self.compute.wait_event(copied)
             with torch.cuda.stream(self.compute):
+                start = self._mark(self.compute) if timed else None
                 for t in leaves(x):
                     if isinstance(t, torch.Tensor) and t.is_cuda:
                         t.record_stream(self.compute)
                 y = fn(x)
+                end = self._mark(self.compute) if timed else None
             done = self.events.take()
             done.record(self.compute)
-        return self._finish(y, copied, done)
+        return self._finish(y, copied, done, (spans, seq, kind, copy, start, end) if timed else None)
 
-    async def _finish(self, y: Payload, copied: torch.cuda.Event, done: torch.cuda.Event) -> tuple[Payload, Any]:
+    async def _finish(self, y: Payload, copied: torch.cuda.Event, done: torch.cuda.Event,
+                      marks: tuple[deque[Any], int, str, Any, Any, Any] | None) -> tuple[Payload, Any]:
         await wait_event(done)
         # Both events are complete, so they go straight back to the pool, and the result
         # needs no ready-event: the consumer's copy stream may read it at once.
         self.events.give(copied)
         self.events.give(done)
+        if marks is not None:  # the copy completed before the compute began, the compute before done
+            spans, seq, kind, copy, start, end = marks
+            if copy is not None:
+                self._span(spans, copy[0], seq, copy[1], copy[2])
+            self._span(spans, kind, seq, start, end)
         return y, None
 
-    async def download(self, payload: Payload, ready: Any) -> Payload:
+    async def download(self, payload: Payload, ready: Any, *, seq: int = -1) -> Payload:
+        spans = self.spans
+        timed = spans is not None
         with torch.cuda.device(self.torch_device):
             if ready is not None:
                 self.copy_out.wait_event(ready)
@@ -430,11 +512,15 @@ class CudaDevice(Device):
                 return buf
 
             with torch.cuda.stream(self.copy_out):
+                start = self._mark(self.copy_out) if timed else None
                 host = tree_map(fetch, payload)
+                end = self._mark(self.copy_out) if timed else None
             event = self.events.take()
             event.record(self.copy_out)
         await wait_event(event)
         self.events.give(event)
+        if timed:
+            self._span(spans, "d2h", seq, start, end)
         # Pinned buffers go back to the pool; the user gets ordinary memory that is theirs.
         out = tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, host)
         self.staging.hold(event, pinned)
@@ -443,6 +529,7 @@ class CudaDevice(Device):
     def close(self) -> None:
         self.staging.clear()
         self.compute = self.copy_in = self.copy_out = None
+        self.spans = None  # the run's ring; the next run's executor sets its own
 
 
 # ---------------------------------------------------------------------------------------

@@ -12,6 +12,11 @@ on its device, and sends the jobs on, in order, to its outbox. Two ways of runni
 
 A stage that raises on a frame either fails the pipeline with a :class:`PipelineError`
 naming the stage and the frame, or (``on_error="skip"``) skips that frame and counts it.
+
+With metrics on, every stage appends its spans to the pipeline's ring (a bounded deque, whose
+appends are thread-safe): one plain tuple ``(stage, kind, seq, t0, t1)`` per span, see
+:class:`partime_async.metrics.Span`. A CPU stage times its work on the thread that runs it
+(the same two clock reads that feed ``busy_s``); a CUDA device times its own, with events.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ import torch
 from torch import nn
 
 from .channel import Channel
-from .devices import CpuDevice, Device, _host_input
+from .devices import CpuDevice, CudaDevice, Device, _host_input
 from .errors import PipelineError
 from .frame import Frame, Payload, now
 from .checkpoint import META_KEY as CHECKPOINT_KEY
@@ -125,6 +130,7 @@ class StageExecutor:
         learner: StageLearner | None = None,
         grads_in: GradBox | None = None,
         grads_out: GradBox | None = None,
+        spans: deque[tuple[int, str, int, float, float]] | None = None,
     ) -> None:
         self.index = index
         self.module = module
@@ -140,14 +146,20 @@ class StageExecutor:
         self.name = f"stage {index} ({getattr(device, 'name', device.torch_device)})"
         self.stats = StageStats(self.name, str(getattr(device, "name", device.torch_device)), len(module),
                                 inline=device.inline and learner is None)
+        # Spans (metrics on): a CPU stage records its own; a CUDA device records with events.
+        self._spans = spans if isinstance(device, CpuDevice) else None
+        if isinstance(device, CudaDevice):
+            device.spans, device.track = spans, index
         self._compute = self._make_compute()
 
     def _make_compute(self) -> Callable[[Payload], Payload]:
         # The layers are called one after another, as nn.Sequential would, minus its own call
         # overhead; grad mode is toggled with the primitive that ``torch.no_grad`` wraps (a
         # context manager costs microseconds per frame, which is most of a cheap hop). Grad
-        # mode is thread-local, so the previous mode is restored before returning.
-        layers, stats = tuple(self.module), self.stats
+        # mode is thread-local, so the previous mode is restored before returning. The span
+        # (metrics on) reuses the two clock reads; the device says which frame runs.
+        layers, stats, device, index = tuple(self.module), self.stats, self.device, self.index
+        record = self._spans.append if self._spans is not None else None
         grad_enabled, set_grad_enabled = torch.is_grad_enabled, torch._C._set_grad_enabled
 
         def compute(x: Payload) -> Payload:
@@ -159,7 +171,10 @@ class StageExecutor:
                     x = layer(x)
             finally:
                 set_grad_enabled(previous)
-            stats.busy_s += now() - t0
+            t1 = now()
+            stats.busy_s += t1 - t0
+            if record is not None:
+                record((index, "compute", device.seq, t0, t1))
             return x
 
         return compute
@@ -184,7 +199,7 @@ class StageExecutor:
         stats, outbox = self.stats, self.outbox
         async for job in self.inbox:
             try:
-                job.frame.data = device.run_inline(compute, job.frame.data, job.ready)
+                job.frame.data = device.run_inline(compute, job.frame.data, job.ready, seq=job.frame.seq)
                 job.ready = None
             except Exception as exc:
                 self._failed(job, exc)
@@ -203,7 +218,7 @@ class StageExecutor:
         submit, compute = self.device.submit, self._compute
         try:
             async for job in self.inbox:
-                job.ticket = submit(compute, job.frame.data, job.ready)
+                job.ticket = submit(compute, job.frame.data, job.ready, seq=job.frame.seq)
                 if not inflight.send_nowait(job):
                     await inflight.send(job)
         finally:
@@ -220,7 +235,7 @@ class StageExecutor:
                         if loss is not None:
                             job.frame.meta["loss"] = stats.loss = float(loss)
                     if self.download:
-                        data = await device.download(data, job.ready)
+                        data = await device.download(data, job.ready, seq=job.frame.seq)
                         job.ready = None
                 except Exception as exc:
                     self._failed(job, exc)
@@ -240,10 +255,31 @@ class StageExecutor:
     async def _run_learning(self) -> None:
         inflight: Channel[Job] = Channel(self.window, name=f"{self.name} in-flight")
         backward: Channel[tuple[int, Any]] = Channel(self.window, name=f"{self.name} backward")
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._feed_learning(inflight, backward))
-            tg.create_task(self._collect(inflight))
-            tg.create_task(self._send_gradients(backward))
+        hooks = self._step_hooks()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._feed_learning(inflight, backward))
+                tg.create_task(self._collect(inflight))
+                tg.create_task(self._send_gradients(backward))
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def _step_hooks(self) -> list[Any]:
+        """Spans of the optimiser steps (CPU, metrics on), from the optimiser's own step hooks,
+        which run on the worker thread inside the backward; their handles, to remove."""
+        optimizer, spans, device, index = self.learner.optimizer, self._spans, self.device, self.index
+        if spans is None or optimizer is None:
+            return []
+        started = [0.0]
+
+        def before(*_: Any) -> None:
+            started[0] = now()
+
+        def after(*_: Any) -> None:
+            spans.append((index, "step", device.seq, started[0], now()))
+
+        return [optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after)]
 
     async def _feed_learning(self, inflight: Channel[Job], backward: Channel[tuple[int, Any]]) -> None:
         """Forward every frame, and after each forward the backward the schedule owes.
@@ -252,13 +288,13 @@ class StageExecutor:
         forward(t+1), … whatever the timing; that order is what makes learning deterministic.
         """
         learner, submit, last = self.learner, self.device.submit, self.grads_in is None
-        forward, backward_step = self._timed(learner.forward), self._timed(learner.backward)
+        forward, backward_step = self._timed(learner.forward, "compute"), self._timed(learner.backward, "backward")
         try:
             async for job in self.inbox:
                 frame = job.frame
                 has_target = frame.target is not None
                 payload = (frame.seq, frame.data, learner.learns(has_target), frame.target if last else None)
-                job.ticket = submit(forward, payload, job.ready)
+                job.ticket = submit(forward, payload, job.ready, seq=frame.seq)
                 if not inflight.send_nowait(job):
                     await inflight.send(job)
                 owed = learner.owes(frame.seq, has_target)
@@ -279,7 +315,7 @@ class StageExecutor:
 
     async def _backward(self, seq: int, step: Callable[[Any], Any], backward: Channel[tuple[int, Any]]) -> None:
         grad, ready = (None, None) if self.grads_in is None else await self.grads_in.get(seq)
-        ticket = self.device.submit(step, (seq, grad), ready)
+        ticket = self.device.submit(step, (seq, grad), ready, seq=seq, kind="backward")
         await backward.send((seq, ticket))
 
     async def _send_gradients(self, backward: Channel[tuple[int, Any]]) -> None:
@@ -295,15 +331,19 @@ class StageExecutor:
     def _stage_state(self, _: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         return stage_state(self.module, self.learner)
 
-    def _timed(self, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
-        stats = self.stats
+    def _timed(self, fn: Callable[[Any], Any], kind: str) -> Callable[[Any], Any]:
+        stats, device, index = self.stats, self.device, self.index
+        record = self._spans.append if self._spans is not None else None
 
         def timed(payload: Any) -> Any:
             t0 = now()
             try:
                 return fn(payload)
             finally:
-                stats.busy_s += now() - t0
+                t1 = now()
+                stats.busy_s += t1 - t0
+                if record is not None:
+                    record((index, kind, device.seq, t0, t1))
 
         return timed
 
@@ -360,18 +400,19 @@ class ThreadChain:
         try:
             async for job in self.inbox:
                 job.ticket = future = loop.create_future()
-                first.post(self._task(0, _host_input(job.frame.data, job.ready), future), future)
+                first.post(self._task(0, job.frame.seq, _host_input(job.frame.data, job.ready), future), future)
                 if not inflight.send_nowait(job):
                     await inflight.send(job)
         finally:
             inflight.close()
 
-    def _task(self, k: int, x: Payload, future: asyncio.Future[Any]) -> Callable[[], None]:
+    def _task(self, k: int, seq: int, x: Payload, future: asyncio.Future[Any]) -> Callable[[], None]:
         executor = self.executors[k]
         last = k == len(self.executors) - 1
 
         def task() -> None:  # runs on stage k's worker thread
             device = executor.device
+            device.seq = seq
             try:
                 y = executor._compute(x)
             except BaseException as exc:
@@ -382,7 +423,7 @@ class ThreadChain:
                 device.notify(future, y, None)
                 return
             try:
-                self.executors[k + 1].device.post(self._task(k + 1, y, future), future)
+                self.executors[k + 1].device.post(self._task(k + 1, seq, y, future), future)
             except RuntimeError as exc:  # the next worker is gone: the frame fails, not this thread
                 device.notify(future, None, _StageFailed(k + 1, exc))
 

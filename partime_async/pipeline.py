@@ -19,7 +19,9 @@ import asyncio
 import copy
 import itertools
 import statistics
+from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, AsyncIterable, Iterable, Literal, Sequence
 
 import torch
@@ -33,6 +35,8 @@ from .checkpoint import Snapshot
 from .executor import GradBox, Job, OnError, StageExecutor, StageStats, ThreadChain
 from .learning import OnlineLearning, StageLearner
 from .frame import Frame, Payload, now
+from . import metrics as _metrics
+from .metrics import Report, Span, as_spans, report
 from .partition import (LayerFailed, balance_by_params, check_balance, layers_of, min_max_partition,
                         profile_layers, split)
 from .routes import FutureRoute, Route, StreamRoute
@@ -151,6 +155,13 @@ class Pipeline:
         policy: what the ingress does when full: ``"block"`` (backpressure on the source),
             ``"drop_oldest"``, ``"drop_newest"`` or ``"latest"``. Inner channels always block.
         window: frames a stage may have queued on its device beyond the one it finishes.
+        learning: an :class:`OnlineLearning` to train the model online on frames with targets.
+        metrics: record spans (each stage's compute, copies, backward and step, and each
+            frame's delivery; see :mod:`partime_async.metrics`) for :meth:`metrics`,
+            :meth:`export_trace` and :func:`partime_async.plot.timeline`. On by default: a
+            tuple appended to a bounded ring per span (about 0.1 µs), lost in the noise for a
+            real model; for stages that do next to nothing it is a few percent of throughput
+            (``bench/metrics_overhead.py``). ``False`` leaves only the counters of :meth:`stats`.
     """
 
     def __init__(
@@ -166,6 +177,7 @@ class Pipeline:
         policy: Policy = "block",
         window: int = 2,
         learning: OnlineLearning | None = None,
+        metrics: bool = True,
     ) -> None:
         self.model = model
         self.layers = layers_of(model)
@@ -194,6 +206,8 @@ class Pipeline:
             raise ValueError(f"input_spec must be 'first', None or an InputSpec, got {input_spec!r}")
         if not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be an int >= 1, got {window!r}")
+        if not isinstance(metrics, bool):
+            raise ValueError(f"metrics must be True or False, got {metrics!r}")
         Channel(capacity, policy)  # validates both, with the channel's own messages
         self.input_spec = input_spec
         self.check_finite = check_finite
@@ -202,6 +216,8 @@ class Pipeline:
         self.policy: Policy = policy
         self.window = window
         self.learning = learning
+        self.metrics_enabled = metrics
+        self._spans: deque[tuple[int, str, int, float, float]] | None = None  # this run's span ring
         self.learners: list[StageLearner] = []
         self.checkpoint_every: int | None = None  # set by a Checkpoint sink
         self._pending_state: dict[str, Any] | None = None
@@ -238,6 +254,7 @@ class Pipeline:
         self._ingress: Channel[Job] = Channel(self.capacity, self.policy, name="ingress", on_drop=_dropped("ingress"))
         self._skipped_input = 0
         self._admitted = 0
+        self._spans = deque(maxlen=_metrics.SPAN_CAPACITY) if self.metrics_enabled else None
         self._t_start = now()
         started: asyncio.Future[None] = loop.create_future()
         self._delivered = 0
@@ -348,7 +365,7 @@ class Pipeline:
                     k, stage, device, inbox, outbox, window=self.window, on_error=self.on_error,
                     download=(k == last and not isinstance(device, CpuDevice)), learner=learner,
                     grads_in=boxes[k] if learner is not None and k < last else None,
-                    grads_out=boxes[k - 1] if learner is not None and k > 0 else None))
+                    grads_out=boxes[k - 1] if learner is not None and k > 0 else None, spans=self._spans))
                 inbox = outbox
             for runner in _runners(self.executors):
                 tg.create_task(runner.run(), name=f"partime-{runner.name}")
@@ -517,6 +534,8 @@ class Pipeline:
                 frame = _own_frame(item) if isinstance(item, Frame) else Frame(seq, item)
                 seq = frame.seq + 1
                 await self._admit(frame, route)
+                if self.policy != "block" and not is_async:
+                    await asyncio.sleep(0)  # a drop policy never blocks: let the loop run between frames
         except (asyncio.CancelledError, ChannelClosed):
             pass  # stop() or the reader went away: admission ends, not an error of the graph
         except BaseException as exc:
@@ -531,9 +550,12 @@ class Pipeline:
                 await aclose()
 
     async def _egress(self, last: Channel[Job]) -> None:
+        record = self._spans.append if self._spans is not None else None
         async for job in last:
             frame = job.frame
             frame.t_done = now()
+            if record is not None:
+                record((-1, "deliver", frame.seq, frame.t_capture, frame.t_done))
             self._delivered += 1
             self._position = frame.seq + 1
             if not job.route.offer(frame):
@@ -613,6 +635,29 @@ class Pipeline:
             stages=[e.stats for e in self.executors],
             elapsed_s=end - self._t_start,
         )
+
+    def spans(self) -> list[Span]:
+        """The spans of the current (or last) run still in the ring, in start order; empty with
+        ``metrics=False``. See :mod:`partime_async.metrics`."""
+        return as_spans(self._span_tuples())
+
+    def _span_tuples(self) -> list[tuple[int, str, int, float, float]]:
+        """A copy of the ring as it holds them (one C-level copy: worker threads that append
+        meanwhile need the GIL, so it is consistent)."""
+        return list(self._spans) if self._spans is not None else []
+
+    def metrics(self) -> Report:
+        """Per-stage busy %, compute and wait times, frame counts and queue depths; latency
+        percentiles and throughput (running or stopped). ``str()`` of it is a table."""
+        return report(self)
+
+    def export_trace(self, path: str | Path) -> Path:
+        """Write the spans as a Chrome trace-event / Perfetto JSON file (open it in
+        https://ui.perfetto.dev): a track per stage, per copy stream and for deliveries, a
+        slice per span and one flow per frame through the stages. Returns the path."""
+        from .trace import write_trace
+
+        return write_trace(self, path)
 
 
 # -- helpers ---------------------------------------------------------------------------------------

@@ -283,3 +283,14 @@ async def test_stop_while_a_reader_is_active_ends_its_stream_cleanly():
         task.cancel()
     assert got == list(range(len(got)))
     assert len(got) == pipe.stats().delivered
+
+
+async def test_drop_policy_with_a_list_source_lets_the_loop_run():
+    """A sync source under a drop policy never blocks on the ingress; the pump must still yield
+    to the loop, or the stages never get a frame until the source is exhausted."""
+    pipe = pa.Pipeline([nn.Identity()], devices=pa.cpu_devices(1, inline=False), policy="latest", input_spec=None)
+    async with pipe:
+        outs = [f.seq async for f in pipe.stream([torch.zeros(1)] * 2000)]
+    stats = pipe.stats()
+    assert len(outs) > 1 and outs == sorted(outs)
+    assert stats.delivered + stats.dropped == 2000

@@ -1,0 +1,145 @@
+"""What recording metrics costs: throughput with ``metrics=True`` against ``metrics=False``.
+
+Both variants run in the same process, alternating (interleaved repeats, medians), on three
+workloads:
+
+* ``tiny``    4 identity stages inline on the loop thread, frames ``torch.zeros(1, 16)``: the
+              framework's machinery only, where a span's tuple append weighs the most;
+* ``thread``  the same on worker threads (``threads=1``), handing frames worker to worker;
+* ``conv``    the demo's conv net (``partime_async.cli.demo_model``) on 64x64 frames over 2 CPU
+              stages, with the balance that ``balance="time"`` chose once in the warm-up.
+
+Timed: the stream only (first frame in to last frame out); each pipeline is started with a
+sample first, so splitting and thread start-up are left out. Per workload,
+``loss = 1 - median over repeats of (t_off / t_on)``: the on and off runs of one repeat are
+adjacent in time, so their ratio is little disturbed by a machine whose load drifts. The goal
+is a loss of at most 3% on every workload. The last line printed is the worst workload's loss.
+
+    python bench/metrics_overhead.py [--quick] [--repeats N] [--no-record | --record]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+if __package__ in (None, ""):  # run as a script: make `bench._common` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+from torch import nn
+
+import partime_async as pa
+from bench import _common as C
+from partime_async.cli import demo_model
+
+WORKLOADS = ("tiny", "thread", "conv")
+GOAL = 0.03
+
+
+async def timed_stream(make: Callable[[bool], pa.Pipeline], frames: Sequence[torch.Tensor], metrics: bool) -> float:
+    """Seconds from the first frame in to the last frame out of one pipeline run."""
+    pipe = make(metrics)
+    await pipe.start(frames[0])
+    # Worker threads must be up and idle before the clock starts (as in hop_overhead.py).
+    await asyncio.gather(*(d.submit(_identity, None) for d in pipe.devices))
+    try:
+        n = 0
+        t0 = time.perf_counter()
+        async for _ in pipe.stream(frames):
+            n += 1
+        dt = time.perf_counter() - t0
+    except BaseException:
+        await pipe.cancel()
+        raise
+    await pipe.stop()
+    assert n == len(frames), (n, len(frames))
+    assert bool(pipe.spans()) == metrics
+    return dt
+
+
+def _identity(x):
+    return x
+
+
+def workload(name: str, n_frames: int, conv_balance: list[int] | None) -> tuple[Callable[[bool], pa.Pipeline], list]:
+    """A pipeline factory (metrics on/off) and the frames of one workload."""
+    if name in ("tiny", "thread"):
+        inline = name == "tiny"
+
+        def make(metrics: bool) -> pa.Pipeline:
+            model = nn.Sequential(*[nn.Identity() for _ in range(4)])
+            return pa.Pipeline(model, devices=pa.cpu_devices(4, inline=inline, threads=None if inline else 1),
+                               balance=[1] * 4, input_spec=None, capacity=4, metrics=metrics)
+
+        return make, [torch.zeros(1, 16) for _ in range(n_frames)]
+    torch.manual_seed(0)
+    model = demo_model().eval()
+
+    def make_conv(metrics: bool) -> pa.Pipeline:
+        return pa.Pipeline(model, devices=pa.cpu_devices(2), balance=conv_balance or "time", metrics=metrics)
+
+    return make_conv, [torch.rand(1, 3, 64, 64) for _ in range(n_frames)]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    C.add_common_args(parser, default_repeats=11)
+    parser.add_argument("--frames", type=int, default=None,
+                        help="frames per run of tiny/thread (default 20000; quick: 500); conv runs 1/40 of it")
+    args = parser.parse_args(argv)
+    n_frames = args.frames or (500 if args.quick else 20000)
+    repeats = args.repeats or (2 if args.quick else 11)
+    if repeats < 1 or n_frames < 20:
+        parser.error("--repeats must be >= 1 and --frames >= 20")
+    counts = {"tiny": n_frames, "thread": n_frames, "conv": max(10, n_frames // 40)}
+    print(f"metrics overhead: metrics=True vs False, frames tiny/thread {n_frames}, conv {counts['conv']}; "
+          f"{repeats} interleaved repeats (medians)", flush=True)
+
+    with asyncio.Runner() as runner:
+        # Warm-up (not timed): imports, allocator, code paths, and the conv net's balance.
+        make, frames = workload("conv", 10, None)
+        probe = make(False)
+        runner.run(probe.start(frames[0]))
+        runner.run(probe.stop())
+        conv_balance = list(probe.balance)
+        loads = {name: workload(name, counts[name], conv_balance) for name in WORKLOADS}
+        for name, (make, frames) in loads.items():
+            for metrics in (False, True):
+                runner.run(timed_stream(make, frames[:min(len(frames), 200)], metrics))
+        variants = {f"{name}@{'on' if metrics else 'off'}":
+                    (lambda m=make, f=frames, on=metrics: runner.run(timed_stream(m, f, on)))
+                    for name, (make, frames) in loads.items() for metrics in (False, True)}
+        raw = C.interleaved(variants, repeats)
+
+    fps = {key: C.throughput(counts[key.split("@")[0]], C.median(times)) for key, times in raw.items()}
+    loss = {name: 1 - C.median([off / on for off, on in zip(raw[f"{name}@off"], raw[f"{name}@on"])])
+            for name in WORKLOADS}
+    noise = max(C.spread(v) for v in raw.values())
+    print(f"\n{'workload':10s} {'off fps':>10s} {'on fps':>10s} {'loss':>7s}  spread off/on")
+    for name in WORKLOADS:
+        print(f"{name:10s} {fps[f'{name}@off']:10.1f} {fps[f'{name}@on']:10.1f} {loss[name]:7.1%}"
+              f"  {C.spread(raw[f'{name}@off']):.0%}/{C.spread(raw[f'{name}@on']):.0%}")
+    print("(fps from the median times; loss = 1 - median of t_off/t_on paired within each repeat; negative: "
+          "on was faster, i.e. noise. spread: (max - min) / median of a variant's repeats)")
+
+    numbers: dict[str, object] = {"frames": n_frames, "conv_frames": counts["conv"], "repeats": repeats,
+                                  "conv_balance": conv_balance}
+    for name in WORKLOADS:
+        numbers[f"{name}_off_fps"] = fps[f"{name}@off"]
+        numbers[f"{name}_on_fps"] = fps[f"{name}@on"]
+        numbers[f"{name}_loss"] = loss[name]
+    numbers["noise"] = noise
+    worst = max(WORKLOADS, key=lambda n: loss[n])
+    headline = f"worst throughput loss with metrics on = {loss[worst]:.1%} ({worst}; goal <= {GOAL:.0%})"
+    C.record("metrics_overhead" + (" (quick)" if args.quick else ""), C.machine_line(), C.command_line(argv),
+             numbers, headline, path=C.results_path(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

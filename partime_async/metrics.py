@@ -1,0 +1,309 @@
+"""Where the time goes: spans, per-stage statistics, and a Prometheus exposition.
+
+With ``Pipeline(..., metrics=True)`` (the default) every stage records *spans* into one
+bounded ring per run (a ``collections.deque`` of the latest :data:`SPAN_CAPACITY`; appends
+are thread-safe, so worker threads record without locks). A span is a plain tuple
+``(stage, kind, seq, t0, t1)`` on the library clock :func:`partime_async.frame.now`; read
+them as :class:`Span` with :meth:`Pipeline.spans`. The kinds:
+
+============  ===========================================================================
+``compute``   a stage's forward of frame ``seq`` (on CUDA: timed by events on its stream)
+``backward``  learning: the backward the schedule owes, for frame ``seq`` (optimiser step included)
+``step``      learning, CPU: the optimiser step inside that backward
+``h2d``       CUDA: the copy of the frame's input from the host onto the stage's device
+``d2d``       CUDA: the copy from the previous stage's device
+``d2h``       CUDA, last stage: the copy of the output back to the host
+``deliver``   stage ``-1``: ``t0`` = the frame's capture time, ``t1`` = its delivery by the egress
+============  ===========================================================================
+
+Queue waits are not recorded but derived (:func:`wait_intervals`): a frame waits before stage
+k from the end of its forward at stage k - 1 (its capture, for stage 0) to the start of its
+first span at stage k.
+
+:meth:`Pipeline.metrics` summarises it all in a :class:`Report`; :func:`prometheus_text`
+renders the same numbers in Prometheus' text exposition format.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, NamedTuple, Sequence
+
+import numpy as np
+
+from .devices import CpuDevice, CudaDevice
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+
+SPAN_CAPACITY = 1 << 16
+"""Spans a pipeline run keeps (the latest; about 10 MB when full)."""
+
+FORWARD_KINDS = frozenset({"h2d", "d2d", "compute", "d2h"})
+"""Kinds on a frame's way forward through a stage (the path its trace flow follows)."""
+
+
+class Span(NamedTuple):
+    """One timed piece of work: ``kind`` at ``stage`` for frame ``seq``, from ``t0`` to ``t1``
+    (seconds, :func:`~partime_async.frame.now` clock). See the module docstring for the kinds."""
+
+    stage: int
+    kind: str
+    seq: int
+    t0: float
+    t1: float
+
+    @property
+    def duration(self) -> float:
+        return self.t1 - self.t0
+
+
+def as_spans(spans: Iterable[tuple[int, str, int, float, float]]) -> list[Span]:
+    """Span tuples as :class:`Span` objects, in start order."""
+    return sorted(map(Span._make, spans), key=lambda s: (s.t0, s.stage))
+
+
+class Columns(NamedTuple):
+    """Spans as numpy columns (one entry per span), for vectorised statistics."""
+
+    stage: np.ndarray
+    kind: np.ndarray
+    seq: np.ndarray
+    t0: np.ndarray
+    t1: np.ndarray
+
+    @classmethod
+    def of(cls, spans: Sequence[tuple[int, str, int, float, float]]) -> Columns:
+        n = len(spans)
+
+        def column(i: int, dtype: Any) -> np.ndarray:
+            return np.fromiter(map(itemgetter(i), spans), dtype, count=n)
+
+        return cls(column(0, np.int64), np.array(list(map(itemgetter(1), spans)), "<U8"), column(2, np.int64),
+                   column(3, np.float64), column(4, np.float64))
+
+
+def wait_intervals(spans: Sequence[tuple[int, str, int, float, float]]) -> Columns:
+    """The queue waits that the spans allow deriving, as columns (``kind`` is ``"wait"``): for
+    each stage and frame, from the end of the frame's forward at the stage before (its
+    capture, for stage 0; known once it is delivered) to the start of its first forward span
+    at the stage."""
+    c = spans if isinstance(spans, Columns) else Columns.of(spans)
+    width = int(c.stage.max(initial=0)) + 2  # key = seq * width + stage + 1: stages -1 .. S-1
+    key = c.seq * width + c.stage + 1
+    forward = np.isin(c.kind, list(FORWARD_KINDS))
+    # arrival at (stage, seq): the start of the earliest forward span there
+    order = np.lexsort((c.t0[forward], key[forward]))
+    fkey, ft0 = key[forward][order], c.t0[forward][order]
+    first = np.ones(len(fkey), bool)
+    first[1:] = fkey[1:] != fkey[:-1]
+    arrive_key, arrive = fkey[first], ft0[first]
+    # departure from (stage, seq): the end of its compute; from the source (-1): the capture
+    compute, deliver = c.kind == "compute", c.kind == "deliver"
+    leave_key = np.concatenate([key[compute], key[deliver]])
+    leave = np.concatenate([c.t1[compute], c.t0[deliver]])
+    order = np.argsort(leave_key, kind="stable")
+    leave_key, leave = leave_key[order], leave[order]
+    before = arrive_key - 1  # the same frame one stage earlier
+    pos = np.minimum(np.searchsorted(leave_key, before), max(len(leave_key) - 1, 0))
+    found = leave_key[pos] == before if len(leave_key) else np.zeros(len(before), bool)
+    keys = arrive_key[found]
+    return Columns(keys % width - 1, np.full(len(keys), "wait"), keys // width, leave[pos[found]], arrive[found])
+
+
+@dataclass
+class StageReport:
+    """One stage in a :class:`Report`.
+
+    ``busy_s``: seconds the stage computed, forward and (learning) backward, and ``busy`` that
+    as a fraction of the elapsed time (on CUDA with spans: from event timings over the spans
+    kept). ``compute_*``: forward time per frame over the spans kept (without spans, the mean
+    is busy time per frame over the run). ``wait_mean_s``: mean queue wait before the stage
+    (derived from spans). ``frames_in``: frames that reached the stage (admitted, for
+    stage 0), ``frames_out``: frames it finished; ``queued``: frames waiting for it now (in its
+    inbox channel and on its worker thread's queue).
+    """
+
+    index: int
+    name: str
+    device: str
+    inline: bool
+    busy: float
+    busy_s: float
+    compute_mean_s: float | None
+    compute_median_s: float | None
+    wait_mean_s: float | None
+    frames_in: int
+    frames_out: int
+    dropped: int
+    skipped: int
+    queued: int
+
+
+@dataclass
+class Report:
+    """What a pipeline did: counts, throughput, latency percentiles, and per-stage numbers.
+
+    Latency is capture to delivery (``Frame.t_capture`` to ``Frame.t_done``) over the frames
+    whose ``deliver`` span is still in the ring; ``None`` without spans (``metrics=False``).
+    ``spans``: how many spans the statistics came from. ``str(report)`` is a readable table.
+    """
+
+    elapsed_s: float
+    admitted: int
+    delivered: int
+    dropped: int
+    skipped: int
+    throughput: float
+    latency_mean_s: float | None
+    latency_p50_s: float | None
+    latency_p95_s: float | None
+    latency_p99_s: float | None
+    latency_frames: int
+    stages: list[StageReport] = field(default_factory=list)
+    spans: int = 0
+
+    @property
+    def bottleneck(self) -> str | None:
+        """The name of the busiest stage (the one that limits throughput), if any ran."""
+        busiest = max(self.stages, key=lambda s: s.busy, default=None)
+        return busiest.name if busiest is not None and busiest.busy > 0 else None
+
+    def __str__(self) -> str:
+        lines = [f"{self.delivered} delivered of {self.admitted} admitted in {self.elapsed_s:.3f} s: "
+                 f"{self.throughput:.1f} frames/s; dropped {self.dropped}, skipped {self.skipped}"]
+        if self.latency_p50_s is not None:
+            lines.append(f"latency capture->delivery over {self.latency_frames} frames: "
+                         f"p50 {_ms(self.latency_p50_s)}, p95 {_ms(self.latency_p95_s)}, p99 {_ms(self.latency_p99_s)}")
+        else:
+            lines.append("latency: no spans recorded (metrics=False)")
+        rows = [("stage", "busy", "compute mean", "median", "wait mean", "in", "out", "dropped", "skipped", "queued")]
+        for s in self.stages:
+            rows.append((s.name + (" inline" if s.inline else ""), f"{s.busy:.0%}", _ms(s.compute_mean_s),
+                         _ms(s.compute_median_s), _ms(s.wait_mean_s), str(s.frames_in), str(s.frames_out),
+                         str(s.dropped), str(s.skipped), str(s.queued)))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        if self.bottleneck is not None:
+            lines.append(f"bottleneck: {self.bottleneck}")
+        return "\n".join(lines)
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{1e3 * seconds:.3f} ms"
+
+
+def report(pipe: Pipeline) -> Report:
+    """The :class:`Report` of ``pipe`` now (running or stopped); see :meth:`Pipeline.metrics`.
+
+    Vectorised over the ring: a full one (65 536 spans) takes tens of milliseconds, so that a
+    ``/metrics`` endpoint on the loop thread does not stall the pipeline."""
+    stats = pipe.stats()
+    c = Columns.of(pipe._span_tuples())
+    duration = c.t1 - c.t0
+    compute, latencies = c.kind == "compute", duration[c.kind == "deliver"]
+    worked = compute | (c.kind == "backward")  # device seconds, where events time them (CUDA)
+    w = wait_intervals(c)
+    wait = w.t1 - w.t0
+    elapsed = stats.elapsed_s
+    stages = []
+    previous_out = stats.admitted
+    for executor, st in zip(pipe.executors, stats.stages):
+        k, device = executor.index, executor.device
+        times = duration[compute & (c.stage == k)]
+        if isinstance(device, CudaDevice) and len(c.stage):  # host clocks would time the launches
+            busy_s = float(duration[worked & (c.stage == k)].sum())
+        else:
+            busy_s = st.busy_s
+        mean = float(times.mean()) if len(times) else (st.mean_compute_s if st.frames else None)
+        waits = wait[w.stage == k]
+        queued = len(executor.inbox)
+        if isinstance(device, CpuDevice) and not device.inline:
+            queued += device.queued
+        stages.append(StageReport(
+            index=k, name=st.name, device=st.device, inline=device.inline and executor.learner is None,
+            busy=busy_s / elapsed if elapsed > 0 else 0.0, busy_s=busy_s, compute_mean_s=mean,
+            compute_median_s=float(np.median(times)) if len(times) else None,
+            wait_mean_s=float(waits.mean()) if len(waits) else None,
+            frames_in=previous_out, frames_out=st.frames, dropped=stats.dropped if k == 0 else 0,
+            skipped=st.skipped, queued=queued))
+        previous_out = st.frames
+    mean = p50 = p95 = p99 = None
+    if len(latencies):
+        mean = float(latencies.mean())
+        p50, p95, p99 = (float(v) for v in np.percentile(latencies, [50, 95, 99]))
+    return Report(elapsed_s=elapsed, admitted=stats.admitted, delivered=stats.delivered, dropped=stats.dropped,
+                  skipped=stats.skipped, throughput=stats.throughput, latency_mean_s=mean, latency_p50_s=p50,
+                  latency_p95_s=p95, latency_p99_s=p99, latency_frames=len(latencies), stages=stages,
+                  spans=len(c.stage))
+
+
+# -- Prometheus ------------------------------------------------------------------------------------
+def prometheus_text(pipe: Pipeline) -> str:
+    """``pipe``'s metrics now, in Prometheus' text exposition format (for a ``/metrics`` endpoint).
+
+    Counters: ``partime_frames_{admitted,delivered,dropped,skipped}_total``; per stage (labels
+    ``stage``, ``device``) ``partime_stage_frames_total``, ``partime_stage_skipped_total``,
+    ``partime_stage_busy_seconds_total``. Gauges: ``partime_throughput_fps``, per stage
+    ``partime_stage_busy_ratio``, ``partime_stage_queued_frames``,
+    ``partime_stage_compute_median_seconds``, ``partime_stage_wait_mean_seconds`` (the last two
+    only where spans give them). Summary: ``partime_latency_seconds``, capture to delivery
+    (quantiles 0.5, 0.95, 0.99, sum and count over the frames kept in the span ring). The
+    numbers are those of :meth:`Pipeline.metrics`. Each call builds its own registry, so any
+    number of pipelines can be exposed, each with its own call.
+    """
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector(pipe))
+    return generate_latest(registry).decode()
+
+
+class _Collector:
+    """A prometheus-client custom collector reading one pipeline's :class:`Report`."""
+
+    def __init__(self, pipe: Pipeline) -> None:
+        self.pipe = pipe
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+        rep = report(self.pipe)
+        for name, value, doc in (("admitted", rep.admitted, "Frames admitted into the pipeline."),
+                                 ("delivered", rep.delivered, "Frames delivered by the pipeline."),
+                                 ("dropped", rep.dropped, "Frames dropped by the ingress policy."),
+                                 ("skipped", rep.skipped, "Frames skipped as bad input or failed (on_error='skip').")):
+            yield CounterMetricFamily(f"partime_frames_{name}", doc, value=value)
+        yield GaugeMetricFamily("partime_throughput_fps", "Delivered frames per second since start.",
+                                value=rep.throughput)
+        labels = ["stage", "device"]
+        frames = CounterMetricFamily("partime_stage_frames", "Frames a stage finished.", labels=labels)
+        skipped = CounterMetricFamily("partime_stage_skipped", "Frames a stage skipped.", labels=labels)
+        busy = GaugeMetricFamily("partime_stage_busy_ratio", "Fraction of the elapsed time a stage computed.",
+                                 labels=labels)
+        busy_s = CounterMetricFamily("partime_stage_busy_seconds", "Seconds a stage computed.", labels=labels)
+        queued = GaugeMetricFamily("partime_stage_queued_frames", "Frames waiting for a stage now.", labels=labels)
+        median = GaugeMetricFamily("partime_stage_compute_median_seconds", "Median forward time per frame.",
+                                   labels=labels)
+        wait = GaugeMetricFamily("partime_stage_wait_mean_seconds", "Mean queue wait before a stage.", labels=labels)
+        for s in rep.stages:
+            values = [str(s.index), s.device]
+            frames.add_metric(values, s.frames_out)
+            skipped.add_metric(values, s.skipped)
+            busy.add_metric(values, s.busy)
+            busy_s.add_metric(values, s.busy_s)
+            queued.add_metric(values, s.queued)
+            if s.compute_median_s is not None:
+                median.add_metric(values, s.compute_median_s)
+            if s.wait_mean_s is not None:
+                wait.add_metric(values, s.wait_mean_s)
+        yield from (frames, skipped, busy, busy_s, queued, median, wait)
+        latency = Metric("partime_latency_seconds", "Capture to delivery, over the frames kept in the span ring.",
+                         "summary")
+        if rep.latency_mean_s is not None:
+            for q, v in (("0.5", rep.latency_p50_s), ("0.95", rep.latency_p95_s), ("0.99", rep.latency_p99_s)):
+                latency.add_sample("partime_latency_seconds", {"quantile": q}, v)
+            latency.add_sample("partime_latency_seconds_sum", {}, rep.latency_mean_s * rep.latency_frames)
+            latency.add_sample("partime_latency_seconds_count", {}, rep.latency_frames)
+        yield latency

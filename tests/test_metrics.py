@@ -1,0 +1,179 @@
+"""Spans and the metrics report: accounting adds up on every execution path, injected delays
+show, latency percentiles are ordered, and the Prometheus exposition parses."""
+from collections import Counter, defaultdict
+
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+from torch import nn
+
+import partime_async as pa
+import partime_async.metrics
+from partime_async.metrics import prometheus_text
+from pa_helpers import Sleep, run_stream
+
+N = 24
+
+
+def sleepy(*seconds: float) -> nn.Sequential:
+    return nn.Sequential(*[nn.Sequential(nn.Linear(4, 4), Sleep(s)) for s in seconds])
+
+
+def xs(n: int = N) -> list[torch.Tensor]:
+    return [torch.randn(1, 4) for _ in range(n)]
+
+
+PATHS = {
+    # worker-to-worker hand-off (ThreadChain)
+    "chain": lambda: pa.cpu_devices(3, threads=1, inline=False),
+    # loop-thread stages
+    "inline": lambda: pa.cpu_devices(3, threads=1, inline=True),
+    # an inline stage, then a lone threaded stage (windowed feeder/collector), then inline
+    "mixed": lambda: [pa.CpuDevice(0, threads=1, inline=True), pa.CpuDevice(1, threads=1, inline=False),
+                      pa.CpuDevice(2, threads=1, inline=True)],
+}
+
+
+def by_frame(spans, kind="compute"):
+    frames = defaultdict(list)
+    for s in spans:
+        if s.kind == kind:
+            frames[s.seq].append(s)
+    return frames
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_span_accounting_adds_up(path):
+    pipe = pa.Pipeline(sleepy(0.001, 0.002, 0.001), devices=PATHS[path](), balance=[1, 1, 1])
+    outs = await run_stream(pipe, xs())
+    assert [f.seq for f in outs] == list(range(N))
+    stats, spans = pipe.stats(), pipe.spans()
+    wall = stats.elapsed_s
+    compute = [s for s in spans if s.kind == "compute"]
+    # one compute span per stage per frame, labelled with the right frame
+    assert Counter(s.stage for s in compute) == {0: N, 1: N, 2: N}
+    for k in range(3):
+        assert sorted(s.seq for s in compute if s.stage == k) == list(range(N))
+    for k, st in enumerate(stats.stages):
+        assert st.frames == N
+        worked = sum(s.duration for s in compute if s.stage == k)
+        assert 0 < worked <= wall and st.busy_s <= wall
+        assert worked == pytest.approx(st.busy_s)  # the same two clock reads
+    # each frame's spans in stage order, each after the one before, delivered after the last
+    delivered = {s.seq: s for s in spans if s.kind == "deliver"}
+    assert sorted(delivered) == list(range(N))
+    for seq, mine in by_frame(spans).items():
+        mine.sort(key=lambda s: s.t0)
+        assert [s.stage for s in mine] == [0, 1, 2]
+        assert all(a.t1 <= b.t0 for a, b in zip(mine, mine[1:]))
+        assert delivered[seq].t0 <= mine[0].t0 and mine[-1].t1 <= delivered[seq].t1
+        assert delivered[seq].duration == pytest.approx(outs[seq].latency)
+
+
+async def test_learning_records_backward_and_step_spans():
+    learning = pa.OnlineLearning(loss=nn.MSELoss(), optimizer=lambda p: torch.optim.SGD(p, lr=1e-3), mode="stashed")
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    pipe = pa.Pipeline(model, devices=pa.cpu_devices(2, threads=1), balance=[2, 1], learning=learning)
+    frames = [pa.Frame(i, torch.randn(1, 4), target=torch.randn(1, 4)) for i in range(N)]
+    await run_stream(pipe, frames)
+    spans = pipe.spans()
+    counts = Counter((s.stage, s.kind) for s in spans)
+    for k in range(2):  # stashed: every frame updates every stage once
+        assert counts[k, "compute"] == counts[k, "backward"] == counts[k, "step"] == N
+        assert counts[k, "step"] == pipe.learners[k].steps
+    backward = {(s.stage, s.seq): s for s in spans if s.kind == "backward"}
+    for step in (s for s in spans if s.kind == "step"):
+        around = backward[step.stage, step.seq]  # the step runs inside its frame's backward
+        assert around.t0 <= step.t0 <= step.t1 <= around.t1
+    for k, st in enumerate(pipe.stats().stages):
+        worked = sum(s.duration for s in spans if s.stage == k and s.kind in ("compute", "backward"))
+        assert worked == pytest.approx(st.busy_s)
+    # a restarted pipeline keeps its optimisers but not the hooks of the last run
+    await run_stream(pipe, [pa.Frame(i, f.data, target=f.target) for i, f in enumerate(frames)])
+    assert Counter(s.kind for s in pipe.spans())["step"] == 2 * N
+
+
+@pytest.mark.parametrize("path", ["chain", "inline"])
+async def test_a_slow_stage_is_the_bottleneck(path):
+    pipe = pa.Pipeline(sleepy(0.002, 0.006, 0.002), devices=PATHS[path](), balance=[1, 1, 1])
+    await run_stream(pipe, xs(30))
+    report = pipe.metrics()
+    slow, others = report.stages[1], [report.stages[0], report.stages[2]]
+    assert report.bottleneck == slow.name == pipe.executors[1].name
+    assert slow.busy > 1.5 * max(s.busy for s in others)
+    assert slow.compute_median_s > 2 * max(s.compute_median_s for s in others)
+    assert all(s.frames_in == s.frames_out == 30 and s.queued == 0 for s in report.stages)
+
+
+async def test_report_numbers_and_table():
+    pipe = pa.Pipeline(sleepy(0.001, 0.001), devices=pa.cpu_devices(2, threads=1), balance=[1, 1])
+    mid = None
+    async with pipe:
+        async for frame in pipe.stream(xs()):
+            if frame.seq == N // 2:
+                mid = pipe.metrics()  # while frames flow
+    assert mid is not None and N // 2 < mid.delivered + 1 <= N
+    report = pipe.metrics()
+    assert (report.admitted, report.delivered, report.dropped, report.skipped) == (N, N, 0, 0)
+    assert report.latency_frames == N
+    assert 0 < report.latency_p50_s <= report.latency_p95_s <= report.latency_p99_s
+    assert report.throughput == pytest.approx(pipe.stats().throughput)
+    assert all(0 < s.busy <= 1 and s.wait_mean_s >= 0 for s in report.stages)
+    assert report.spans == 3 * N  # two computes and a delivery per frame
+    text = str(report)
+    for needle in ("p50", "p95", "p99", "frames/s", "busy", "stage 0 (cpu:0)", "stage 1 (cpu:1)", "bottleneck"):
+        assert needle in text
+
+
+async def test_drops_show_in_the_report():
+    pipe = pa.Pipeline(sleepy(0.003), devices=pa.cpu_devices(1, threads=1, inline=False), balance=[1],
+                       policy="drop_oldest", capacity=1)
+    outs = await run_stream(pipe, xs(30))
+    report = pipe.metrics()
+    assert report.dropped > 0 and report.stages[0].dropped == report.dropped
+    assert report.delivered == len(outs) == 30 - report.dropped == report.latency_frames
+
+
+async def test_metrics_off_records_nothing(tmp_path):
+    pipe = pa.Pipeline(sleepy(0.001, 0.001), devices=pa.cpu_devices(2, threads=1), balance=[1, 1], metrics=False)
+    await run_stream(pipe, xs())
+    assert pipe.spans() == []
+    report = pipe.metrics()  # the counters still work
+    assert report.delivered == N and report.latency_p50_s is None and report.stages[0].compute_median_s is None
+    assert all(s.busy > 0 for s in report.stages)
+    assert "metrics=False" in str(report)
+    with pytest.raises(RuntimeError, match="metrics=False"):
+        pipe.export_trace(tmp_path / "t.json")
+    with pytest.raises(ValueError, match="metrics must be True or False"):
+        pa.Pipeline(nn.Sequential(nn.Identity()), devices="cpu", metrics="yes")
+
+
+async def test_the_ring_is_bounded(monkeypatch):
+    monkeypatch.setattr(partime_async.metrics, "SPAN_CAPACITY", 50)
+    pipe = pa.Pipeline(sleepy(0, 0), devices=pa.cpu_devices(2, threads=1), balance=[1, 1])
+    await run_stream(pipe, xs(100))
+    spans = pipe.spans()
+    assert len(spans) == 50
+    report = pipe.metrics()
+    assert report.delivered == 100 and 0 < report.latency_frames < 50  # over the spans kept
+    assert report.stages[0].frames_out == 100  # counters are not bounded
+
+
+async def test_prometheus_exposition():
+    pipe = pa.Pipeline(sleepy(0.001, 0.001), devices=pa.cpu_devices(2, threads=1), balance=[1, 1])
+    await run_stream(pipe, xs())
+    text = prometheus_text(pipe)
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["partime_frames_delivered"].type == "counter"
+    assert families["partime_frames_delivered"].samples[0].value == N
+    busy = {s.labels["stage"]: s for s in families["partime_stage_busy_ratio"].samples}
+    assert set(busy) == {"0", "1"} and busy["1"].labels["device"] == "cpu:1"
+    assert all(0 < s.value <= 1 for s in busy.values())
+    frames = [s for s in families["partime_stage_frames"].samples if s.name.endswith("_total")]
+    assert [s.value for s in frames] == [N, N]
+    latency = families["partime_latency_seconds"]
+    assert latency.type == "summary"
+    quantiles = {s.labels["quantile"]: s.value for s in latency.samples if "quantile" in s.labels}
+    assert 0 < quantiles["0.5"] <= quantiles["0.95"] <= quantiles["0.99"]
+    assert [s.value for s in latency.samples if s.name.endswith("_count")] == [N]
+    assert prometheus_text(pipe) != "" and "partime_throughput_fps" in text  # callable again: own registry
