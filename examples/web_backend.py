@@ -18,6 +18,8 @@ The pipeline starts and stops with the app (``cleanup_ctx``); handlers share it.
     ``?frames=N`` ends the stream after N events.
 ``GET /metrics``
     JSON of ``pipe.stats()``: frames, throughput, per-stage busy fraction, stream clients.
+    ``?format=prometheus`` gives the Prometheus text exposition format instead
+    (``partime_async.metrics.prometheus_text``), for a Prometheus scrape job.
 
 ``--smoke`` serves on an ephemeral port of 127.0.0.1, makes a few requests, checks each
 answer against the unsplit model, and exits 0.
@@ -236,6 +238,13 @@ def metrics_of(pipe: pa.Pipeline, hub: Hub) -> dict[str, Any]:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    if request.query.get("format") == "prometheus":
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        from partime_async.metrics import prometheus_text
+
+        return web.Response(body=prometheus_text(request.app[PIPE]).encode(),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
     return web.json_response(metrics_of(request.app[PIPE], request.app[HUB]))
 
 

@@ -64,6 +64,9 @@ async def test_200_concurrent_requests_are_answered_exactly_and_the_app_shuts_do
             answers = await asyncio.gather(*(ask(session, i) for i in range(200)))
             async with session.get(f"{url}/metrics") as r:
                 metrics = await r.json()
+            async with session.get(f"{url}/metrics?format=prometheus") as r:
+                assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
+                prometheus = await r.text()
         pipe = app[web_backend.PIPE]
     finally:
         await runner.cleanup()
@@ -74,6 +77,8 @@ async def test_200_concurrent_requests_are_answered_exactly_and_the_app_shuts_do
     assert metrics["frames"]["delivered"] >= 200 and metrics["frames"]["dropped"] == 0
     assert len(metrics["stages"]) == 2 and all(s["frames"] > 0 and 0 <= s["busy"] <= 1 for s in metrics["stages"])
     assert metrics["throughput_fps"] > 0 and sum(metrics["balance"]) == len(model)
+    delivered = [line for line in prometheus.splitlines() if line.startswith("partime_frames_delivered_total")]
+    assert delivered and float(delivered[0].split()[-1]) >= 200
     assert not pipe.running
     await assert_clean()
 
