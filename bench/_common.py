@@ -186,3 +186,41 @@ def record(name: str, machine: str, command: str, numbers: Mapping[str, object],
         print(f"not recorded: {line}", flush=True)
     print(ratio_text, flush=True)
     return line
+
+
+# -- pipelines ------------------------------------------------------------------------------------
+async def time_stream(pipe, frames: Sequence[object]) -> float:
+    """Seconds from the first frame in to the last frame out of ``pipe`` over ``frames``.
+
+    The pipeline is started and built on the first frame, and every device's worker thread is
+    up and idle, before the clock starts: no set-up is timed, and no thread start-up competes
+    for the GIL with the first frames. The pipeline is stopped afterwards (cancelled on error).
+    """
+    import asyncio
+
+    await pipe.start(frames[0])
+    await asyncio.gather(*(d.submit(_identity, None) for d in pipe.devices))
+    try:
+        n = 0
+        t0 = time.perf_counter()
+        async for _ in pipe.stream(frames):
+            n += 1
+        seconds = time.perf_counter() - t0
+    except BaseException:
+        await pipe.cancel()
+        raise
+    await pipe.stop()
+    assert n == len(frames), (n, len(frames))
+    return seconds
+
+
+def _identity(x: object) -> object:
+    return x
+
+
+def record_run(name: str, args: argparse.Namespace, argv: Sequence[str] | None,
+               numbers: Mapping[str, object], headline: str) -> str:
+    """:func:`record` for a benchmark's ``main``: machine, command and results path from ``args``
+    (quick runs are labelled and, by default, not written)."""
+    return record(name + (" (quick)" if args.quick else ""), machine_line(), command_line(argv),
+                  numbers, headline, path=results_path(args))

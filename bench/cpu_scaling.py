@@ -211,8 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for line in lines:
         print(line)
     headline = f"conv: ours / best unsplit = {ratios['conv'][1]:.2f} (goal >= 1.4)"
-    C.record("cpu_scaling" + (" (quick)" if args.quick else ""), C.machine_line(), C.command_line(argv),
-             numbers, headline, path=C.results_path(args))
+    C.record_run("cpu_scaling", args, argv, numbers, headline)
     return 0
 
 

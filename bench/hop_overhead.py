@@ -143,31 +143,11 @@ async def ours(frames: Sequence[torch.Tensor], stages: int, capacity: int, *, in
     devices = pa.cpu_devices(stages, inline=inline, threads=None if inline else 1)
     pipe = pa.Pipeline(model, devices=devices, balance=[1] * stages, input_spec=input_spec,
                        capacity=capacity, window=window)
-    await pipe.start(frames[0])  # builds the stages now: nothing of the set-up is timed
-    # Every device's worker thread (started even for inline stages) must be up and idle before
-    # the clock starts, or its start-up competes for the GIL with the first frames.
-    await asyncio.gather(*(d.submit(_identity, None) for d in pipe.devices))
-    try:
-        n = 0
-        t0 = time.perf_counter()
-        async for _ in pipe.stream(frames):
-            n += 1
-        dt = time.perf_counter() - t0
-    except BaseException:
-        await pipe.cancel()
-        raise
-    await pipe.stop()
+    dt = await C.time_stream(pipe, frames)
     stats = pipe.stats()
-    assert n == len(frames), (n, len(frames))
-    # The device says where the stage really ran (StageStats.inline is not filled in by the
-    # executor at the time of writing, so it is not relied on here).
-    assert [d.inline for d in pipe.devices] == [inline] * stages, [d.inline for d in pipe.devices]
+    assert [s.inline for s in stats.stages] == [inline] * stages, [s.inline for s in stats.stages]
     assert all(s.frames == len(frames) for s in stats.stages)
     return dt
-
-
-def _identity(x):
-    return x
 
 
 def make_variant(name: str, frames: Sequence[torch.Tensor], stages: int, capacity: int, window: int):
@@ -265,8 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     numbers.update(ratio_thread_hop=r_thread, ratio_inline_spec_hop=r_spec, ratio_inline_s1=r_inline_s1,
                    ratio_thread_s1=r_thread_s1, noise=noise)
     headline = f"per-hop ratio ours_inline/bare_queue = {r_inline:.2f} (goal <= 1.5)"
-    C.record("hop_overhead" + (" (quick)" if args.quick else ""), C.machine_line(), C.command_line(argv),
-             numbers, headline, path=C.results_path(args))
+    C.record_run("hop_overhead", args, argv, numbers, headline)
     return 0
 
 

@@ -170,9 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"loss plot written to {PLOT}")
     best = max(("partime", "stashed"), key=lambda m: fps[m])
     ratio = fps[best] / best_seq
-    C.record("learning", C.machine_line(), C.command_line(argv), numbers,
-             f"learning: best pipelined ({best}) / best sequential = {ratio:.2f} (goal >= 1.3)",
-             path=C.results_path(args))
+    C.record_run("learning", args, argv, numbers,
+                 f"learning: best pipelined ({best}) / best sequential = {ratio:.2f} (goal >= 1.3)")
     return 0
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -43,26 +42,9 @@ GOAL = 0.03
 async def timed_stream(make: Callable[[bool], pa.Pipeline], frames: Sequence[torch.Tensor], metrics: bool) -> float:
     """Seconds from the first frame in to the last frame out of one pipeline run."""
     pipe = make(metrics)
-    await pipe.start(frames[0])
-    # Worker threads must be up and idle before the clock starts (as in hop_overhead.py).
-    await asyncio.gather(*(d.submit(_identity, None) for d in pipe.devices))
-    try:
-        n = 0
-        t0 = time.perf_counter()
-        async for _ in pipe.stream(frames):
-            n += 1
-        dt = time.perf_counter() - t0
-    except BaseException:
-        await pipe.cancel()
-        raise
-    await pipe.stop()
-    assert n == len(frames), (n, len(frames))
+    dt = await C.time_stream(pipe, frames)
     assert bool(pipe.spans()) == metrics
     return dt
-
-
-def _identity(x):
-    return x
 
 
 def workload(name: str, n_frames: int, conv_balance: list[int] | None) -> tuple[Callable[[bool], pa.Pipeline], list]:
@@ -136,8 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     numbers["noise"] = noise
     worst = max(WORKLOADS, key=lambda n: loss[n])
     headline = f"worst throughput loss with metrics on = {loss[worst]:.1%} ({worst}; goal <= {GOAL:.0%})"
-    C.record("metrics_overhead" + (" (quick)" if args.quick else ""), C.machine_line(), C.command_line(argv),
-             numbers, headline, path=C.results_path(args))
+    C.record_run("metrics_overhead", args, argv, numbers, headline)
     return 0
 
 

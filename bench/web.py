@@ -247,8 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     numbers.update(best_baseline=best, p50_ratio=p50["pipelined"] / p50[best],
                    exact="/".join(str(result["exact"][v]) for v in VARIANTS), noise=noise)
     headline = f"req/s ratio pipelined / best baseline ({best}) = {ratio:.2f} (> 1: pipelining pays)"
-    C.record("web" + (" (quick)" if args.quick else ""), C.machine_line(), C.command_line(argv), numbers, headline,
-             path=C.results_path(args))
+    C.record_run("web", args, argv, numbers, headline)
     return 0 if all(result["exact"].values()) else 1
 
 
