@@ -189,8 +189,9 @@ def record(name: str, machine: str, command: str, numbers: Mapping[str, object],
 
 
 # -- pipelines ------------------------------------------------------------------------------------
-async def time_stream(pipe, frames: Sequence[object]) -> float:
-    """Seconds from the first frame in to the last frame out of ``pipe`` over ``frames``.
+async def time_stream(pipe, frames: Sequence[object], on_output: Callable[[object], None] | None = None) -> float:
+    """Seconds from the first frame in to the last frame out of ``pipe`` over ``frames``
+    (``on_output`` sees each output frame, inside the timing).
 
     The pipeline is started and built on the first frame, and every device's worker thread is
     up and idle, before the clock starts: no set-up is timed, and no thread start-up competes
@@ -203,7 +204,9 @@ async def time_stream(pipe, frames: Sequence[object]) -> float:
     try:
         n = 0
         t0 = time.perf_counter()
-        async for _ in pipe.stream(frames):
+        async for out in pipe.stream(frames):
+            if on_output is not None:
+                on_output(out)
             n += 1
         seconds = time.perf_counter() - t0
     except BaseException:

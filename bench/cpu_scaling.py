@@ -111,23 +111,15 @@ class Ours:
 
     async def _run(self, frames: Sequence[torch.Tensor]) -> float:
         pipe = pa.Pipeline(self.model, devices=pa.cpu_devices(2, threads=1), balance="time")
-        await pipe.start(frames[0])  # profiles and splits now: not timed
-        busy0 = [s.busy_s for s in pipe.stats().stages]
-        try:
-            n, keep = 0, not self.first_outputs
-            t0 = time.perf_counter()
-            async for out in pipe.stream(frames):
-                if keep and n < 3:
-                    self.first_outputs.append(out.data)
-                n += 1
-            dt = time.perf_counter() - t0
-        except BaseException:
-            await pipe.cancel()
-            raise
-        await pipe.stop()
-        assert n == len(frames), (n, len(frames))
+        keep_first = not self.first_outputs  # the first run keeps 3 outputs for the exactness check
+
+        def keep(out: pa.Frame) -> None:
+            if len(self.first_outputs) < 3:
+                self.first_outputs.append(out.data)
+
+        dt = await C.time_stream(pipe, frames, keep if keep_first else None)  # set-up is not timed
         stats = pipe.stats()
-        self.busy.append([(s.busy_s - b) / dt for s, b in zip(stats.stages, busy0)])
+        self.busy.append([s.busy_s / dt for s in stats.stages])
         self.balances[str(stats.balance)] += 1
         self.inline[str([d.inline for d in pipe.devices])] += 1
         return dt
