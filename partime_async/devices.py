@@ -81,6 +81,11 @@ class Device(ABC):
     def close(self) -> None:
         """Release everything; joins threads. Pending tickets fail. Idempotent."""
 
+    @property
+    def name(self) -> str:
+        """How errors, statistics and traces name this device (``"cpu:1"``, ``"cuda:0"``)."""
+        return str(self.torch_device)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.torch_device})"
 
@@ -389,10 +394,6 @@ class CudaDevice(Device):
         self.track = -1
         self._anchor: torch.cuda.Event | None = None  # a completed event at host time _t_anchor
         self._t_anchor = 0.0
-
-    @property
-    def name(self) -> str:
-        return str(self.torch_device)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         if not torch.cuda.is_available():

@@ -143,8 +143,8 @@ class StageExecutor:
         self.learner = learner      # learning: this stage's optimiser and schedule
         self.grads_in = grads_in    # gradients from the next stage, by seq (None on the last)
         self.grads_out = grads_out  # the previous stage's box (None on the first)
-        self.name = f"stage {index} ({getattr(device, 'name', device.torch_device)})"
-        self.stats = StageStats(self.name, str(getattr(device, "name", device.torch_device)), len(module),
+        self.name = f"stage {index} ({device.name})"
+        self.stats = StageStats(self.name, device.name, len(module),
                                 inline=device.inline and learner is None)
         # Spans (metrics on): a CPU stage records its own; a CUDA device records with events.
         self._spans = spans if isinstance(device, CpuDevice) else None
@@ -358,8 +358,9 @@ class StageExecutor:
         job.route.skip(job.frame, error)
 
 
-class _StageFailed(Exception):
-    """Carries a stage's exception from a worker thread to the chain's collector."""
+class StageFailed(Exception):
+    """Carries the exception a stage raised (``error``) to where it is reported: from a worker
+    thread to a chain's collector, or from the set-up timing to the pipeline's build."""
 
     def __init__(self, stage: int, error: BaseException) -> None:
         super().__init__(stage, error)
@@ -416,7 +417,7 @@ class ThreadChain:
             try:
                 y = executor._compute(x)
             except BaseException as exc:
-                device.notify(future, None, _StageFailed(k, exc))
+                device.notify(future, None, StageFailed(k, exc))
                 return
             executor.stats.frames += 1
             if last:
@@ -425,7 +426,7 @@ class ThreadChain:
             try:
                 self.executors[k + 1].device.post(self._task(k + 1, seq, y, future), future)
             except RuntimeError as exc:  # the next worker is gone: the frame fails, not this thread
-                device.notify(future, None, _StageFailed(k + 1, exc))
+                device.notify(future, None, StageFailed(k + 1, exc))
 
         return task
 
@@ -434,7 +435,7 @@ class ThreadChain:
         async for job in inflight:
             try:
                 job.frame.data = await job.ticket
-            except _StageFailed as failed:
+            except StageFailed as failed:
                 self.executors[failed.stage]._failed(job, failed.error)  # raises, or skips and counts
                 continue
             finally:

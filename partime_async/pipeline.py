@@ -32,7 +32,7 @@ from .devices import CpuDevice, CudaDevice, Device, resolve_devices
 from .errors import FrameError, PipelineClosed, PipelineError, primary_error
 from .checkpoint import META_KEY as CHECKPOINT_KEY
 from .checkpoint import Snapshot
-from .executor import GradBox, Job, OnError, StageExecutor, StageStats, ThreadChain
+from .executor import GradBox, Job, OnError, StageExecutor, StageFailed, StageStats, ThreadChain
 from .learning import OnlineLearning, StageLearner
 from .frame import Frame, Payload, now
 from . import metrics as _metrics
@@ -345,10 +345,10 @@ class Pipeline:
                 cause = exc.__cause__
                 raise PipelineError(f"{type(cause).__name__}: {cause} (while profiling the model on its first frame)",
                                     component=str(exc), seq=seq) from cause
-            except _StageFailed as exc:
-                cause = exc.__cause__
+            except StageFailed as exc:
+                cause = exc.error
                 raise PipelineError(f"{type(cause).__name__}: {cause} (while timing the stage on its first frame)",
-                                    component=exc.name, seq=seq) from cause
+                                    component=f"stage {exc.stage} ({self.devices[exc.stage].name})", seq=seq) from cause
             except Exception as exc:
                 raise PipelineError(f"{type(exc).__name__}: {exc} (while splitting the model on its first frame)",
                                     component="pipeline set-up", seq=seq) from exc
@@ -424,7 +424,7 @@ class Pipeline:
                     (seconds, x), _ = await device.submit(lambda v, s=stage: _time_stage(s, v), x)
                 except Exception as exc:
                     cause = exc.__cause__ if isinstance(exc, LayerFailed) else exc
-                    raise _StageFailed(f"stage {k} ({getattr(device, 'name', device.torch_device)})") from cause
+                    raise StageFailed(k, cause) from cause
                 if k in auto:
                     device.inline = seconds < handoff
                 if isinstance(device, CudaDevice) and k + 1 < len(self.devices):
@@ -661,14 +661,6 @@ class Pipeline:
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-class _StageFailed(RuntimeError):
-    """A stage raised while being timed at start; ``str()`` names it, ``__cause__`` is the error."""
-
-    @property
-    def name(self) -> str:
-        return str(self)
-
-
 def _runners(executors: list[StageExecutor]) -> list[StageExecutor | ThreadChain]:
     """What runs the stages: runs of consecutive threaded CPU inference stages become one
     :class:`ThreadChain` (worker-to-worker hand-off); every other stage runs on its own."""
