@@ -40,7 +40,7 @@ from torch import nn
 
 import partime_async as pa
 from bench import _common as C
-from partime_async.cli import demo_learning, demo_model
+from partime_async.cli import demo_learning, demo_model, run_unsplit
 from partime_async.sources import PanZoomCamera
 
 PLOT = C.BENCH_DIR / "learning_loss.png"
@@ -53,23 +53,9 @@ def make_frames(n: int, size: int) -> list[pa.Frame]:
 
 
 def sequential(model: nn.Module, frames: Sequence[pa.Frame], threads: int) -> tuple[float, list[float]]:
-    """Plain online SGD on the unsplit model: seconds and per-frame losses."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    learning = demo_learning("sequential")
-    optimizer = learning.optimizer(model.parameters())
-    losses = []
-    try:
-        t0 = time.perf_counter()
-        for frame in frames:
-            loss = learning.loss(model(frame.data), frame.target)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-        return time.perf_counter() - t0, losses
-    finally:
-        torch.set_num_threads(previous)
+    """Plain online SGD on the unsplit model: seconds and per-frame losses (no warm-up step, so
+    that it learns from exactly the frames the pipelines learn from)."""
+    return run_unsplit(model, frames, threads, demo_learning("sequential"), warmup=False)
 
 
 def pipelined(model: nn.Module, frames: Sequence[pa.Frame], mode: str) -> tuple[float, list[float], list[int]]:

@@ -50,14 +50,17 @@ def demo_learning(mode: str = "partime") -> OnlineLearning:
     return OnlineLearning(loss=nn.MSELoss(), optimizer=lambda params: torch.optim.Adam(params, lr=1e-3), mode=mode)
 
 
-def unsplit_throughput(model: nn.Module, frames: Sequence[Frame], threads: int,
-                       learning: OnlineLearning | None = None) -> float:
-    """Frames per second of the unsplit model on one device, one frame at a time, with
-    ``threads`` intra-op threads: inference, or sequential online learning (forward, loss,
-    backward, step) when ``learning`` is given. ``model`` is used as is: pass a copy."""
+def run_unsplit(model: nn.Module, frames: Sequence[Frame], threads: int, learning: OnlineLearning | None = None,
+                *, warmup: bool = True) -> tuple[float, list[float]]:
+    """The unsplit model on one device, one frame at a time, with ``threads`` intra-op
+    threads: inference, or plain online SGD (forward, loss, backward, step per frame) when
+    ``learning`` is given. Returns the seconds and, when learning, each frame's loss.
+    ``warmup`` runs (and learns from) the first frame once before the clock starts. ``model``
+    is used as is: pass a copy."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     optimizer = learning.optimizer(model.parameters()) if learning is not None else None
+    losses: list[float] = []
 
     def step(frame: Frame) -> None:
         if optimizer is None:
@@ -68,15 +71,25 @@ def unsplit_throughput(model: nn.Module, frames: Sequence[Frame], threads: int,
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
 
     try:
-        step(frames[0])  # warm-up
+        if warmup:
+            step(frames[0])
+            losses.clear()
         t0 = now()
         for frame in frames:
             step(frame)
-        return len(frames) / (now() - t0)
+        return now() - t0, losses
     finally:
         torch.set_num_threads(previous)
+
+
+def unsplit_throughput(model: nn.Module, frames: Sequence[Frame], threads: int,
+                       learning: OnlineLearning | None = None) -> float:
+    """Frames per second of :func:`run_unsplit` (with its warm-up)."""
+    seconds, _ = run_unsplit(model, frames, threads, learning)
+    return len(frames) / seconds
 
 
 class Progress(Sink):
