@@ -145,7 +145,9 @@ async def test_jsonl_sink_leaves_no_file_when_another_component_fails(tmp_path):
         async def frames():
             for i in range(4):
                 yield marked(i)
-            await written.wait()  # the sink has written lines before the failure comes
+            await written.wait()  # the sink has written lines before the failure comes:
+            while sink.written < 4:  # frame 3's write has returned too, not only begun
+                await asyncio.sleep(0.001)
             for i in range(4, 10):
                 yield marked(i)
         return frames()
