@@ -139,6 +139,13 @@ def explicit_balance(n_layers: int, n_stages: int) -> list[int]:
     return [1, n_layers - 2, 1]
 
 
+def cpu_devices(n: int, *, inline: bool | str = "auto") -> list[pa.CpuDevice]:
+    """CPU devices with the test process's own intra-op thread count: torch's kernels split
+    reductions by thread count, so bit-equality with the unsplit run holds at equal counts
+    (see README, "Exact inference"); whether a kernel's result depends on it varies by CPU."""
+    return pa.cpu_devices(n, inline=inline, threads=torch.get_num_threads())
+
+
 # -- the main grid ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("balance", ["time", "params", "explicit"])
 @pytest.mark.parametrize("inline", [True, False], ids=["inline", "thread"])
@@ -150,7 +157,7 @@ async def test_outputs_equal_the_unsplit_model(kind, n_stages, inline, balance):
     expected = reference(model, xs)
     if balance == "explicit":
         balance = explicit_balance(len(model), n_stages)
-    pipe = pa.Pipeline(model, devices=pa.cpu_devices(n_stages, inline=inline), balance=balance)
+    pipe = pa.Pipeline(model, devices=cpu_devices(n_stages, inline=inline), balance=balance)
     frames = await run_stream(pipe, xs)
     assert_outputs(frames, expected)
     stats = pipe.stats()
@@ -167,7 +174,7 @@ async def test_outputs_equal_with_automatic_inline_choice(kind):
     model = MODELS[kind]()
     xs = inputs(kind)
     expected = reference(model, xs)
-    frames = await run_stream(pa.Pipeline(model, devices=pa.cpu_devices(3), balance="time"), xs)
+    frames = await run_stream(pa.Pipeline(model, devices=cpu_devices(3), balance="time"), xs)
     assert_outputs(frames, expected)
 
 
@@ -175,7 +182,7 @@ async def test_synthetic_uint8_video_source_through_a_split_model():
     model = uint8_convnet()
     video = SyntheticVideo(6, height=12, width=12, dtype=torch.uint8, seed=3)
     expected = reference(model, [video.render(t) for t in range(6)])
-    frames = await run_stream(pa.Pipeline(model, devices=pa.cpu_devices(2, inline=False)), video)
+    frames = await run_stream(pa.Pipeline(model, devices=cpu_devices(2, inline=False)), video)
     assert_outputs(frames, expected)
     assert all(f.data.dtype == torch.float32 for f in frames)
 
@@ -183,7 +190,7 @@ async def test_synthetic_uint8_video_source_through_a_split_model():
 async def test_model_given_as_a_list_of_modules():
     model = mlp()
     xs = inputs("mlp")
-    frames = await run_stream(pa.Pipeline(list(model), devices=pa.cpu_devices(2)), xs)
+    frames = await run_stream(pa.Pipeline(list(model), devices=cpu_devices(2)), xs)
     assert_outputs(frames, reference(model, xs))
 
 
@@ -193,7 +200,7 @@ async def test_concurrent_submits_each_get_their_own_output(inline):
     model = mlp()
     xs = [torch.randn(1, 16) for _ in range(20)]
     expected = reference(model, xs)
-    pipe = pa.Pipeline(model, devices=pa.cpu_devices(3, inline=inline), balance=[2, 2, 1])
+    pipe = pa.Pipeline(model, devices=cpu_devices(3, inline=inline), balance=[2, 2, 1])
     async with pipe:
         outs = await asyncio.gather(*[pipe.submit(x) for x in xs])
     assert len(outs) == 20
@@ -206,7 +213,7 @@ async def test_stream_and_submits_share_one_running_pipeline():
     model = tuple_model()
     xs = inputs("tuple", 12)
     ys = [torch.randn(3, 8) for _ in range(20)]
-    pipe = pa.Pipeline(model, devices=pa.cpu_devices(2, inline=False))
+    pipe = pa.Pipeline(model, devices=cpu_devices(2, inline=False))
     async with pipe:
         async def consume():
             return [f async for f in pipe.stream(xs)]
@@ -221,7 +228,7 @@ async def test_stream_and_submits_share_one_running_pipeline():
 async def test_submit_returns_tuple_payloads():
     model = nn.Sequential(Fork(4), Body(4))
     x = torch.randn(2, 4)
-    async with pa.Pipeline(model, devices=pa.cpu_devices(2)) as pipe:
+    async with pa.Pipeline(model, devices=cpu_devices(2)) as pipe:
         out = await pipe.submit(x)
     assert isinstance(out, tuple) and tree_equal(out, reference(model, [x])[0])
 
@@ -242,7 +249,7 @@ async def test_batchnorm_train_mode_outputs_and_running_stats(n_stages, inline):
     unsplit, split_model = copy.deepcopy(base), copy.deepcopy(base)
     xs = [torch.randn(4, 3, 8, 8) for _ in range(6)]
     expected = reference(unsplit, xs)  # updates unsplit's running statistics, frame by frame
-    pipe = pa.Pipeline(split_model, devices=pa.cpu_devices(n_stages, inline=inline), balance="time")
+    pipe = pa.Pipeline(split_model, devices=cpu_devices(n_stages, inline=inline), balance="time")
     frames = await run_stream(pipe, xs)
     assert_outputs(frames, expected)
     for (name, want), got in zip(unsplit.named_buffers(), split_model.buffers()):
@@ -252,7 +259,7 @@ async def test_batchnorm_train_mode_outputs_and_running_stats(n_stages, inline):
 async def test_profiling_and_inline_probing_leave_buffers_untouched():
     model = train_bn_model()
     before = copy.deepcopy(model.state_dict())
-    pipe = pa.Pipeline(model, devices=pa.cpu_devices(3), balance="time")  # profiles and probes inline
+    pipe = pa.Pipeline(model, devices=cpu_devices(3), balance="time")  # profiles and probes inline
     await pipe.start(sample=torch.randn(4, 3, 8, 8))
     try:
         after = model.state_dict()
@@ -281,7 +288,7 @@ async def test_dict_payloads():
     torch.manual_seed(7)
     model = nn.Sequential(DictMix(), DictOut(), nn.Linear(5, 2))
     xs = [{"x": torch.randn(2, 4), "y": torch.randn(2, 2)} for _ in range(5)]
-    frames = await run_stream(pa.Pipeline(model, devices=pa.cpu_devices(3, inline=False)), xs)
+    frames = await run_stream(pa.Pipeline(model, devices=cpu_devices(3, inline=False)), xs)
     assert_outputs(frames, reference(model, xs))
 
 
