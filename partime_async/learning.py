@@ -58,6 +58,20 @@ class OnlineLearning:
         clip_grad_norm: clip each stage's gradient to this norm before its step (per stage).
         scheduler: a factory ``scheduler(optimizer)``; stepped after every optimiser step.
         needs_target: see ``loss``.
+        delay_lr: delay-aware learning rates (off by default: every stage keeps the factory's
+            rates, and the modes are exactly as described above). A float ``c`` multiplies
+            stage k's learning rates by ``1 / (1 + c * d_k)``, ``d_k`` its gradient delay; a
+            callable ``delay_lr(d) -> factor`` gives the factor itself. The last stage
+            (``d = 0``) and a one-stage pipeline keep their rates, so ``sequential`` is never
+            changed. Why: a gradient applied ``d`` steps late was computed at (``stashed``) or
+            for (``partime``) weights the stage has since moved away from; the step that is
+            safe for exact online SGD can overshoot, and with Adam the delayed early stages
+            oscillate and lose ReLU units for good (see the README's learning section and
+            ``bench/learning.py``). Scaling the step by ``1/(1 + c*d)`` is the usual
+            delay-tolerant rule of asynchronous SGD (step ~ 1/delay; PipeMare's per-stage
+            rates). It slows those stages' learning: a trade-off to measure, not a free fix.
+            The factor scales the optimiser's ``lr`` once, before ``scheduler`` is built, so
+            schedulers scale the reduced rate.
     """
 
     loss: Callable[..., torch.Tensor]
@@ -67,6 +81,7 @@ class OnlineLearning:
     clip_grad_norm: float | None = None
     scheduler: SchedulerFactory | None = None
     needs_target: bool = True
+    delay_lr: float | Callable[[int], float] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -77,6 +92,18 @@ class OnlineLearning:
             raise TypeError("loss and optimizer must be callables (a loss module and an optimiser factory)")
         if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
             raise ValueError(f"clip_grad_norm must be positive or None, got {self.clip_grad_norm}")
+        if self.delay_lr is not None and not callable(self.delay_lr) and self.delay_lr < 0:
+            raise ValueError(f"delay_lr must be >= 0, a callable or None, got {self.delay_lr}")
+
+    def lr_factor(self, delay: int) -> float:
+        """What ``delay_lr`` multiplies the learning rates of a stage with gradient delay
+        ``delay`` by (1 when it is off or the delay is 0)."""
+        if self.delay_lr is None or delay == 0:
+            return 1.0
+        factor = self.delay_lr(delay) if callable(self.delay_lr) else 1.0 / (1.0 + self.delay_lr * delay)
+        if not factor > 0:
+            raise ValueError(f"delay_lr gave a learning-rate factor of {factor} for delay {delay}; it must be > 0")
+        return float(factor)
 
     def delay(self, stage: int, n_stages: int) -> int:
         """Frames between stage ``stage``'s forward and the gradient it applies after it."""
@@ -107,6 +134,12 @@ class StageLearner:
         self.names = [n for n, p in module.named_parameters() if p.requires_grad]
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = config.optimizer(self.params) if self.params else None
+        self.lr_factor = config.lr_factor(self.delay)
+        if self.optimizer is not None and self.lr_factor != 1.0:
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["lr"] * self.lr_factor
+                if "initial_lr" in group:
+                    group["initial_lr"] = group["initial_lr"] * self.lr_factor
         self.scheduler = config.scheduler(self.optimizer) if config.scheduler and self.optimizer else None
         self.pending: deque[_Saved] = deque()  # device thread: kept forwards, oldest first
         self._order: deque[tuple[int, bool]] = deque()  # loop thread: (seq, learns) in forward order

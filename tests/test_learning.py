@@ -51,12 +51,13 @@ def split_copy(model, balance):
     return stages
 
 
-def reference(model, frames, mode, balance, lr=0.05):
-    """PARTIME's lock-step schedule, written out; returns the stage modules after learning."""
+def reference(model, frames, mode, balance, lr=0.05, stage_lr=None):
+    """PARTIME's lock-step schedule, written out; returns the stage modules after learning.
+    ``stage_lr(k, delay)``: stage k's learning rate (default: ``lr`` for all)."""
     stages = split_copy(model, balance)
     S, N = len(stages), len(frames)
-    opts = [torch.optim.SGD(s.parameters(), lr=lr) for s in stages]
     delay = [2 * (S - 1 - k) for k in range(S)]
+    opts = [torch.optim.SGD(s.parameters(), lr=stage_lr(k, delay[k]) if stage_lr else lr) for k, s in enumerate(stages)]
     inputs = {}        # (k, t) -> detached input of stage k for frame t
     kept = {}          # (k, t) -> (input requiring grad, output graph, module version used)
     grads = {}         # (k, t) -> gradient w.r.t. stage k's output for frame t
@@ -158,6 +159,39 @@ async def test_every_stage_receives_gradients_and_changes(mode):
     else:  # partime drops the last 2(S-1-k) gradients at stage k, and says so
         assert steps == [16, 18, 20]
         assert [learner.dropped_gradients for learner in pipe.learners] == [4, 2, 0]
+
+
+@pytest.mark.parametrize("mode", ["partime", "stashed"])
+@pytest.mark.parametrize("delay_lr, factor", [(0.5, lambda d: 1 / (1 + 0.5 * d)), (lambda d: 0.9 ** d, lambda d: 0.9 ** d)])
+async def test_delay_aware_learning_rates_equal_reference(mode, delay_lr, factor):
+    """delay_lr scales stage k's rate by 1/(1 + c*d_k) (or a given factor of d_k); otherwise
+    the rule is the mode's own: the lock-step reference with per-stage SGD rates."""
+    balance = [2, 2, 2]
+    model, frames = make_model(), make_frames(30)
+    expected = reference(copy.deepcopy(model), frames, mode, balance, stage_lr=lambda k, d: 0.05 * factor(d))
+    pipe, _ = await learn(model, frames, mode, balance, delay_lr=delay_lr)
+    # hand-computed: delays 4, 2, 0
+    assert [g["lr"] for learner in pipe.learners for g in learner.optimizer.param_groups] == \
+        pytest.approx([0.05 * factor(4), 0.05 * factor(2), 0.05])
+    for k, (ours, ref) in enumerate(zip(stage_params(model, balance), expected)):
+        for p, q in zip(ours, ref.parameters()):
+            assert torch.equal(p, q), f"stage {k} differs from the reference"
+
+
+async def test_delay_aware_learning_rates_leave_one_stage_and_schedulers_consistent():
+    # one stage: delay 0, nothing changes (sequential is never touched)
+    model, frames = make_model(), make_frames(10)
+    plain = copy.deepcopy(model)
+    await learn(model, frames, "stashed", [6], delay_lr=3.0)
+    await learn(plain, frames, "stashed", [6])
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), plain.parameters()))
+    # a scheduler built by the factory scales the reduced rate
+    sched = lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
+    pipe, _ = await learn(make_model(), make_frames(10), "partime", [3, 3], delay_lr=1.0, scheduler=sched)
+    assert pipe.learners[0].optimizer.param_groups[0]["lr"] == pytest.approx(0.05 / 3 * 0.25 * 2)  # 8 steps
+    assert pipe.learners[1].optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * 0.25)        # 10 steps
+    with pytest.raises(ValueError, match="delay_lr"):
+        pa.OnlineLearning(loss=nn.MSELoss(), delay_lr=-1.0)
 
 
 async def test_stashed_recompute_learns_every_frame_at_current_weights():
