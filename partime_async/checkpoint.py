@@ -81,8 +81,18 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
 
 
 async def save_atomic_async(obj: Any, path: str | Path) -> Path:
-    """:func:`save_atomic` on a worker thread, keeping the event loop free."""
-    return await asyncio.to_thread(save_atomic, obj, path)
+    """:func:`save_atomic` on a worker thread, keeping the event loop free.
+
+    Cancelled while the thread writes, it waits for that write to end before it re-raises:
+    the thread cannot be stopped, and a run that returns must not leave a file being written
+    behind it (the checkpoint then appears whole, as any other).
+    """
+    write = asyncio.ensure_future(asyncio.to_thread(save_atomic, obj, path))
+    try:
+        return await asyncio.shield(write)
+    except asyncio.CancelledError:
+        await asyncio.wait({write})
+        raise
 
 
 def load(path: str | Path) -> dict[str, Any]:

@@ -96,6 +96,16 @@ class Device(ABC):
 _STOP = object()
 
 
+class WorkerDied(RuntimeError):
+    """A device's worker thread has left while the pipeline still runs (an error in the
+    thread's own machinery, not in a stage: those are delivered to the stage). Work queued
+    to it fails with this; the stage executor stops the pipeline, whatever ``on_error``."""
+
+    def __init__(self, device: Device, what: str) -> None:
+        super().__init__(f"the worker thread of {device.name} {what}")
+        self.device = device
+
+
 class CpuDevice(Device):
     """A CPU stage with its own worker thread and intra-op thread count.
 
@@ -175,7 +185,7 @@ class CpuDevice(Device):
             raise RuntimeError(f"{self.name} is not running")
         with self._lock:
             if self._dead:
-                raise RuntimeError(f"the worker thread of {self.name} has died; the pipeline must stop")
+                raise WorkerDied(self, "has died; the pipeline must stop")
             self._queue.put((task, future))
 
     def notify(self, future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
@@ -240,7 +250,7 @@ class CpuDevice(Device):
             self._fail_pending(item)
 
     def _fail_pending(self, current: Any) -> None:
-        pending = [current] if current not in (None, _STOP) else []
+        pending = [(current, "died while running this frame")] if current not in (None, _STOP) else []
         with self._lock:
             self._dead = True
             while True:
@@ -249,14 +259,13 @@ class CpuDevice(Device):
                 except queue.Empty:
                     break
                 if item is not _STOP:
-                    pending.append(item)
-        for _, future in pending:
+                    pending.append((item, "died before running this frame"))
+        for (_, future), what in pending:
             try:
                 if self._closing:
                     self._loop.call_soon_threadsafe(future.cancel)
                 else:
-                    error = RuntimeError(f"the worker thread of {self.name} died before running this frame")
-                    self._loop.call_soon_threadsafe(_resolve, future, None, error)
+                    self._loop.call_soon_threadsafe(_resolve, future, None, WorkerDied(self, what))
             except RuntimeError:
                 return
 
@@ -278,6 +287,9 @@ def _resolve(future: asyncio.Future[Any], result: Any, exc: BaseException | None
         return
     if exc is not None:
         future.set_exception(exc)
+        # Whoever awaits the future still gets the error; one that nobody will await (its
+        # stage is being cancelled because the pipeline already failed) is not logged again.
+        future.exception()
     else:
         future.set_result(result)
 

@@ -29,12 +29,13 @@ import torch
 from torch import nn
 
 from .channel import Channel
-from .devices import CpuDevice, CudaDevice, Device, _host_input
-from .errors import PipelineError
+from .devices import CpuDevice, CudaDevice, Device, WorkerDied, _host_input
+from .errors import FrameError, PipelineError
 from .frame import Frame, Payload, now
 from .checkpoint import META_KEY as CHECKPOINT_KEY
 from .checkpoint import stage_state
-from .learning import StageLearner
+from .learning import ForwardFailed, StageLearner
+from .validation import InputSpec
 
 OnError = Literal["raise", "skip"]
 
@@ -131,6 +132,7 @@ class StageExecutor:
         grads_in: GradBox | None = None,
         grads_out: GradBox | None = None,
         spans: deque[tuple[int, str, int, float, float]] | None = None,
+        check_outputs: bool = True,
     ) -> None:
         self.index = index
         self.module = module
@@ -150,7 +152,26 @@ class StageExecutor:
         self._spans = spans if isinstance(device, CpuDevice) else None
         if isinstance(device, CudaDevice):
             device.spans, device.track = spans, index
+        self._check_output = self._output_checker() if check_outputs else None
         self._compute = self._make_compute()
+
+    def _output_checker(self) -> Callable[[Payload, int], None]:
+        """``check(y, seq)``: the stage's first output fixes the structure, shapes, dtypes and
+        device of every later one; a frame whose output differs gets a :class:`FrameError`
+        (a model whose output changes mid-stream would otherwise corrupt the next stage or a
+        sink far from the cause). Called on the thread that ran the stage, one at a time."""
+        spec: list[InputSpec | None] = [None]
+        component, hint = f"{self.name} output", (
+            " (a stage's output must keep the structure, shapes and dtypes of its first output; "
+            "if it varies by design, pass output_spec=None to the Pipeline)")
+
+        def check(y: Payload, seq: int) -> None:
+            if spec[0] is None:
+                spec[0] = InputSpec.like(y)
+            else:
+                spec[0].check(y, seq, component=component, hint=hint)
+
+        return check
 
     def _make_compute(self) -> Callable[[Payload], Payload]:
         # The layers are called one after another, as nn.Sequential would, minus its own call
@@ -160,6 +181,7 @@ class StageExecutor:
         # (metrics on) reuses the two clock reads; the device says which frame runs.
         layers, stats, device, index = tuple(self.module), self.stats, self.device, self.index
         record = self._spans.append if self._spans is not None else None
+        check = self._check_output
         grad_enabled, set_grad_enabled = torch.is_grad_enabled, torch._C._set_grad_enabled
 
         def compute(x: Payload) -> Payload:
@@ -175,6 +197,8 @@ class StageExecutor:
             stats.busy_s += t1 - t0
             if record is not None:
                 record((index, "compute", device.seq, t0, t1))
+            if check is not None:
+                check(x, device.seq)
             return x
 
         return compute
@@ -218,7 +242,10 @@ class StageExecutor:
         submit, compute = self.device.submit, self._compute
         try:
             async for job in self.inbox:
-                job.ticket = submit(compute, job.frame.data, job.ready, seq=job.frame.seq)
+                try:
+                    job.ticket = submit(compute, job.frame.data, job.ready, seq=job.frame.seq)
+                except WorkerDied as exc:
+                    raise self._died(exc, job.frame.seq) from exc
                 if not inflight.send_nowait(job):
                     await inflight.send(job)
         finally:
@@ -237,6 +264,8 @@ class StageExecutor:
                     if self.download:
                         data = await device.download(data, job.ready, seq=job.frame.seq)
                         job.ready = None
+                except WorkerDied as exc:
+                    raise self._died(exc, job.frame.seq) from exc
                 except Exception as exc:
                     self._failed(job, exc)
                     continue
@@ -288,13 +317,17 @@ class StageExecutor:
         forward(t+1), … whatever the timing; that order is what makes learning deterministic.
         """
         learner, submit, last = self.learner, self.device.submit, self.grads_in is None
-        forward, backward_step = self._timed(learner.forward, "compute"), self._timed(learner.backward, "backward")
+        forward, backward_step = self._timed(self._checked(learner.forward), "compute"), \
+            self._timed(learner.backward, "backward")
         try:
             async for job in self.inbox:
                 frame = job.frame
                 has_target = frame.target is not None
                 payload = (frame.seq, frame.data, learner.learns(has_target), frame.target if last else None)
-                job.ticket = submit(forward, payload, job.ready, seq=frame.seq)
+                try:
+                    job.ticket = submit(forward, payload, job.ready, seq=frame.seq)
+                except WorkerDied as exc:
+                    raise self._died(exc, frame.seq) from exc
                 if not inflight.send_nowait(job):
                     await inflight.send(job)
                 owed = learner.owes(frame.seq, has_target)
@@ -315,18 +348,36 @@ class StageExecutor:
 
     async def _backward(self, seq: int, step: Callable[[Any], Any], backward: Channel[tuple[int, Any]]) -> None:
         grad, ready = (None, None) if self.grads_in is None else await self.grads_in.get(seq)
-        ticket = self.device.submit(step, (seq, grad), ready, seq=seq, kind="backward")
+        try:
+            ticket = self.device.submit(step, (seq, grad), ready, seq=seq, kind="backward")
+        except WorkerDied as exc:
+            raise self._died(exc, seq) from exc
         await backward.send((seq, ticket))
 
     async def _send_gradients(self, backward: Channel[tuple[int, Any]]) -> None:
         async for seq, ticket in backward:
             try:
                 (_, grad), ready = await ticket
+            except ForwardFailed:
+                continue  # the collector reports the forward's error, which stops the pipeline
             except Exception as exc:
                 error = PipelineError(f"{type(exc).__name__}: {exc} (in the backward step)", component=self.name, seq=seq)
                 raise error from exc
             if self.grads_out is not None:
                 self.grads_out.put(seq, grad, ready)
+
+    def _checked(self, forward: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """A learning forward whose output goes through the stage's output check."""
+        check = self._check_output
+        if check is None:
+            return forward
+
+        def checked(payload: Any) -> Any:
+            y, loss = forward(payload)
+            check(y, payload[0])
+            return y, loss
+
+        return checked
 
     def _stage_state(self, _: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         return stage_state(self.module, self.learner)
@@ -347,10 +398,18 @@ class StageExecutor:
 
         return timed
 
+    def _died(self, exc: WorkerDied, seq: int) -> PipelineError:
+        """The error that stops the pipeline when this stage's worker is gone (never skipped:
+        no later frame could run here either)."""
+        return PipelineError(str(exc), component=self.name, seq=seq)
+
     def _failed(self, job: Job, exc: Exception) -> None:
         seq = job.frame.seq
-        error = PipelineError(f"{type(exc).__name__}: {exc}", component=self.name, seq=seq)
-        error.__cause__ = exc
+        if isinstance(exc, FrameError):  # already says where and what
+            error: PipelineError = exc
+        else:
+            error = PipelineError(f"{type(exc).__name__}: {exc}", component=self.name, seq=seq)
+            error.__cause__ = exc
         if self.on_error != "skip":
             raise error
         self.stats.skipped += 1
@@ -401,7 +460,10 @@ class ThreadChain:
         try:
             async for job in self.inbox:
                 job.ticket = future = loop.create_future()
-                first.post(self._task(0, job.frame.seq, _host_input(job.frame.data, job.ready), future), future)
+                try:
+                    first.post(self._task(0, job.frame.seq, _host_input(job.frame.data, job.ready), future), future)
+                except WorkerDied as exc:
+                    raise self.executors[0]._died(exc, job.frame.seq) from exc
                 if not inflight.send_nowait(job):
                     await inflight.send(job)
         finally:
@@ -425,7 +487,7 @@ class ThreadChain:
                 return
             try:
                 self.executors[k + 1].device.post(self._task(k + 1, seq, y, future), future)
-            except RuntimeError as exc:  # the next worker is gone: the frame fails, not this thread
+            except RuntimeError as exc:  # the next worker is gone (or stopping): the frame fails, not this thread
                 device.notify(future, None, StageFailed(k + 1, exc))
 
         return task
@@ -436,8 +498,14 @@ class ThreadChain:
             try:
                 job.frame.data = await job.ticket
             except StageFailed as failed:
-                self.executors[failed.stage]._failed(job, failed.error)  # raises, or skips and counts
+                executor = self.executors[failed.stage]
+                if isinstance(failed.error, WorkerDied):
+                    raise executor._died(failed.error, job.frame.seq) from failed.error
+                executor._failed(job, failed.error)  # raises, or skips and counts
                 continue
+            except WorkerDied as exc:  # the frame was queued to a worker that then died
+                executor = next(e for e in self.executors if e.device is exc.device)
+                raise executor._died(exc, job.frame.seq) from exc
             finally:
                 job.ticket = None
             job.ready = None

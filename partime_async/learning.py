@@ -122,6 +122,11 @@ class _Saved:
     loss: torch.Tensor | None = None   # last stage: this frame's loss
 
 
+class ForwardFailed(RuntimeError):
+    """A backward step that did not run because the stage's forward just before it failed;
+    the forward's own error is the one reported."""
+
+
 class StageLearner:
     """The learning state of one stage: optimiser, scheduler, the frames it still owes."""
 
@@ -142,6 +147,7 @@ class StageLearner:
                     group["initial_lr"] = group["initial_lr"] * self.lr_factor
         self.scheduler = config.scheduler(self.optimizer) if config.scheduler and self.optimizer else None
         self.pending: deque[_Saved] = deque()  # device thread: kept forwards, oldest first
+        self.forward_failed = False  # device thread: the latest forward raised
         self._order: deque[tuple[int, bool]] = deque()  # loop thread: (seq, learns) in forward order
         self.steps = 0
         self.dropped_gradients = 0
@@ -176,6 +182,16 @@ class StageLearner:
         """Forward one frame ``(seq, x, learns, target)`` with autograd on where it will be
         needed; returns the detached output and, on the last stage, the frame's loss. Only
         the last stage is given the target."""
+        self.forward_failed = False
+        try:
+            return self._forward(payload)
+        except BaseException:
+            # The backward queued right after this forward must not run on a stale graph
+            # (its error would hide this one): it raises ForwardFailed instead.
+            self.forward_failed = True
+            raise
+
+    def _forward(self, payload: tuple[int, Payload, bool, Payload | None]) -> tuple[Payload, torch.Tensor | None]:
         seq, x, learns, target = payload
         mode = self.config.mode
         # partime carries an older frame's gradient through this frame's graph, so it keeps
@@ -211,6 +227,8 @@ class StageLearner:
         on the last stage, whose gradient comes from the loss), step, and return the
         gradient w.r.t. this stage's input, labelled with ``seq``, for the stage before."""
         seq, grad = payload
+        if self.forward_failed:
+            raise ForwardFailed(f"stage {self.stage}: no gradient for frame {seq}, the forward before it failed")
         mode = self.config.mode
         if mode == "partime":
             saved = self.pending[-1]           # the graph of the newest frame

@@ -148,6 +148,13 @@ class Pipeline:
         input_spec: ``"first"`` (every frame must match the first one's structure, shapes,
             dtypes and device type), an :class:`InputSpec`, or ``None`` (only "tensors").
         check_finite: reject frames with NaN or Inf in floating tensors.
+        output_spec: ``"first"``: each stage's first output fixes the structure, shapes,
+            dtypes and device of its later outputs; a frame whose output differs gets a
+            :class:`FrameError` naming the stage (a model whose output changes mid-stream is
+            caught where it happens, not in the next stage or a sink). ``None``: no check,
+            for models whose output shapes vary by design (e.g. a variable number of
+            detections). ``"auto"``: ``"first"`` when ``input_spec="first"`` (every input
+            has the same shapes), else ``None``.
         on_error: ``"raise"`` stops the pipeline on the first failing frame; ``"skip"`` skips
             that frame, counts it, and goes on.
         capacity: slots in each channel (memory and queueing latency are bounded by
@@ -172,6 +179,7 @@ class Pipeline:
         balance: Balance = "time",
         input_spec: InputSpec | Literal["first"] | None = "first",
         check_finite: bool = False,
+        output_spec: Literal["auto", "first"] | None = "auto",
         on_error: OnError = "raise",
         capacity: int = 2,
         policy: Policy = "block",
@@ -202,6 +210,8 @@ class Pipeline:
             self.balance = check_balance(balance, len(self.layers), len(self.devices))
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if output_spec not in ("auto", "first", None):
+            raise ValueError(f"output_spec must be 'auto', 'first' or None, got {output_spec!r}")
         if input_spec not in ("first", None) and not isinstance(input_spec, InputSpec):
             raise ValueError(f"input_spec must be 'first', None or an InputSpec, got {input_spec!r}")
         if not isinstance(window, int) or window < 1:
@@ -211,6 +221,7 @@ class Pipeline:
         Channel(capacity, policy)  # validates both, with the channel's own messages
         self.input_spec = input_spec
         self.check_finite = check_finite
+        self.output_spec = ("first" if input_spec == "first" else None) if output_spec == "auto" else output_spec
         self.on_error: OnError = on_error
         self.capacity = capacity
         self.policy: Policy = policy
@@ -365,7 +376,8 @@ class Pipeline:
                     k, stage, device, inbox, outbox, window=self.window, on_error=self.on_error,
                     download=(k == last and not isinstance(device, CpuDevice)), learner=learner,
                     grads_in=boxes[k] if learner is not None and k < last else None,
-                    grads_out=boxes[k - 1] if learner is not None and k > 0 else None, spans=self._spans))
+                    grads_out=boxes[k - 1] if learner is not None and k > 0 else None, spans=self._spans,
+                    check_outputs=self.output_spec == "first"))
                 inbox = outbox
             for runner in _runners(self.executors):
                 tg.create_task(runner.run(), name=f"partime-{runner.name}")
@@ -434,9 +446,11 @@ class Pipeline:
     def _prepare(self, frame: Frame, route: Route) -> Job | None:
         """Check a frame and count it on its route; None if it was skipped as bad input."""
         try:
-            check_tensors(frame.data, frame.seq, finite=self.check_finite)
+            check_tensors(frame.data, frame.seq, finite=False)
             if self._spec is not None:
                 self._spec.check(frame.data, frame.seq)
+            if self.check_finite:  # after the spec: it reads the values, which must be there
+                check_tensors(frame.data, frame.seq, finite=True)
         except FrameError as error:
             if self.on_error != "skip":
                 raise

@@ -69,22 +69,28 @@ class InputSpec:
         values, structure = pytree.tree_flatten(payload)
         return cls(structure, [TensorSpec.like(v) if isinstance(v, torch.Tensor) else TensorSpec() for v in values])
 
-    def check(self, payload: Payload, seq: int) -> None:
-        """Raise :class:`FrameError` if ``payload`` does not match."""
+    def mismatch(self, payload: Payload) -> str | None:
+        """Why ``payload`` does not match, or None."""
         plain = self._plain
         if plain is not None and type(payload) is torch.Tensor and payload.shape == plain[0] \
                 and (plain[1] is None or payload.dtype == plain[1]) \
                 and (plain[2] is None or payload.device.type == plain[2]):
-            return
+            return None
         values, structure = pytree.tree_flatten(payload)
         if structure != self.structure:
-            raise FrameError(f"expected a payload shaped like {self.structure}, got {structure}",
-                             component="input", seq=seq)
+            return f"expected a payload shaped like {self.structure}, got {structure}"
         for i, (spec, value) in enumerate(zip(self.leaves, values)):
             why = spec.mismatch(value)
             if why is not None:
-                where = "" if len(values) == 1 else f"leaf {i}: "
-                raise FrameError(where + why, component="input", seq=seq)
+                return why if len(values) == 1 else f"leaf {i}: {why}"
+        return None
+
+    def check(self, payload: Payload, seq: int, *, component: str = "input", hint: str = "") -> None:
+        """Raise :class:`FrameError` (naming ``component`` and frame ``seq``, followed by
+        ``hint``) if ``payload`` does not match."""
+        why = self.mismatch(payload)
+        if why is not None:
+            raise FrameError(why + hint, component=component, seq=seq)
 
 
 def check_tensors(payload: Payload, seq: int, *, finite: bool) -> None:
@@ -97,5 +103,8 @@ def check_tensors(payload: Payload, seq: int, *, finite: bool) -> None:
                 f"payload leaf {i} is a {type(value).__name__}, not a tensor; convert it with "
                 "torch.as_tensor (payloads are tensors or tuples/lists/dicts of tensors)",
                 component="input", seq=seq)
+        if finite and value.device.type == "meta":
+            raise FrameError(f"payload leaf {i} is a meta tensor: it holds no values to check", component="input",
+                             seq=seq)
         if finite and (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
             raise FrameError("payload holds NaN or Inf (check_finite=True forbids them)", component="input", seq=seq)

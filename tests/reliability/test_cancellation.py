@@ -1,0 +1,100 @@
+"""Issue #6.3: the task running a graph is cancelled at a random moment (or the CLI gets
+Ctrl-C): clean shutdown, every sink closed, no partial output file, nothing left running."""
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import partime_async as pa
+from partime_async.checkpoint import load
+from partime_async.sinks import Checkpoint, JsonlSink, NpySink
+from pa_helpers import assert_clean
+from reliability_helpers import Hiccup, JitterySink, expected_output, jittery_source, leaked_files, open_fds
+
+N = 100_000  # more than any run reaches before it is cancelled
+SETTINGS = settings(max_examples=12, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@given(n_stages=st.integers(1, 3), inline=st.sampled_from([True, False, "auto"]), learning=st.booleans(),
+       cancel_after=st.integers(0, 60), when=st.sampled_from(["frames", "time"]), seed=st.integers(0, 2**16))
+@SETTINGS
+async def test_cancelling_the_graph_at_a_random_moment_cleans_up(n_stages, inline, learning, cancel_after, when,
+                                                                   seed, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cancel")
+    coefficients = [(1.0, float(k)) for k in range(n_stages)]
+    if learning:
+        torch.manual_seed(seed)
+        model = nn.Sequential(*[nn.Linear(4, 4, dtype=torch.float64) for _ in range(n_stages)])
+        learn = pa.OnlineLearning(loss=lambda y: y.pow(2).mean(), needs_target=False, mode="partime",
+                                  optimizer=lambda p: torch.optim.SGD(p, 1e-3))
+        pipe = pa.Pipeline(model, devices=pa.cpu_devices(n_stages), balance=[1] * n_stages, learning=learn)
+    else:
+        model = nn.Sequential(*[Hiccup(a, b, p=0.02, max_us=300, seed=seed + k) for k, (a, b) in enumerate(coefficients)])
+        pipe = pa.Pipeline(model, devices=pa.cpu_devices(n_stages, inline=inline), balance=[1] * n_stages)
+    watcher = JitterySink(random.Random(seed))
+    sinks = [watcher, NpySink(tmp / "npy", fsync=False), JsonlSink(tmp / "out.jsonl", fsync=False)]
+    if learning:
+        sinks.append(Checkpoint(pipe, tmp / "ckpt-{seq}.pt", every=7))
+    before = open_fds()
+    task = asyncio.create_task(pa.run(jittery_source(N, random.Random(seed)) >> pipe >> sinks))
+    if when == "frames":
+        while len(watcher.seqs) < cancel_after and not task.done():
+            await asyncio.sleep(0.001)
+    else:
+        await asyncio.sleep(cancel_after * 1e-3)
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    assert task.cancelled(), f"the run ended otherwise: {task}"
+
+    assert watcher.closed == watcher.opened  # closed exactly once if it was opened
+    assert not leaked_files(before, tmp)
+    assert not list(tmp.rglob("*.tmp")) and not list(tmp.rglob(".*")), "a partial (temporary) file was left"
+    assert not (tmp / "out.jsonl").exists(), "a cancelled run must not leave a (partial) JSON lines file"
+    for path in sorted((tmp / "npy").glob("*.npy")):  # complete files of delivered frames only
+        seq = int(path.stem.split("_")[1])
+        data = torch.from_numpy(np.load(path))
+        if not learning:
+            assert torch.equal(data, expected_output(seq, coefficients))
+    for path in tmp.glob("ckpt-*.pt"):  # every checkpoint that exists loads and is whole
+        state = load(path)
+        assert state["position"] == int(path.stem.split("-")[1]) + 1
+        assert state["model"].keys() == model.state_dict().keys()
+    assert not pipe.running
+    await assert_clean()
+
+
+def test_ctrl_c_in_the_cli_exits_cleanly(tmp_path):
+    """SIGINT at a random moment of `partime-async demo` (while it sets up, and while frames
+    flow): exit status 130, one line on stderr, no traceback, no file left half-written."""
+    rng = random.Random(0)
+    for lines, delay in ((1, rng.uniform(0.0, 0.5)), (3, rng.uniform(0.0, 0.5))):
+        trace = tmp_path / f"trace-{lines}.json"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "partime_async.cli", "demo", "--frames", "100000", "--size", "32",
+             "--trace", str(trace)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        seen = [proc.stdout.readline() for _ in range(lines)]  # the header, then progress lines
+        assert all(seen), seen
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, (seen, out, err)
+        assert "Traceback" not in err and err.strip() == "interrupted", err
+        assert not trace.exists()  # the trace is written only for a finished run
+        assert not list(tmp_path.glob(".*")), "a temporary file was left"
