@@ -50,6 +50,18 @@ def demo_learning(mode: str = "partime") -> OnlineLearning:
     return OnlineLearning(loss=nn.MSELoss(), optimizer=lambda params: torch.optim.Adam(params, lr=1e-3), mode=mode)
 
 
+def demo_source(frames: int | None, size: int = 64, *, learn: bool = True, start: int = 0) -> tuple[Any, Any]:
+    """The demo's stream: a ``size`` x ``size`` camera over the shipped photograph, frames
+    ``start``, ``start + 1``, … up to ``frames`` (None: endless), each carrying the next frame
+    as its target when ``learn``. Returns ``(camera, source)``; ``start`` resumes a stream at a
+    checkpoint's ``state["position"]``."""
+    from partime_async.sources import PanZoomCamera, next_frame_targets
+
+    camera = PanZoomCamera(frames + 1 if learn and frames is not None else frames, height=size, width=size,
+                           start=start)
+    return camera, (next_frame_targets(camera) if learn else camera)
+
+
 def run_unsplit(model: nn.Module, frames: Sequence[Frame], threads: int, learning: OnlineLearning | None = None,
                 *, warmup: bool = True) -> tuple[float, list[float]]:
     """The unsplit model on one device, one frame at a time, with ``threads`` intra-op
@@ -133,12 +145,9 @@ async def demo(frames: int = 600, size: int = 64, stages: int | None = None, lea
                plot: str | Path | None = None) -> dict[str, float]:
     """The main job; returns the summary numbers (also printed). ``trace``: write the run's
     Chrome/Perfetto trace there; ``plot``: draw its timeline there (PNG)."""
-    from partime_async.sources import PanZoomCamera, next_frame_targets
-
     torch.manual_seed(0)
     model = demo_model()
-    camera = PanZoomCamera(frames + 1 if learn else frames, height=size, width=size)
-    source = next_frame_targets(camera) if learn else camera
+    camera, source = demo_source(frames, size, learn=learn)
     if torch.cuda.is_available():
         devices: list[Device] | str = "auto"
         n = torch.cuda.device_count()
@@ -189,6 +198,10 @@ async def _take(source: Any, n: int) -> AsyncIterator[Frame]:
         count += 1
 
 
+# Run only when named (`partime-async bench soak`): a 30-minute soak is not part of "all".
+LONG_BENCHMARKS = ("soak",)
+
+
 def _bench_dir() -> Path:
     for candidate in (Path.cwd() / "bench", Path(__file__).resolve().parents[1] / "bench"):
         if candidate.is_dir():
@@ -199,7 +212,7 @@ def _bench_dir() -> Path:
 def bench(names: Sequence[str], extra: Sequence[str]) -> int:
     folder = _bench_dir()
     available = sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_"))
-    chosen = list(names) or available
+    chosen = list(names) or [n for n in available if n not in LONG_BENCHMARKS]
     unknown = [n for n in chosen if n not in available]
     if unknown:
         raise SystemExit(f"unknown benchmark(s) {unknown}; available: {', '.join(available)}")
@@ -207,6 +220,7 @@ def bench(names: Sequence[str], extra: Sequence[str]) -> int:
     for name in chosen:
         spec = importlib.util.spec_from_file_location(f"bench_{name}", folder / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses (and pickle) look their module up there
         spec.loader.exec_module(module)
         print(f"== {name}", flush=True)
         module.main(list(extra))
@@ -226,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_demo.add_argument("--no-learn", dest="learn", action="store_false", help="inference only")
     p_demo.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace of the run (JSON)")
     p_demo.add_argument("--plot", metavar="FILE", help="draw a timeline of the run (PNG)")
-    p_bench = commands.add_parser("bench", help="run benchmarks from bench/ (all by default)")
+    p_bench = commands.add_parser("bench", help="run benchmarks from bench/ (all but the soak by default)")
     p_bench.add_argument("names", nargs="*")
     p_bench.add_argument("--quick", action="store_true", help="tiny runs (smoke test)")
     args = parser.parse_args(argv)
