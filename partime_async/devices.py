@@ -359,7 +359,14 @@ class PinnedPool:
             for b in buffers:
                 self._free.setdefault((tuple(b.shape), b.dtype), []).append(b)
 
+    @property
+    def held(self) -> int:
+        """Pinned buffers this pool keeps (free or still being read by a copy)."""
+        return sum(len(b) for b in self._free.values()) + sum(len(b) for _, b in self._busy)
+
     def clear(self) -> None:
+        """Let every buffer go (PyTorch's pinned-memory allocator keeps a buffer that a copy
+        still reads until the copy's stream has passed it)."""
         self._free.clear()
         self._busy.clear()
 

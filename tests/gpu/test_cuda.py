@@ -110,11 +110,13 @@ async def test_stage_error_on_gpu_names_stage_and_frame(cuda_devices):
     xs = [torch.full((1, 4), float(i)) for i in range(20)]
     model[0].weight.data = torch.eye(4)
     model[0].bias.data.zero_()
+    devices = cuda_devices()
     with pytest.raises(pa.PipelineError) as info:
-        await stream(pa.Pipeline(model, devices=cuda_devices(), balance=[1, 1]), xs)
+        await stream(pa.Pipeline(model, devices=devices, balance=[1, 1]), xs)
     assert info.value.component.startswith("stage 1") and info.value.seq == 7
     assert not [t for t in threading.enumerate() if t.name.startswith("partime-")]
     assert len(asyncio.all_tasks()) == 1
+    assert [d.staging.held for d in devices] == [0] * len(devices)  # no pinned buffer kept
 
 
 @pytest.mark.parametrize("mode", ["partime", "stashed"])
