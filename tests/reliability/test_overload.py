@@ -2,10 +2,11 @@
 is throttled to the sink's pace (never more than the channels hold ahead of it); with
 ``drop_oldest`` / ``latest`` memory stays flat and every drop is counted.
 
-The source costs a few µs per frame on the loop; the sink hands each frame to a thread that
-spins 30 µs (a sink waiting on a device or the network: slow in wall time, the loop free
-meanwhile), ~10x the source all told. Each frame carries 16 KiB, so an unbounded queue would
-grow by ~1.5 GiB over the run and show at once.
+The source and the pipeline cost 35-45 µs per frame on the loop; the sink hands each frame to
+a thread that spins 150 µs (a sink waiting on a device or the network: slow in wall time, the
+loop free meanwhile), 310-370 µs per frame all told: 7-10x (measured on the 2-vCPU dev VM).
+Each frame carries 16 KiB, so an unbounded queue would grow by ~1.5 GiB over the run and show
+at once.
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ async def test_block_throttles_the_source_to_the_sink():
     # The bound holds frame by frame, so 20 000 frames show it as well as 100 000 (and the
     # blocked run lasts as long as the slow sink takes for all of them).
     n = 20_000
-    sink = SlowSink(30e-6, capacity=8)
+    sink = SlowSink(150e-6, capacity=8)
     lags: list[int] = []
     stats = await pa.run(source(sink, lags, n) >> pipeline() >> sink)
     assert sink.written == n and stats.dropped == 0 and sink.dropped == 0 and sink.in_order
@@ -79,7 +80,7 @@ async def test_block_throttles_the_source_to_the_sink():
 @pytest.mark.parametrize("where", ["sink", "pipeline"])
 @pytest.mark.parametrize("policy", ["drop_oldest", "latest"])
 async def test_drop_policies_keep_memory_flat_and_count_every_drop(policy, where):
-    sink = SlowSink(30e-6, capacity=4, policy=policy if where == "sink" else "block")
+    sink = SlowSink(150e-6, capacity=4, policy=policy if where == "sink" else "block")
     pipe = pipeline(policy if where == "pipeline" else "block")
     stats = await pa.run(source(sink, []) >> pipe >> sink)
     assert sink.in_order and sink.last == N - 1
