@@ -239,13 +239,10 @@ class StageExecutor:
             tg.create_task(self._collect(inflight))
 
     async def _feed(self, inflight: Channel[Job]) -> None:
-        submit, compute = self.device.submit, self._compute
+        submit, compute = self._submit, self._compute
         try:
             async for job in self.inbox:
-                try:
-                    job.ticket = submit(compute, job.frame.data, job.ready, seq=job.frame.seq)
-                except WorkerDied as exc:
-                    raise self._died(exc, job.frame.seq) from exc
+                job.ticket = submit(compute, job.frame.data, job.ready, job.frame.seq)
                 if not inflight.send_nowait(job):
                     await inflight.send(job)
         finally:
@@ -316,7 +313,7 @@ class StageExecutor:
         Submissions to the device are strictly ordered forward(t), backward(owed at t),
         forward(t+1), … whatever the timing; that order is what makes learning deterministic.
         """
-        learner, submit, last = self.learner, self.device.submit, self.grads_in is None
+        learner, submit, last = self.learner, self._submit, self.grads_in is None
         forward, backward_step = self._timed(self._checked(learner.forward), "compute"), \
             self._timed(learner.backward, "backward")
         try:
@@ -324,10 +321,7 @@ class StageExecutor:
                 frame = job.frame
                 has_target = frame.target is not None
                 payload = (frame.seq, frame.data, learner.learns(has_target), frame.target if last else None)
-                try:
-                    job.ticket = submit(forward, payload, job.ready, seq=frame.seq)
-                except WorkerDied as exc:
-                    raise self._died(exc, frame.seq) from exc
+                job.ticket = submit(forward, payload, job.ready, frame.seq)
                 if not inflight.send_nowait(job):
                     await inflight.send(job)
                 owed = learner.owes(frame.seq, has_target)
@@ -335,7 +329,7 @@ class StageExecutor:
                     await self._backward(owed, backward_step, backward)
                 snapshot = frame.meta.get(CHECKPOINT_KEY)
                 if snapshot is not None:  # this stage's part of a checkpoint cut at this frame
-                    snapshot.add(self.index, submit(self._stage_state, None))
+                    snapshot.add(self.index, submit(self._stage_state, None, None, -1))
             inflight.close()
             for owed in learner.remaining():
                 if learner.config.mode == "partime":
@@ -348,10 +342,7 @@ class StageExecutor:
 
     async def _backward(self, seq: int, step: Callable[[Any], Any], backward: Channel[tuple[int, Any]]) -> None:
         grad, ready = (None, None) if self.grads_in is None else await self.grads_in.get(seq)
-        try:
-            ticket = self.device.submit(step, (seq, grad), ready, seq=seq, kind="backward")
-        except WorkerDied as exc:
-            raise self._died(exc, seq) from exc
+        ticket = self._submit(step, (seq, grad), ready, seq, "backward")
         await backward.send((seq, ticket))
 
     async def _send_gradients(self, backward: Channel[tuple[int, Any]]) -> None:
@@ -397,6 +388,13 @@ class StageExecutor:
                     record((index, kind, device.seq, t0, t1))
 
         return timed
+
+    def _submit(self, fn: Callable[[Any], Any], payload: Any, ready: Any, seq: int, kind: str = "compute") -> Any:
+        """``device.submit``, with a dead worker reported as this stage's failure on ``seq``."""
+        try:
+            return self.device.submit(fn, payload, ready, seq=seq, kind=kind)
+        except WorkerDied as exc:
+            raise self._died(exc, seq) from exc
 
     def _died(self, exc: WorkerDied, seq: int) -> PipelineError:
         """The error that stops the pipeline when this stage's worker is gone (never skipped:
