@@ -14,7 +14,6 @@ fresh warm-up, as at the start of a stream.
 """
 from __future__ import annotations
 
-import asyncio
 import copy
 import io
 import os
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Any, Awaitable
 
 import torch
+
+from .threads import in_thread
 
 META_KEY = "checkpoint"
 
@@ -81,18 +82,10 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
 
 
 async def save_atomic_async(obj: Any, path: str | Path) -> Path:
-    """:func:`save_atomic` on a worker thread, keeping the event loop free.
-
-    Cancelled while the thread writes, it waits for that write to end before it re-raises:
-    the thread cannot be stopped, and a run that returns must not leave a file being written
-    behind it (the checkpoint then appears whole, as any other).
-    """
-    write = asyncio.ensure_future(asyncio.to_thread(save_atomic, obj, path))
-    try:
-        return await asyncio.shield(write)
-    except asyncio.CancelledError:
-        await asyncio.wait({write})
-        raise
+    """:func:`save_atomic` on a worker thread, keeping the event loop free. Cancelled while the
+    thread writes, it waits for that write to end (:func:`~partime_async.threads.in_thread`):
+    a run that returns never leaves a checkpoint being written behind it."""
+    return await in_thread(save_atomic, obj, path)
 
 
 def load(path: str | Path) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import copy
 import importlib.util
 import statistics
 import sys
+import threading
 from pathlib import Path
 from typing import Any, AsyncIterator, Sequence, TextIO
 
@@ -29,6 +30,7 @@ from .frame import Frame, now
 from .graph import loop_factory, run
 from .learning import MODES, OnlineLearning
 from .pipeline import Pipeline, PipelineStats
+from .threads import in_thread
 
 
 def demo_model(channels: int = 3, width: int = 32, depth: int = 8) -> nn.Sequential:
@@ -63,12 +65,12 @@ def demo_source(frames: int | None, size: int = 64, *, learn: bool = True, start
 
 
 def run_unsplit(model: nn.Module, frames: Sequence[Frame], threads: int, learning: OnlineLearning | None = None,
-                *, warmup: bool = True) -> tuple[float, list[float]]:
+                *, warmup: bool = True, stop: threading.Event | None = None) -> tuple[float, list[float]]:
     """The unsplit model on one device, one frame at a time, with ``threads`` intra-op
     threads: inference, or plain online SGD (forward, loss, backward, step per frame) when
     ``learning`` is given. Returns the seconds and, when learning, each frame's loss.
     ``warmup`` runs (and learns from) the first frame once before the clock starts. ``model``
-    is used as is: pass a copy."""
+    is used as is: pass a copy. ``stop`` set: return after the frame in progress."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     optimizer = learning.optimizer(model.parameters()) if learning is not None else None
@@ -85,12 +87,17 @@ def run_unsplit(model: nn.Module, frames: Sequence[Frame], threads: int, learnin
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
 
+    def stopped() -> bool:
+        return stop is not None and stop.is_set()
+
     try:
-        if warmup:
+        if warmup and not stopped():
             step(frames[0])
             losses.clear()
         t0 = now()
         for frame in frames:
+            if stopped():
+                break
             step(frame)
         return now() - t0, losses
     finally:
@@ -98,10 +105,26 @@ def run_unsplit(model: nn.Module, frames: Sequence[Frame], threads: int, learnin
 
 
 def unsplit_throughput(model: nn.Module, frames: Sequence[Frame], threads: int,
-                       learning: OnlineLearning | None = None) -> float:
+                       learning: OnlineLearning | None = None, *, stop: threading.Event | None = None) -> float:
     """Frames per second of :func:`run_unsplit` (with its warm-up)."""
-    seconds, _ = run_unsplit(model, frames, threads, learning)
+    seconds, _ = run_unsplit(model, frames, threads, learning, stop=stop)
     return len(frames) / seconds
+
+
+async def best_unsplit_throughput(model: nn.Module, frames: Sequence[Frame], learning: OnlineLearning | None) -> float:
+    """The demo's baseline: the best :func:`unsplit_throughput` over 1 and all cores' threads,
+    measured on a worker thread so that Ctrl-C stops it after the frame in progress."""
+    stop = threading.Event()
+
+    def measure() -> float:
+        best = 0.0
+        for threads in sorted({1, available_cores()}):
+            if stop.is_set():
+                break
+            best = max(best, unsplit_throughput(copy.deepcopy(model), frames, threads, learning, stop=stop))
+        return best
+
+    return await in_thread(measure, stop=stop)
 
 
 class Progress(Sink):
@@ -160,7 +183,7 @@ async def demo(frames: int = 600, size: int = 64, stages: int | None = None, lea
               f"{job}, {len(model)}-layer conv net on {n} device(s)\n")
     sample = [frame async for frame in _take(source, min(frames, 60))]
     cores = available_cores()
-    unsplit = max(unsplit_throughput(copy.deepcopy(model), sample, t, learning) for t in sorted({1, cores}))
+    unsplit = await best_unsplit_throughput(model, sample, learning)
     pipe = Pipeline(model, devices=devices, balance="time", learning=learning)
     progress = Progress(pipe, frames, out)
     stats = await run(source >> pipe >> progress)
