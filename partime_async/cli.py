@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import copy
 import importlib.util
+import signal
 import statistics
 import sys
 import threading
@@ -272,12 +273,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     factory = loop_factory(args.loop)
     try:
         with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(demo(args.frames, args.size, args.stages, args.learn, args.mode,
-                            trace=args.trace, plot=args.plot))
-    except KeyboardInterrupt:
+            runner.run(_cancelled_by_sigint(demo(args.frames, args.size, args.stages, args.learn, args.mode,
+                                                 trace=args.trace, plot=args.plot)))
+    except (KeyboardInterrupt, asyncio.CancelledError):
         print("\ninterrupted", file=sys.stderr)
         return 130
     return 0
+
+
+async def _cancelled_by_sigint(job: Any) -> Any:
+    """Run ``job`` with Ctrl-C cancelling it through the loop's own signal handling.
+
+    A plain ``signal.signal`` handler (asyncio.Runner's) runs only when the main thread next
+    executes Python code; a SIGINT that the kernel delivers to another thread (a worker, an
+    OpenMP thread) while the loop sleeps in its poll could wait for a long time. The loop's
+    handler is woken through its wake-up fd, whichever thread took the signal.
+    """
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, asyncio.current_task().cancel)
+    try:
+        return await job
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
 
 
 if __name__ == "__main__":

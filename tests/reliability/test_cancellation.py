@@ -88,12 +88,17 @@ def test_ctrl_c_in_the_cli_exits_cleanly(tmp_path):
             [sys.executable, "-m", "partime_async.cli", "demo", "--frames", "100000", "--size", "32",
              "--trace", str(trace)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"})
         seen = [proc.stdout.readline() for _ in range(lines)]  # the header, then progress lines
         assert all(seen), seen
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)  # faulthandler: every thread's stack to stderr
+            out, err = proc.communicate()
+            raise AssertionError(f"no exit 60 s after SIGINT; stacks:\n{err[-20000:]}") from None
         assert proc.returncode == 130, (seen, out, err)
         assert "Traceback" not in err and err.strip() == "interrupted", err
         assert not trace.exists()  # the trace is written only for a finished run
