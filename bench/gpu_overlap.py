@@ -57,6 +57,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import math
 import statistics
@@ -73,6 +74,7 @@ import torch
 from torch import nn
 
 import partime_async as pa
+from partime_async.graph import loop_factory
 from bench import _common as C
 
 NAIVE = ("naive_pageable", "naive_pinned")
@@ -294,17 +296,6 @@ def span_overlaps(pipe: pa.Pipeline) -> dict[str, float]:
 
 
 # -- main ---------------------------------------------------------------------------------------
-def loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """None for the standard asyncio loop (and for uvloop where it is not installed)."""
-    if kind == "uvloop":
-        try:
-            import uvloop
-        except ImportError:
-            return None
-        return uvloop.new_event_loop
-    return None
-
-
 def pick_backend(requested: str | None, quick: bool) -> Backend | None:
     """CUDA when asked or available; the CPU smoke path when asked, or under --quick without
     CUDA; None (nothing to run) for a full run without CUDA."""
@@ -378,7 +369,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None, parser: argparse.A
     loops = [name.strip() for name in args.loops.split(",") if name.strip()]
     if not loops or any(name not in ("asyncio", "uvloop") for name in loops):
         parser.error("--loops takes asyncio and/or uvloop")
-    if "uvloop" in loops and loop_factory("uvloop") is None:
+    if "uvloop" in loops and importlib.util.find_spec("uvloop") is None:
         print("gpu_overlap: uvloop is not installed: our pipeline runs on asyncio only", flush=True)
         loops = [name for name in loops if name != "uvloop"] or ["asyncio"]
     if args.depth != "auto" and not (args.depth.isdigit() and int(args.depth) >= 1):
