@@ -23,7 +23,7 @@ from torch import nn
 import partime_async as pa
 from partime_async.devices import CpuDevice
 from partime_async.sinks import JsonlSink, NpySink
-from pa_helpers import assert_clean
+from pa_helpers import FailOn, assert_clean
 from reliability_helpers import Hiccup, Injected, JitterySink, expected_output, jittery_source, leaked_files, open_fds
 
 N = 200
@@ -33,7 +33,10 @@ SETTINGS = settings(max_examples=16, deadline=None,
 
 
 def stages(n_stages: int, seed: int, fail_stage: int | None = None, fail_at: int | None = None) -> list[Hiccup]:
-    return [Hiccup(1.0, float(k), p=0.02, max_us=300, seed=seed + k, fail_at=fail_at if k == fail_stage else None)
+    """Stage k adds k; the one at ``fail_stage`` raises on frame ``fail_at``, which it sees with
+    the earlier stages' offsets (0 + 1 + … + k-1) added to its seq marker."""
+    return [Hiccup(1.0, float(k), p=0.02, max_us=300, seed=seed + k,
+                   fail_at=fail_at + k * (k - 1) // 2 if k == fail_stage and fail_at is not None else None)
             for k in range(n_stages)]
 
 
@@ -116,7 +119,7 @@ def worker_dies(stage: int, seq: int, fired: list[float]) -> Iterator[None]:
 @SETTINGS
 async def test_skip_goes_on_and_reports_every_skipped_frame(n_stages, inline, seed, faults):
     faults = {seq: stage % n_stages for stage, seq in faults}  # at most one fault per frame
-    layers = [FailOnSeqs(k, {seq for seq, s in faults.items() if s == k}) for k in range(n_stages)]
+    layers = [FailOn(*(seq for seq, s in faults.items() if s == k), error=Injected) for k in range(n_stages)]
     pipe = pa.Pipeline(nn.Sequential(*layers), devices=pa.cpu_devices(n_stages, inline=inline),
                        balance=[1] * n_stages, on_error="skip")
     sink = JitterySink(random.Random(seed))
@@ -127,16 +130,3 @@ async def test_skip_goes_on_and_reports_every_skipped_frame(n_stages, inline, se
         assert sorted(stage.skipped_seqs) == sorted(seq for seq, s in faults.items() if s == k)
         assert stage.skipped == len(stage.skipped_seqs)
     assert stats.admitted == stats.delivered + stats.dropped + stats.skipped
-
-
-class FailOnSeqs(nn.Module):
-    """Identity; raises on the frames whose seq (first element) is in ``seqs``."""
-
-    def __init__(self, k: int, seqs: set[int]) -> None:
-        super().__init__()
-        self.k, self.seqs = k, seqs
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if int(x[0].item()) in self.seqs:
-            raise Injected(f"stage {self.k}: frame {int(x[0].item())}")
-        return x
