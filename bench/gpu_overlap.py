@@ -22,12 +22,12 @@ repeats (order alternating), medians:
                       over the same pageable or pinned frames, timed by
                       ``bench/_common.time_stream`` (first frame in to last frame out, every
                       output delivered as a host tensor), on the asyncio and the uvloop event
-                      loop. The loop matters for how a CUDA stage waits: it polls its events
-                      with ``asyncio.sleep`` back-off, and the standard loop's epoll rounds any
-                      sleep under 1 ms up to 1 ms while libuv rounds it down to 0.
+                      loop (a CUDA stage never polls: a waiter thread per stream tells the
+                      loop when events complete, so the loop should not matter; this checks).
 
-Both sides deliver ordinary (pageable) host tensors. cuDNN's autotuner is on for every
-variant (static shapes); TF32 is PyTorch's default.
+The naive loop delivers ordinary (pageable) host tensors, ours page-locked ones (what its D2H
+copy lands in; no extra copy). cuDNN's autotuner is on for every variant (static shapes);
+TF32 is PyTorch's default.
 
 The parts, each measured alone with CUDA events, median of ``--part-repeats`` single-frame
 operations queued behind a ``torch.cuda._sleep`` so that launch gaps are not timed: ``h2d``
@@ -37,9 +37,12 @@ three perfectly delivers ``1 / max(h2d, compute, d2h)`` frames/s; ``(h2d + compu
 max(...)`` is the most any overlap can gain over a serial loop that has no other costs. Also
 measured (host clock), to explain a gap: the host time to launch the model on one frame, and
 the two host copies the library makes per frame (``host_stage_in``: a pageable input into a
-pinned staging buffer; ``host_clone_out``: a pinned output into ordinary memory). One
-untimed extra run reads our pipeline's spans: how often the H2D of frame t+1 overlapped the
-compute of frame t (stage 0), and the D2H of frame t-1 the compute of frame t (last stage).
+pinned staging buffer; ``host_clone_out``: a pinned output into ordinary memory, which ours
+no longer makes). One untimed extra run reads our pipeline's spans: how often the H2D of frame
+t+1 overlapped the compute of frame t (stage 0), and the D2H of frame t-1 the compute of frame
+t (last stage); and how the loop fares meanwhile (issue 7 part 3): the loop thread's CPU time
+as a share of the run's wall time (``time.thread_time``), and the lateness of a coroutine that
+sleeps 1 ms in a loop beside the stream (median, p99, max).
 
 Goals: best ours / best naive >= 1.5 (the last line printed), best ours / ideal >= 0.9.
 
@@ -249,13 +252,36 @@ def naive(model: nn.Module, frames: Sequence[torch.Tensor], dev: torch.device, n
         return time.perf_counter() - t0
 
 
-async def ours(backend: Backend, model: nn.Module, frames: Sequence[torch.Tensor], window: int, capacity: int,
-               keep: list | None = None) -> float:
+async def ours(backend: Backend, model: nn.Module, frames: Sequence[torch.Tensor], window: int, capacity: int) -> float:
     pipe = pa.Pipeline(model, devices=backend.devices(), window=window, capacity=capacity)
-    dt = await C.time_stream(pipe, frames)
-    if keep is not None:
-        keep.append(pipe)
-    return dt
+    return await C.time_stream(pipe, frames)
+
+
+async def ours_observed(backend: Backend, model: nn.Module, frames: Sequence[torch.Tensor], window: int,
+                        capacity: int) -> tuple[pa.Pipeline, dict[str, float]]:
+    """One run of ours beside a ticker coroutine (sleeps 1 ms, records how late it wakes);
+    the pipeline (for its spans) and the loop's numbers: its thread's CPU share of the wall
+    time, and the ticker's lateness in microseconds."""
+    pipe = pa.Pipeline(model, devices=backend.devices(), window=window, capacity=capacity)
+    late: list[float] = []
+    running = True
+
+    async def ticker() -> None:
+        while running:
+            t0 = time.perf_counter()
+            await asyncio.sleep(1e-3)
+            late.append(time.perf_counter() - t0 - 1e-3)
+
+    task = asyncio.create_task(ticker())
+    cpu0, wall0 = time.thread_time(), time.perf_counter()
+    await C.time_stream(pipe, frames)
+    cpu, wall = time.thread_time() - cpu0, time.perf_counter() - wall0
+    running = False
+    await task
+    late.sort()
+    return pipe, {"loop_cpu_share": cpu / wall, "ticker_late_median_us": statistics.median(late) * 1e6,
+                  "ticker_late_p99_us": late[min(len(late) - 1, int(0.99 * len(late)))] * 1e6,
+                  "ticker_late_max_us": late[-1] * 1e6}
 
 
 async def ours_outputs(backend: Backend, model: nn.Module, frames: Sequence[torch.Tensor], window: int,
@@ -453,10 +479,11 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None, parser: argparse.A
         raw = C.interleaved({name: make(name, stream_pageable, stream_pinned) for name in (*NAIVE, *ours_names)},
                             repeats)
 
-        kept: list[pa.Pipeline] = []  # untimed: the spans of one more run with the default window
-        runner.run(ours(backend, model, stream_pinned[:min(n_frames, 500)], windows[0], args.capacity, keep=kept))
-        overlaps = span_overlaps(kept[0])
-        balance = list(kept[0].balance) if kept[0].balance is not None else None
+        # untimed: one more run with the default window, for its spans and the loop's numbers
+        kept, loop_numbers = runner.run(ours_observed(backend, model, stream_pinned[:min(n_frames, 500)],
+                                                      windows[0], args.capacity))
+        overlaps = span_overlaps(kept)
+        balance = list(kept.balance) if kept.balance is not None else None
 
     # -- report --------------------------------------------------------------------------------------
     fps = {name: n_frames / C.median(times) for name, times in raw.items()}
@@ -475,6 +502,9 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None, parser: argparse.A
           f"{overlaps['overlap_h2d_next']:.0%} of frames, D2H(t-1) overlapped compute(t) on the last stage in "
           f"{overlaps['overlap_d2h_prev']:.0%}; medians h2d {overlaps['span_h2d_us']:.0f} us, d2h "
           f"{overlaps['span_d2h_us']:.0f} us; balance {balance}")
+    print(f"the loop meanwhile: its thread's CPU {loop_numbers['loop_cpu_share']:.0%} of the wall time; a 1 ms "
+          f"sleeper woke late by {loop_numbers['ticker_late_median_us']:.0f} us (median), "
+          f"{loop_numbers['ticker_late_p99_us']:.0f} us (p99), {loop_numbers['ticker_late_max_us']:.0f} us (max)")
     print(f"ours/ideal = {r_ideal:.2f} ({best_ours}; goal >= {GOAL_IDEAL})")
 
     numbers: dict[str, object] = {
@@ -486,7 +516,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None, parser: argparse.A
     numbers.update(h2d_us=parts.h2d * 1e6, compute_us=parts.compute * 1e6, d2h_us=parts.d2h * 1e6,
                    ideal_fps=ideal_fps, serial_over_max=parts.serial / parts.bound, launch_us=parts.launch * 1e6,
                    host_stage_in_us=parts.host_stage_in * 1e6, host_clone_out_us=parts.host_clone_out * 1e6)
-    numbers.update({k: v for k, v in overlaps.items()})
+    numbers.update(overlaps)
+    numbers.update(loop_numbers)
     numbers.update(balance="/".join(map(str, balance)) if balance else "?", max_abs_diff=max_diff, best_naive=best_naive, best_ours=best_ours, ours_over_ideal=r_ideal,
                    ours_over_naive=r_naive, noise=noise)
     if args.json is not None:

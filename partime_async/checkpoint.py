@@ -46,7 +46,9 @@ class Snapshot:
         for k, part in enumerate(self._parts):
             if part is None:
                 raise RuntimeError(f"stage {k} did not contribute to the checkpoint at frame {self.seq}")
-            (module_state, learner_state), _ = await part
+            (module_state, learner_state), ready = await part
+            if ready is not None:  # copied on a GPU stream: complete before anyone reads it
+                await in_thread(ready.synchronize)
             for key, value in module_state.items():
                 index, _, rest = key.partition(".")
                 model[f"{int(index) + offset}.{rest}"] = value

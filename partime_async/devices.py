@@ -7,7 +7,9 @@ One small abstraction hides CPU and CUDA from the stage executor:
     (FIFO). ``payload`` may live on another device; ``ready`` is the event that says it is
     complete there (``None`` for host tensors). The ticket is awaited on the event loop and
     gives ``(result, ready)``: the result stays on this device, with the event that marks
-    it complete, so the next device can take it over without a host synchronisation.
+    it complete (``None`` when it already is), so the next device can take it over without a
+    host synchronisation. ``ready`` may still be pending: whoever reads the result waits for
+    it first (a device's ``submit`` and ``download`` do, on the GPU or off the loop thread).
     ``seq`` and ``kind`` label the work for metrics (see :mod:`partime_async.metrics`).
 ``device.download(payload, ready, seq=) -> awaitable`` a host copy of a result (for sinks).
 
@@ -18,10 +20,11 @@ for the loop between two frames. Stages whose compute costs less than a thread h
 run ``inline`` on the loop thread instead (the pipeline measures both and decides).
 
 :class:`CudaDevice` launches from the loop thread onto its own compute stream, copies in on
-a copy stream (host tensors through reused pinned staging buffers, device tensors
-device-to-device after waiting on the producer's event), records events from a pool, and
-polls ``event.query()`` with an adaptive back-off so that one loop keeps many GPUs and their
-copy engines busy.
+a copy stream (host tensors through page-locked memory from PyTorch's caching host allocator,
+device tensors device-to-device after waiting on the producer's event on the GPU), and hands
+its result on with its ready-event at once. An :class:`EventWaiter` thread per stream sleeps
+until events complete and tells the loop in batches, so the loop never polls and one loop
+keeps many GPUs and their copy engines busy.
 
 Spans (metrics): on a CPU device the stage executor times its own work on the thread that
 runs it, and reads the frame's seq from :attr:`CpuDevice.seq`. A CUDA device times its copies
@@ -41,6 +44,7 @@ from typing import Any, Awaitable, Callable, Sequence
 import torch
 
 from .frame import Payload, leaves, now, to_device, tree_map
+from .threads import LoopNotifier, resolve
 
 Ticket = Awaitable[tuple[Payload, Any]]
 """Awaitable result of :meth:`Device.submit`: ``(result, ready_event_or_None)``."""
@@ -134,8 +138,7 @@ class CpuDevice(Device):
         self._closing = False
         self._dead = False  # the worker has left: nothing queued from now on would ever run
         self._lock = threading.Lock()  # orders post() against the worker's last drain
-        self._done: deque[tuple[asyncio.Future[Any], Any, BaseException | None]] = deque()
-        self._wake_pending = False
+        self._notifier: LoopNotifier | None = None
         self.seq = -1  # the frame whose work runs now, set on the thread that runs it (for spans)
 
     def __repr__(self) -> str:
@@ -152,8 +155,8 @@ class CpuDevice(Device):
         if self._thread is not None:
             raise RuntimeError(f"{self.name} is already started; a device serves one pipeline at a time")
         self._loop = loop
-        self._closing = self._dead = self._wake_pending = False
-        self._done.clear()
+        self._notifier = LoopNotifier(loop)
+        self._closing = self._dead = False
         self._queue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._work, name=f"partime-{self.name}", daemon=True)
         self._thread.start()
@@ -189,22 +192,9 @@ class CpuDevice(Device):
             self._queue.put((task, future))
 
     def notify(self, future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
-        """Resolve ``future`` on the loop, from the worker thread.
-
-        Notices are batched: while the loop has not yet run the previous wake-up, new results
-        only join the queue. A busy pipeline thus wakes the loop once per batch of results
-        instead of once per result (a wake-up costs tens of microseconds of CPU).
-        """
-        self._done.append((future, result, exc))
-        if not self._wake_pending:
-            self._wake_pending = True
-            self._loop.call_soon_threadsafe(self._deliver)
-
-    def _deliver(self) -> None:
-        self._wake_pending = False  # first: a result appended from now on schedules a new wake-up
-        done = self._done
-        while done:
-            _resolve(*done.popleft())
+        """Resolve ``future`` on the loop, from the worker thread (batched: a busy pipeline
+        wakes the loop once per batch of results, see :class:`~partime_async.threads.LoopNotifier`)."""
+        self._notifier.notify(future, result, exc)
 
     def run_inline(self, fn: Callable[[Payload], Payload], payload: Payload, ready: Any = None, *,
                    seq: int = -1) -> Payload:
@@ -265,7 +255,7 @@ class CpuDevice(Device):
                 if self._closing:
                     self._loop.call_soon_threadsafe(future.cancel)
                 else:
-                    self._loop.call_soon_threadsafe(_resolve, future, None, WorkerDied(self, what))
+                    self._loop.call_soon_threadsafe(resolve, future, None, WorkerDied(self, what))
             except RuntimeError:
                 return
 
@@ -280,18 +270,6 @@ def _host_input(payload: Payload, ready: Any) -> Payload:
 
 
 _CPU = torch.device("cpu")
-
-
-def _resolve(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
-    if future.done():  # the awaiting stage was cancelled
-        return
-    if exc is not None:
-        future.set_exception(exc)
-        # Whoever awaits the future still gets the error; one that nobody will await (its
-        # stage is being cancelled because the pipeline already failed) is not logged again.
-        future.exception()
-    else:
-        future.set_result(result)
 
 
 def cpu_devices(n: int | None = None, *, threads: int | None = None, inline: bool | str = "auto") -> list[CpuDevice]:
@@ -314,7 +292,13 @@ def cpu_devices(n: int | None = None, *, threads: int | None = None, inline: boo
 class EventPool:
     """CUDA events reused across frames: the pool grows to the in-flight depth, never per frame.
 
-    ``timing=True``: events that can be timed (``elapsed_time``), for spans.
+    Events are created with ``blocking=True`` so that a thread waiting on one sleeps in the
+    driver instead of spinning a core. ``timing=True``: events that can be timed
+    (``elapsed_time``), for spans.
+
+    An event goes back to the pool only once the host has seen it complete. A consumer that
+    waits on it after it was taken and recorded again therefore waits for later work of the
+    same device: longer than needed, never too short (the new record completes after the old).
     """
 
     def __init__(self, timing: bool = False) -> None:
@@ -326,64 +310,75 @@ class EventPool:
         if self._free:
             return self._free.pop()
         self.created += 1
-        return torch.cuda.Event(enable_timing=self.timing)
+        return torch.cuda.Event(enable_timing=self.timing, blocking=True)
 
-    def give(self, event: torch.cuda.Event) -> None:
-        self._free.append(event)
-
-
-class PinnedPool:
-    """Page-locked host buffers by (shape, dtype), reused once the copy that read them is done."""
-
-    def __init__(self) -> None:
-        self._free: dict[tuple[Any, ...], list[torch.Tensor]] = {}
-        self._busy: deque[tuple[torch.cuda.Event, list[torch.Tensor]]] = deque()
-        self.created = 0
-
-    def take(self, like: torch.Tensor) -> torch.Tensor:
-        self._reclaim()
-        free = self._free.get((tuple(like.shape), like.dtype))
-        if free:
-            return free.pop()
-        self.created += 1
-        return torch.empty(like.shape, dtype=like.dtype, pin_memory=True)
-
-    def hold(self, event: torch.cuda.Event, buffers: list[torch.Tensor]) -> None:
-        """Keep ``buffers`` busy until ``event`` completes."""
-        if buffers:
-            self._busy.append((event, buffers))
-
-    def _reclaim(self) -> None:
-        while self._busy and self._busy[0][0].query():
-            _, buffers = self._busy.popleft()
-            for b in buffers:
-                self._free.setdefault((tuple(b.shape), b.dtype), []).append(b)
-
-    @property
-    def held(self) -> int:
-        """Pinned buffers this pool keeps (free or still being read by a copy)."""
-        return sum(len(b) for b in self._free.values()) + sum(len(b) for _, b in self._busy)
-
-    def clear(self) -> None:
-        """Let every buffer go (PyTorch's pinned-memory allocator keeps a buffer that a copy
-        still reads until the copy's stream has passed it)."""
-        self._free.clear()
-        self._busy.clear()
+    def give(self, *events: torch.cuda.Event) -> None:
+        self._free.extend(events)
 
 
-async def wait_event(event: torch.cuda.Event, *, spin: int = 8, max_sleep: float = 1e-3) -> None:
-    """Wait for a CUDA event without blocking the loop.
+class EventWaiter:
+    """A thread that waits for events, in the order given, and resolves a future for each on
+    the loop (batched, through a :class:`~partime_async.threads.LoopNotifier`).
 
-    Yields to the loop ``spin`` times (cheap, and right for short kernels), then sleeps with an
-    exponential back-off capped at ``max_sleep`` so that an idle wait costs little CPU.
+    Why not poll ``event.query()`` from the loop: a loop's timers have a granularity of about a
+    millisecond (epoll), so a poll either spins the loop thread or adds up to 1 ms to every
+    wait. This thread sleeps in ``event.synchronize()``, which releases the GIL, and costs the
+    loop one wake-up per batch of completions. Events recorded on one stream complete in
+    order, so one FIFO per stream loses nothing to head-of-line blocking.
+
+    ``event`` is anything with ``synchronize()`` (a CUDA event, or a test double). An error it
+    raises (a CUDA error surfaces at the next synchronisation) goes to that event's future.
     """
-    delay = 0.0
-    polls = 0
-    while not event.query():
-        polls += 1
-        if polls > spin:
-            delay = min(max(delay * 2, 25e-6), max_sleep)
-        await asyncio.sleep(delay)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._notifier: LoopNotifier | None = None
+
+    def start(self, notifier: LoopNotifier) -> None:
+        self._notifier = notifier
+        self._queue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name=self.name, daemon=True)
+        self._thread.start()
+
+    def watch(self, event: Any) -> asyncio.Future[None]:
+        """A future of the loop that completes when ``event`` does. Call on the loop thread."""
+        if self._thread is None:
+            raise RuntimeError(f"{self.name} is not running")
+        future = self._notifier.loop.create_future()
+        self._queue.put((event, future))
+        return future
+
+    def close(self) -> None:
+        """Stop the thread once the events already given are complete (their futures are
+        still resolved while the loop runs). Idempotent."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self._queue.put(_STOP)
+        thread.join()
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not _STOP:
+            event, future = item
+            try:
+                event.synchronize()
+            except BaseException as exc:  # delivered to whoever waits for this event
+                error: BaseException | None = exc
+            else:
+                error = None
+            try:
+                self._notifier.notify(future, None, error)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                return
+
+
+async def _completed(finished: asyncio.Future[None]) -> None:
+    """Wait for an event's future without cancelling it when the caller is cancelled (the
+    device still needs its completion to recycle the event), and raise its error."""
+    await asyncio.wait({finished})
+    finished.result()
 
 
 class CudaDevice(Device):
@@ -393,24 +388,48 @@ class CudaDevice(Device):
     a separate copy stream so that the copy of frame t+1 overlaps the compute of frame t, and
     downloads use a third stream.
 
+    Hand-off: a ticket resolves as soon as the frame's work is *launched*, with the device
+    tensor and the event that marks it complete; the next stage's copy stream waits on that
+    event on the GPU, so no host round trip sits between two GPU stages. So that the host
+    cannot run arbitrarily far ahead of the GPU, the ticket of frame t also waits until frame
+    t - ``depth`` of this device is complete. Completions are seen by an
+    :class:`EventWaiter` thread (no polling on the loop); they recycle the events and, with
+    metrics on, turn the timing events into spans.
+
+    Host memory: pageable inputs are copied into page-locked memory from PyTorch's caching
+    host allocator (``Tensor.pin_memory``), which keeps each block until the copy that reads
+    it is done and then reuses it; downloads land in page-locked tensors from the same
+    allocator and are handed over as they are (no extra copy): the block returns to the cache
+    when the caller drops the tensor.
+
     With ``spans`` set (by the stage executor, metrics on), each copy, compute and download is
     bracketed by timing events on its stream and recorded, once complete, as a span on the host
     clock (:func:`~partime_async.frame.now`), labelled with ``track`` (the stage index).
+
+    Args:
+        index: the GPU (``0``, ``"cuda:1"``, a ``torch.device``).
+        depth: frames this device may have launched and not yet finished (at least 1).
     """
 
-    def __init__(self, index: int | str | torch.device = 0) -> None:
+    def __init__(self, index: int | str | torch.device = 0, *, depth: int = 3) -> None:
         dev = torch.device(index if not isinstance(index, int) else f"cuda:{index}")
         if dev.type != "cuda":
             raise ValueError(f"CudaDevice needs a cuda device, got {dev}")
+        if not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"depth must be a positive int, got {depth!r}")
         self.torch_device = torch.device("cuda", dev.index if dev.index is not None else 0)
+        self.depth = depth
         self.events = EventPool()
-        self.staging = PinnedPool()
+        self.timing = EventPool(timing=True)
         self.compute: torch.cuda.Stream | None = None
         self.copy_in: torch.cuda.Stream | None = None
         self.copy_out: torch.cuda.Stream | None = None
-        self.timing = EventPool(timing=True)
         self.spans: deque[tuple[int, str, int, float, float]] | None = None
         self.track = -1
+        self._computed = EventWaiter(f"partime-{self.name}-compute")
+        self._downloaded = EventWaiter(f"partime-{self.name}-download")
+        self._launched: deque[asyncio.Future[None]] = deque(maxlen=depth)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._anchor: torch.cuda.Event | None = None  # a completed event at host time _t_anchor
         self._t_anchor = 0.0
 
@@ -428,6 +447,11 @@ class CudaDevice(Device):
             self._anchor.record(self.compute)
             self._anchor.synchronize()
             self._t_anchor = now()
+        self._loop = loop
+        self._launched.clear()
+        notifier = LoopNotifier(loop)
+        self._computed.start(notifier)
+        self._downloaded.start(notifier)
 
     def _mark(self, stream: torch.cuda.Stream) -> torch.cuda.Event:
         """A timing event recorded on ``stream`` now (spans)."""
@@ -436,18 +460,14 @@ class CudaDevice(Device):
         return event
 
     def _span(self, spans: deque[Any], kind: str, seq: int, start: torch.cuda.Event, end: torch.cuda.Event) -> None:
-        """Record into ``spans`` the span between two completed timing events; they go back to
-        the pool."""
+        """Record into ``spans`` the span between two completed timing events."""
         anchor, t = self._anchor, self._t_anchor
         spans.append((self.track, kind, seq, t + anchor.elapsed_time(start) * 1e-3, t + anchor.elapsed_time(end) * 1e-3))
-        self.timing.give(start)
-        self.timing.give(end)
 
     def _upload(self, payload: Payload, ready: Any) -> tuple[Payload, torch.cuda.Event, Any]:
         """Enqueue the copy of ``payload`` to this device on the copy stream; return its event,
         and for spans ``(kind, start, end)`` timing events of the copies (None if untimed or
         nothing was copied)."""
-        staged: list[torch.Tensor] = []
         kind: str | None = None  # "h2d" or "d2d", from the first tensor copied
         if ready is not None:
             self.copy_in.wait_event(ready)
@@ -458,11 +478,9 @@ class CudaDevice(Device):
                 return t
             kind = kind or ("h2d" if t.device.type == "cpu" else "d2d")
             if t.device.type == "cpu":
-                if not t.is_pinned():
-                    buf = self.staging.take(t)
-                    buf.copy_(t)
-                    staged.append(buf)
-                    t = buf
+                # An asynchronous copy needs page-locked memory; the caching host allocator
+                # keeps this block until the copy below has read it.
+                t = t if t.is_pinned() else t.pin_memory()
             else:
                 t.record_stream(self.copy_in)  # producer's allocator must not reuse it early
             return t.to(self.torch_device, non_blocking=True)
@@ -473,7 +491,6 @@ class CudaDevice(Device):
             moved = tree_map(move, payload)
         event = self.events.take()
         event.record(self.copy_in)
-        self.staging.hold(event, staged)
         copy = None
         if timed:
             if kind is None:
@@ -484,35 +501,60 @@ class CudaDevice(Device):
 
     def submit(self, fn: Callable[[Payload], Payload], payload: Payload, ready: Any = None, *,
                seq: int = -1, kind: str = "compute") -> Ticket:
+        if self._loop is None:
+            raise RuntimeError(f"{self.name} is not running")
         spans = self.spans
         timed = spans is not None
-        with torch.cuda.device(self.torch_device):
-            x, copied, copy = self._upload(payload, ready)
-            self.compute.wait_event(copied)
-            with torch.cuda.stream(self.compute):
-                start = self._mark(self.compute) if timed else None
-                for t in leaves(x):
-                    if isinstance(t, torch.Tensor) and t.is_cuda:
-                        t.record_stream(self.compute)
-                y = fn(x)
-                end = self._mark(self.compute) if timed else None
-            done = self.events.take()
-            done.record(self.compute)
-        return self._finish(y, copied, done, (spans, seq, kind, copy, start, end) if timed else None)
+        copied = start = None
+        try:
+            with torch.cuda.device(self.torch_device):
+                x, copied, copy = self._upload(payload, ready)
+                self.compute.wait_event(copied)
+                with torch.cuda.stream(self.compute):
+                    start = self._mark(self.compute) if timed else None
+                    for t in leaves(x):
+                        if isinstance(t, torch.Tensor) and t.is_cuda:
+                            t.record_stream(self.compute)
+                    y = fn(x)
+                    end = self._mark(self.compute) if timed else None
+                done = self.events.take()
+                done.record(self.compute)
+        except Exception as exc:  # the stage's error, delivered through its ticket
+            # Work already enqueued completes later; a recorded event may be taken again at
+            # once (a later record completes later still, see EventPool).
+            if copied is not None:
+                self.events.give(copied)
+            if start is not None:
+                self.timing.give(start)
+            failed = self._loop.create_future()
+            resolve(failed, None, exc)
+            return failed
+        finished = self._computed.watch(done)
+        marks = (spans, seq, kind, copy, start, end) if timed else None
+        finished.add_done_callback(lambda f: self._retire(f, (copied, done), marks))
+        gate = self._launched[0] if len(self._launched) == self.depth else None
+        self._launched.append(finished)
+        return self._handoff(y, done, gate)
 
-    async def _finish(self, y: Payload, copied: torch.cuda.Event, done: torch.cuda.Event,
-                      marks: tuple[deque[Any], int, str, Any, Any, Any] | None) -> tuple[Payload, Any]:
-        await wait_event(done)
-        # Both events are complete, so they go straight back to the pool, and the result
-        # needs no ready-event: the consumer's copy stream may read it at once.
-        self.events.give(copied)
-        self.events.give(done)
-        if marks is not None:  # the copy completed before the compute began, the compute before done
+    async def _handoff(self, y: Payload, done: torch.cuda.Event,
+                       gate: asyncio.Future[None] | None) -> tuple[Payload, Any]:
+        if gate is not None:  # frame t - depth must be complete: bounds the GPU's queue
+            await _completed(gate)
+        return y, done
+
+    def _retire(self, finished: asyncio.Future[None], events: tuple[torch.cuda.Event, ...],
+                marks: tuple[deque[Any], int, str, Any, Any, Any] | None) -> None:
+        """A frame's work is complete (or failed): recycle its events, record its spans."""
+        self.events.give(*events)
+        failed = finished.cancelled() or finished.exception() is not None  # (marks the error retrieved)
+        if marks is not None:
             spans, seq, kind, copy, start, end = marks
-            if copy is not None:
-                self._span(spans, copy[0], seq, copy[1], copy[2])
-            self._span(spans, kind, seq, start, end)
-        return y, None
+            timing = [start, end] + ([copy[1], copy[2]] if copy is not None else [])
+            if not failed:  # the copy completed before the compute began, the compute before done
+                if copy is not None:
+                    self._span(spans, copy[0], seq, copy[1], copy[2])
+                self._span(spans, kind, seq, start, end)
+            self.timing.give(*timing)
 
     async def download(self, payload: Payload, ready: Any, *, seq: int = -1) -> Payload:
         spans = self.spans
@@ -520,16 +562,14 @@ class CudaDevice(Device):
         with torch.cuda.device(self.torch_device):
             if ready is not None:
                 self.copy_out.wait_event(ready)
-            pinned: list[torch.Tensor] = []
 
             def fetch(t: Any) -> Any:
                 if not isinstance(t, torch.Tensor) or not t.is_cuda:
                     return t
                 t.record_stream(self.copy_out)
-                buf = self.staging.take(t)
-                buf.copy_(t, non_blocking=True)
-                pinned.append(buf)
-                return buf
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                host.copy_(t, non_blocking=True)
+                return host
 
             with torch.cuda.stream(self.copy_out):
                 start = self._mark(self.copy_out) if timed else None
@@ -537,17 +577,24 @@ class CudaDevice(Device):
                 end = self._mark(self.copy_out) if timed else None
             event = self.events.take()
             event.record(self.copy_out)
-        await wait_event(event)
-        self.events.give(event)
-        if timed:
-            self._span(spans, "d2h", seq, start, end)
-        # Pinned buffers go back to the pool; the user gets ordinary memory that is theirs.
-        out = tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, host)
-        self.staging.hold(event, pinned)
-        return out
+        finished = self._downloaded.watch(event)
+
+        def retire(f: asyncio.Future[None]) -> None:
+            self.events.give(event)
+            if timed:
+                if not (f.cancelled() or f.exception() is not None):
+                    self._span(spans, "d2h", seq, start, end)
+                self.timing.give(start, end)
+
+        finished.add_done_callback(retire)
+        await _completed(finished)
+        return host
 
     def close(self) -> None:
-        self.staging.clear()
+        self._computed.close()
+        self._downloaded.close()
+        self._launched.clear()
+        self._loop = None
         self.compute = self.copy_in = self.copy_out = None
         self.spans = None  # the run's ring; the next run's executor sets its own
 

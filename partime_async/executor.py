@@ -35,6 +35,7 @@ from .frame import Frame, Payload, now
 from .checkpoint import META_KEY as CHECKPOINT_KEY
 from .checkpoint import stage_state
 from .learning import ForwardFailed, StageLearner
+from .threads import in_thread
 from .validation import InputSpec
 
 OnError = Literal["raise", "skip"]
@@ -222,6 +223,9 @@ class StageExecutor:
         assert isinstance(device, CpuDevice)
         stats, outbox = self.stats, self.outbox
         async for job in self.inbox:
+            if job.ready is not None:  # a GPU stage's output, maybe not computed yet: wait off the loop
+                await in_thread(job.ready.synchronize)
+                job.ready = None
             try:
                 job.frame.data = device.run_inline(compute, job.frame.data, job.ready, seq=job.frame.seq)
                 job.ready = None
@@ -257,6 +261,8 @@ class StageExecutor:
                     if learning:
                         data, loss = data
                         if loss is not None:
+                            if job.ready is not None:  # on a GPU, possibly not computed yet
+                                loss = await device.download(loss, job.ready, seq=job.frame.seq)
                             job.frame.meta["loss"] = stats.loss = float(loss)
                     if self.download:
                         data = await device.download(data, job.ready, seq=job.frame.seq)
@@ -459,7 +465,7 @@ class ThreadChain:
             async for job in self.inbox:
                 job.ticket = future = loop.create_future()
                 try:
-                    first.post(self._task(0, job.frame.seq, _host_input(job.frame.data, job.ready), future), future)
+                    first.post(self._task(0, job.frame.seq, job.frame.data, future, job.ready), future)
                 except WorkerDied as exc:
                     raise self.executors[0]._died(exc, job.frame.seq) from exc
                 if not inflight.send_nowait(job):
@@ -467,7 +473,7 @@ class ThreadChain:
         finally:
             inflight.close()
 
-    def _task(self, k: int, seq: int, x: Payload, future: asyncio.Future[Any]) -> Callable[[], None]:
+    def _task(self, k: int, seq: int, x: Payload, future: asyncio.Future[Any], ready: Any = None) -> Callable[[], None]:
         executor = self.executors[k]
         last = k == len(self.executors) - 1
 
@@ -475,7 +481,7 @@ class ThreadChain:
             device = executor.device
             device.seq = seq
             try:
-                y = executor._compute(x)
+                y = executor._compute(_host_input(x, ready) if k == 0 else x)
             except BaseException as exc:
                 device.notify(future, None, StageFailed(k, exc))
                 return

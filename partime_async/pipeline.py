@@ -433,14 +433,17 @@ class Pipeline:
         with torch.random.fork_rng(devices=[]):
             for k, (stage, device) in enumerate(zip(self.stages, self.devices)):
                 try:
-                    (seconds, x), _ = await device.submit(lambda v, s=stage: _time_stage(s, v), x)
+                    (seconds, x), ready = await device.submit(lambda v, s=stage: _time_stage(s, v), x)
                 except Exception as exc:
                     cause = exc.__cause__ if isinstance(exc, LayerFailed) else exc
                     raise StageFailed(k, cause) from cause
                 if k in auto:
-                    device.inline = seconds < handoff
+                    # After a GPU stage the input's event is waited for off the loop, which
+                    # costs a thread hop anyway: run on the worker thread.
+                    after_gpu = k > 0 and isinstance(self.devices[k - 1], CudaDevice)
+                    device.inline = seconds < handoff and not after_gpu
                 if isinstance(device, CudaDevice) and k + 1 < len(self.devices):
-                    x = await device.download(x, None)
+                    x = await device.download(x, ready)
 
     # -- admitting frames ---------------------------------------------------------------------
     def _prepare(self, frame: Frame, route: Route) -> Job | None:

@@ -1,13 +1,17 @@
-"""Blocking work on a thread, awaited so that cancellation never leaves it running behind.
+"""Threads and the event loop: blocking work awaited safely, and results sent back in batches.
 
 ``asyncio.to_thread`` cannot stop its thread: a cancelled caller returns at once while the
 thread goes on (writing a file, measuring a model). :func:`in_thread` waits for the thread to
 end before it re-raises the cancellation, and can ask it to stop early through an event.
+
+:class:`LoopNotifier` resolves a loop's futures from other threads (device workers, CUDA event
+waiters), waking the loop once per batch of results rather than once per result.
 """
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections import deque
 from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
@@ -27,3 +31,45 @@ async def in_thread(fn: Callable[..., T], *args: Any, stop: threading.Event | No
         if not work.cancelled():
             work.exception()  # retrieved: the cancellation is what the caller reports
         raise
+
+
+def resolve(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    """Set ``future``'s result or exception, unless it is already done (its awaiter was
+    cancelled). Call on the future's loop."""
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+        # Whoever awaits the future still gets the error; one that nobody will await (its
+        # stage is being cancelled because the pipeline already failed) is not logged again.
+        future.exception()
+    else:
+        future.set_result(result)
+
+
+class LoopNotifier:
+    """Resolves futures of one event loop from any thread, in batches.
+
+    While the loop has not yet run the previous wake-up, new results only join the queue, so a
+    busy producer wakes the loop once per batch of results instead of once per result (a
+    wake-up costs tens of microseconds of CPU on both sides).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._done: deque[tuple[asyncio.Future[Any], Any, BaseException | None]] = deque()
+        self._wake_pending = False
+
+    def notify(self, future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+        """Resolve ``future`` with ``result`` (or ``exc``) on the loop, soon. Any thread.
+        Raises RuntimeError if the loop is closed."""
+        self._done.append((future, result, exc))
+        if not self._wake_pending:
+            self._wake_pending = True
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        self._wake_pending = False  # first: a result appended from now on schedules a new wake-up
+        done = self._done
+        while done:
+            resolve(*done.popleft())
