@@ -23,7 +23,41 @@ S=1 figure, t(S=1) / frames, is the whole per-frame cost of a one-stage chain (a
 one hop, delivery). Goals: ours_inline / bare_queue <= 1.5, ours_thread / bare_executor <= 1.0.
 The last line printed is the inline ratio.
 
-    python bench/hop_overhead.py [--quick] [--repeats N] [--loop asyncio|uvloop] [--no-record | --record]
+``--device cuda`` (issue 7): the same per-hop cost with GPU stages, recorded as
+``hop_overhead_cuda``. Frames ``torch.zeros(1, 16)`` are made on the GPU beforehand (and
+synchronised), so no hop is a host copy. S stages are S ``pa.CudaDevice(0)`` on one GPU
+(each its own streams), for two stage ops: ``identity`` (``nn.Identity``: no kernel at all,
+so only the machinery is timed: streams, events, polling, queues; this is the per-hop cost
+proper) and ``add`` (``x + 1``: one tiny elementwise kernel per stage, out of place, so that
+every hop really crosses streams behind pending GPU work). Variants, all in the same run:
+
+* ``sync_loop``    the plain synchronous loop a user would write first, on the default stream:
+                   ``for x in frames: y = model(x); torch.cuda.synchronize()`` (``model`` the
+                   S stage ops in an ``nn.Sequential``), under ``torch.no_grad()``;
+* ``bare_streams`` the bare asyncio chain a user would otherwise write: S coroutines joined by
+                   bounded ``asyncio.Queue`` s, each stage launching its op on its own
+                   ``torch.cuda.Stream`` (``x.record_stream(stream)`` first: x was made on
+                   another stream), recording an event on that stream after the op, and
+                   awaiting completion by polling ``event.query()`` with
+                   ``await asyncio.sleep(0)`` -- the simplest correct non-blocking wait (no
+                   thread, no blocking ``synchronize`` on the loop). The result is handed on
+                   only once complete, so the next stage needs no event of its own to wait on;
+                   each stage reuses one event (it waits for it before recording it again);
+* ``ours``         ``Pipeline`` on ``[pa.CudaDevice(0) for _ in range(S)]``, ``balance=[1] * S``,
+                   ``input_spec=None``, metrics on (the default);
+* ``ours_nometrics`` the same with ``metrics=False`` (no timing events for spans).
+
+Ours delivers every output to host memory (the pipeline's last CUDA stage downloads it for the
+sinks), the baselines leave it on the GPU: a constant per frame that ``per_hop`` cancels (it is
+in the S=1 figures). Outputs are checked (``add``, S=4: every value 4) for every variant before
+timing. 2000 frames per run by default (quick: 200). The last line printed is ours /
+bare_streams per hop for ``identity`` (goal <= 1.5, the CPU inline goal); the ``add`` ratio is
+the line before. Without CUDA,
+``--device cuda --quick`` says so and exits 0 (nothing measured or recorded); a full run exits
+with an error, as ``bench/gpu_overlap.py --device cuda`` does.
+
+    python bench/hop_overhead.py [--quick] [--device cpu|cuda] [--repeats N] [--frames N]
+        [--loop asyncio|uvloop] [--no-record | --record]
 """
 from __future__ import annotations
 
@@ -164,6 +198,219 @@ def make_variant(name: str, frames: Sequence[torch.Tensor], stages: int, capacit
     raise ValueError(name)
 
 
+# -- --device cuda: GPU stages (issue 7) --------------------------------------------------------
+CUDA_VARIANTS = ("sync_loop", "bare_streams", "ours", "ours_nometrics")
+CUDA_OPS = ("identity", "add")
+CUDA_LABELS = {
+    "sync_loop": "sync loop (model(x); synchronize())",
+    "bare_streams": "bare chain (stream + event.query())",
+    "ours": "ours (CudaDevice, metrics on)",
+    "ours_nometrics": "ours (CudaDevice, metrics=False)",
+}
+
+
+class AddOne(nn.Module):
+    """``x + 1``: one tiny elementwise kernel, out of place (the frames are reused by every run)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 1
+
+
+def cuda_ops(op: str, stages: int) -> list[nn.Module]:
+    if op == "identity":
+        return [nn.Identity() for _ in range(stages)]
+    if op == "add":
+        return [AddOne() for _ in range(stages)]
+    raise ValueError(op)
+
+
+def sync_loop(frames: Sequence[torch.Tensor], stages: int, op: str, outputs: list | None = None) -> float:
+    model = nn.Sequential(*cuda_ops(op, stages))
+    torch.cuda.synchronize()
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        for x in frames:
+            y = model(x)
+            torch.cuda.synchronize()
+            if outputs is not None:
+                outputs.append(y)
+        return time.perf_counter() - t0
+
+
+async def bare_streams(frames: Sequence[torch.Tensor], stages: int, capacity: int, op: str,
+                       outputs: list | None = None) -> float:
+    mods = cuda_ops(op, stages)
+    streams = [torch.cuda.Stream() for _ in range(stages)]
+    events = [torch.cuda.Event() for _ in range(stages)]  # one per stage: reused once complete
+    queues: list[asyncio.Queue] = [asyncio.Queue(capacity) for _ in range(stages + 1)]
+    end = None
+
+    async def producer() -> None:
+        q = queues[0]
+        for x in frames:
+            await q.put(x)
+        await q.put(end)
+
+    async def stage(k: int) -> None:
+        q_in, q_out, mod, stream, done = queues[k], queues[k + 1], mods[k], streams[k], events[k]
+        while True:
+            x = await q_in.get()
+            if x is end:
+                await q_out.put(end)
+                return
+            # x is complete (the frames were synchronised; an upstream stage hands on only
+            # completed results), so the stream need not wait for anything before using it.
+            with torch.no_grad(), torch.cuda.stream(stream):
+                x.record_stream(stream)  # x was allocated on another stream: no early reuse
+                y = mod(x)
+                done.record(stream)
+            while not done.query():
+                await asyncio.sleep(0)
+            await q_out.put(y)
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    tasks = [asyncio.create_task(producer())] + [asyncio.create_task(stage(k)) for k in range(stages)]
+    q_last, n = queues[-1], 0
+    while (y := await q_last.get()) is not end:
+        n += 1
+        if outputs is not None:
+            outputs.append(y)
+    dt = time.perf_counter() - t0
+    await asyncio.gather(*tasks)
+    assert n == len(frames), (n, len(frames))
+    return dt
+
+
+async def ours_cuda(frames: Sequence[torch.Tensor], stages: int, capacity: int, op: str, *, metrics: bool,
+                    window: int, outputs: list | None = None) -> float:
+    model = nn.Sequential(*cuda_ops(op, stages))
+    pipe = pa.Pipeline(model, devices=[pa.CudaDevice(0) for _ in range(stages)], balance=[1] * stages,
+                       input_spec=None, capacity=capacity, window=window, metrics=metrics)
+    torch.cuda.synchronize()
+    on_output = None if outputs is None else (lambda out: outputs.append(out.data))
+    dt = await C.time_stream(pipe, frames, on_output)
+    stats = pipe.stats()
+    assert all(s.frames == len(frames) for s in stats.stages)
+    return dt
+
+
+def make_cuda_variant(name: str, frames: Sequence[torch.Tensor], stages: int, op: str, capacity: int,
+                      window: int, outputs: list | None = None):
+    """A coroutine factory (the asynchronous variants) or a plain callable (``sync_loop``)."""
+    if name == "sync_loop":
+        return lambda: sync_loop(frames, stages, op, outputs)
+    if name == "bare_streams":
+        return lambda: bare_streams(frames, stages, capacity, op, outputs)
+    if name in ("ours", "ours_nometrics"):
+        return lambda: ours_cuda(frames, stages, capacity, op, metrics=name == "ours", window=window,
+                                 outputs=outputs)
+    raise ValueError(name)
+
+
+def main_cuda(args: argparse.Namespace, argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> int:
+    """``--device cuda``: the same per-hop definition, GPU stages, its own variants and record."""
+    if not torch.cuda.is_available():
+        if args.quick:
+            print("hop_overhead: --device cuda: CUDA is not available here; nothing measured, nothing recorded",
+                  flush=True)
+            return 0
+        raise SystemExit("hop_overhead: --device cuda given, but CUDA is not available here")
+    n_frames = args.frames or (200 if args.quick else 2000)
+    repeats = args.repeats or (2 if args.quick else 5)
+    if repeats < 1 or n_frames < 2:
+        parser.error("--repeats must be >= 1 and --frames >= 2")
+
+    dev = torch.device("cuda", 0)
+    frames = [torch.zeros(1, 16, device=dev) for _ in range(n_frames)]
+    torch.cuda.synchronize()
+    warm = frames[:min(len(frames), 200)]
+    print(f"hop overhead (cuda): {n_frames} frames of (1, 16) on {torch.cuda.get_device_name(dev)}, "
+          f"ops {'/'.join(CUDA_OPS)}, S = {'/'.join(map(str, STAGE_COUNTS))} CudaDevice(0) stages, "
+          f"capacity {args.capacity}, window {args.window}, loop {args.loop}, {repeats} interleaved repeats "
+          f"(medians)", flush=True)
+
+    s_lo, s_hi = STAGE_COUNTS
+    with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
+        def run_once(fn):
+            result = fn()
+            return runner.run(result) if asyncio.iscoroutine(result) else result
+
+        def make(name: str, fr: Sequence[torch.Tensor], s: int, op: str, outputs: list | None = None):
+            fn = make_cuda_variant(name, fr, s, op, args.capacity, args.window, outputs)
+            return lambda: run_once(fn)
+
+        for s in STAGE_COUNTS:  # warm-up: CUDA context, kernels, allocator, code paths; not timed
+            for op in CUDA_OPS:
+                for name in CUDA_VARIANTS:
+                    make(name, warm, s, op)()
+        # Correctness, untimed: S=4 "add" stages give 4 everywhere, for every variant.
+        check = frames[:min(len(frames), 100)]
+        bad = []
+        for name in CUDA_VARIANTS:
+            got: list[torch.Tensor] = []
+            make(name, check, s_hi, "add", got)()
+            values = torch.stack([g.to("cpu").reshape(-1) for g in got]) if got else torch.empty(0)
+            if len(got) != len(check) or not bool((values == float(s_hi)).all()):
+                bad.append(name)
+                print(f"WARNING: {name} gave wrong outputs ({len(got)} of {len(check)} frames)", flush=True)
+        print(f"outputs checked (add, S={s_hi}, {len(check)} frames): "
+              f"{'all correct' if not bad else 'WRONG: ' + ', '.join(bad)}", flush=True)
+        variants = {f"{n}/{op}@{s}": make(n, frames, s, op) for op in CUDA_OPS for n in CUDA_VARIANTS
+                    for s in STAGE_COUNTS}
+        raw = C.interleaved(variants, repeats)
+
+    us = 1e6 / n_frames
+    per_frame = {(n, op, s): C.median(raw[f"{n}/{op}@{s}"]) * us
+                 for n in CUDA_VARIANTS for op in CUDA_OPS for s in STAGE_COUNTS}
+    per_hop = {(n, op): C.median([(b - a) / (s_hi - s_lo) * us
+                                  for a, b in zip(raw[f"{n}/{op}@{s_lo}"], raw[f"{n}/{op}@{s_hi}"])])
+               for n in CUDA_VARIANTS for op in CUDA_OPS}
+    noise = max(C.spread(v) for v in raw.values())
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if b > 0 else float("inf")
+
+    print(f"\nper_hop = (t(S={s_hi}) - t(S={s_lo})) / {s_hi - s_lo} / frames, paired within each repeat, "
+          f"median over repeats; S={s_lo}: t / frames. Ours' figures include, at every S, the download of "
+          f"each output to host memory (the baselines keep it on the GPU): per_hop cancels it")
+    for op in CUDA_OPS:
+        print(f"\nop {op}:")
+        print(f"{'variant':38s} {'S=1 us/frame':>13s} {'S=4 us/frame':>13s} {'per-hop us':>11s}  spread S=1/S=4")
+        for n in CUDA_VARIANTS:
+            print(f"{CUDA_LABELS[n]:38s} {per_frame[n, op, s_lo]:13.2f} {per_frame[n, op, s_hi]:13.2f} "
+                  f"{per_hop[n, op]:11.2f}  {C.spread(raw[f'{n}/{op}@{s_lo}']):.0%}/"
+                  f"{C.spread(raw[f'{n}/{op}@{s_hi}']):.0%}")
+    print("(spread: (max - min) / median of a variant's repeats; large spreads mean a busy machine: rerun)")
+
+    ratios = {(n, base, op): ratio(per_hop[n, op], per_hop[base, op])
+              for n in ("ours", "ours_nometrics") for base in ("bare_streams", "sync_loop") for op in CUDA_OPS}
+    print()
+    for op in CUDA_OPS:
+        print(f"per-hop ratios ({op}): ours/bare_streams {ratios['ours', 'bare_streams', op]:.2f}, "
+              f"ours_nometrics/bare_streams {ratios['ours_nometrics', 'bare_streams', op]:.2f}, "
+              f"ours/sync_loop {ratios['ours', 'sync_loop', op]:.2f}")
+    print(f"per-hop ratio ours/bare_streams (cuda, add) = {ratios['ours', 'bare_streams', 'add']:.2f}")
+
+    numbers: dict[str, object] = {"device": "cuda", "loop": args.loop, "frames": n_frames, "repeats": repeats,
+                                  "capacity": args.capacity, "window": args.window}
+    for op in CUDA_OPS:
+        for n in CUDA_VARIANTS:
+            numbers[f"{n}_{op}_s1_us"] = per_frame[n, op, s_lo]
+            numbers[f"{n}_{op}_s4_us"] = per_frame[n, op, s_hi]
+            numbers[f"{n}_{op}_hop_us"] = per_hop[n, op]
+    for op in CUDA_OPS:
+        numbers[f"ratio_ours_bare_{op}_hop"] = ratios["ours", "bare_streams", op]
+        numbers[f"ratio_nometrics_bare_{op}_hop"] = ratios["ours_nometrics", "bare_streams", op]
+        numbers[f"ratio_ours_sync_{op}_hop"] = ratios["ours", "sync_loop", op]
+    numbers.update(outputs_ok=not bad, noise=noise)
+    headline = (f"per-hop ratio ours/bare_streams (cuda, identity) = {ratios['ours', 'bare_streams', 'identity']:.2f} "
+                f"(goal <= 1.5, as for CPU inline stages)")
+    C.record_run("hop_overhead_cuda", args, argv, numbers, headline)
+    return 0
+
+
+
 def loop_factory(kind: str):
     if kind == "asyncio":
         return None
@@ -181,11 +428,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_common_args(parser, default_repeats=5)
-    parser.add_argument("--frames", type=int, default=None, help="frames per run (default 20000; quick: 1000)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu (default): CPU stages; cuda: CudaDevice stages on GPU 0 "
+                             "(recorded as hop_overhead_cuda)")
+    parser.add_argument("--frames", type=int, default=None,
+                        help="frames per run (default 20000, cuda 2000; quick: 1000, cuda 200)")
     parser.add_argument("--capacity", type=int, default=4, help="channel / queue capacity (default 4)")
     parser.add_argument("--window", type=int, default=2, help="pipeline window (default 2)")
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio", help="event loop (default asyncio)")
     args = parser.parse_args(argv)
+    if args.device == "cuda":
+        return main_cuda(args, argv, parser)
     n_frames = args.frames or (1000 if args.quick else 20000)
     repeats = args.repeats or (2 if args.quick else 5)
     if repeats < 1 or n_frames < 2:

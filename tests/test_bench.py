@@ -1,9 +1,12 @@
 """Every benchmark runs end to end in its --quick mode (numbers are not checked: speed lives in
 bench/, and quick runs never write bench/RESULTS.md)."""
+import importlib.util
 import re
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from partime_async import cli
 
@@ -33,4 +36,32 @@ def test_soak_quick_mode(capsys):
     crashes, resumes = int(numbers["crashes"]), int(numbers["resumes"])
     assert crashes >= 1 and resumes == crashes, out[-2]
     assert numbers["resume_mismatches"].strip() == "0" and numbers["pipelines_alive"].strip() == "0", out[-2]
+    assert (RESULTS.read_text() if RESULTS.exists() else None) == before
+
+
+def _load_benchmark(name):
+    """A bench/ module loaded the way ``partime-async bench`` loads it."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", RESULTS.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_hop_overhead_device_cuda_without_cuda(monkeypatch, capsys):
+    """``hop_overhead.py --device cuda`` where CUDA is absent (faked absent on a GPU machine):
+    under --quick it says so and exits 0; a full run fails with the reason; nothing recorded.
+    ``--help`` lists --device (bench/gpu_session.sh runs the CUDA mode only then)."""
+    hop = _load_benchmark("hop_overhead")
+    with pytest.raises(SystemExit) as exc:
+        hop.main(["--help"])
+    assert exc.value.code == 0 and "--device {cpu,cuda}" in capsys.readouterr().out
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    before = RESULTS.read_text() if RESULTS.exists() else None
+    assert hop.main(["--device", "cuda", "--quick"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "CUDA is not available" in out[0], out
+    with pytest.raises(SystemExit) as exc:
+        hop.main(["--device", "cuda"])
+    assert exc.value.code not in (0, None) and "CUDA is not available" in str(exc.value.code)
     assert (RESULTS.read_text() if RESULTS.exists() else None) == before
