@@ -1,0 +1,266 @@
+"""Per-stage CUDA graphs for inference: one launch per frame, however many layers.
+
+A stage of many small layers on a GPU is bound by the host: every layer launches its
+kernels one by one, microseconds of CPU each, so the per-frame cost grows with the number of
+layers however little the GPU does. :class:`GraphedStage` records the stage's kernels once
+into a CUDA graph (``torch.cuda.graph``) and then replays the whole graph with one launch
+per frame.
+
+Contract of ``stage = GraphedStage(run, name=...)``, called as ``stage(x)``:
+
+* ``run(x)`` is the stage's eager *inference* computation (it records no autograd graph).
+  ``stage`` is called on one thread, with the stage's compute stream current on the device
+  that holds ``x``; it returns what ``run(x)`` returns.
+* **Signatures.** A graph serves one input signature: the pytree structure of ``x``, and
+  the shape, dtype, device and ``requires_grad`` of each tensor leaf; a non-tensor leaf is
+  part of the signature by value (it must be hashable). The first frame of a signature is
+  captured: ``run`` is warmed up ``warmup`` times on a side stream (cuDNN autotuning, library
+  handles and allocations happen there, not in the graph), then captured on that same stream
+  reading static input buffers. Every frame of a captured signature is copied into those
+  buffers and the graph is replayed, all on the caller's current stream. Up to
+  ``max_graphs`` signatures get a graph each (a stream whose shapes alternate between a few
+  values stays graphed); a frame with yet another signature runs eagerly, with one warning
+  for the stage, while the captured signatures keep replaying.
+* **Outputs.** Each call returns fresh tensors (clones of the graph's static outputs, made
+  on the current stream): the caller hands them to another stream or stage asynchronously,
+  and the next replay overwrites the static outputs. A replay runs the kernels that the
+  capture recorded, so outputs equal eager ``run`` bit for bit when those kernels are
+  deterministic and eager selects the same ones (for cuDNN:
+  ``torch.backends.cudnn.deterministic = True``, ``benchmark = False``); otherwise they
+  agree only as closely as two eager runs do.
+* **Fallback** (eager for good, one ``RuntimeWarning`` that names the stage, says why, and
+  says what to do): a tensor leaf of the input is not on the current CUDA device (a CPU
+  tensor, for one), or no leaf is a CUDA tensor; the capture raised (an op that synchronises
+  with the host such as ``.item()`` or ``.cpu()``, a data-dependent shape, a library call
+  that cannot be captured); or an output is not on the device, or requires grad (autograd
+  recorded: not inference). The frame that triggered the fallback is computed eagerly,
+  so no frame is lost; the graphs already captured are released.
+* **Learning** is not graphed yet: the forward with autograd and the backward of online
+  learning run eagerly (a ``run`` that records autograd falls back, as above).
+
+Streams. Warm-up and capture use one side stream of the stage (the torch notes' recipe:
+warm up on a side stream before capture), the same stream for both so that library handles
+created lazily per stream (cuBLAS, hipBLASLt) exist before the capture begins.
+The side stream waits for the caller's stream before warm-up and the caller's stream waits
+for it afterwards, whatever happens. The capture runs with ``capture_error_mode=
+"thread_local"``: only CUDA calls of the capturing thread are checked against it. In the
+default ``"global"`` mode a call that the driver deems unsafe during capture fails in any
+thread, e.g. in the worker of a CPU stage reading a GPU result at that moment.
+
+Cost. The first frame of each signature synchronises the device (``torch.cuda.graph`` does,
+to free memory for the graph), runs ``run`` ``warmup`` + 1 times, and stalls the calling
+thread (the event loop) meanwhile. Memory per graph: the static inputs, the static outputs,
+and the graph's private memory pool, which keeps every block the capture allocated (about
+the stage's peak eager working set: activations and workspaces) until the stage is
+released. Graphs do not share pools: graphs of different stages replay concurrently on
+different streams, and the graphs of one stage in any order, which pool sharing forbids
+("Graph memory management" in the torch CUDA notes).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Hashable
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .frame import Payload
+
+ADVICE = ("pass graphs=False to silence this, or make the stage capturable: static shapes, no host "
+          "synchronisation, no CPU tensors")
+
+
+class _NotCapturable(Exception):
+    """Why a signature cannot be graphed (the stage falls back to eager)."""
+
+
+class _Graph:
+    """One captured signature: the graph, its static input buffers (None for a non-tensor
+    leaf) and its static outputs, flat, with the output's structure."""
+
+    __slots__ = ("graph", "inputs", "outputs", "out_spec")
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: list[torch.Tensor | None], outputs: list[Any],
+                 out_spec: pytree.TreeSpec) -> None:
+        self.graph = graph
+        self.inputs = inputs
+        self.outputs = outputs
+        self.out_spec = out_spec
+
+    def replay(self, leaves: list[Any]) -> Payload:
+        with torch.no_grad():  # a copy from an input that requires grad must not record autograd
+            for buf, t in zip(self.inputs, leaves):
+                if buf is not None:
+                    buf.copy_(t)
+        self.graph.replay()  # on the current stream, after the copies
+        return pytree.tree_unflatten([o.clone() if isinstance(o, torch.Tensor) else o for o in self.outputs],
+                                     self.out_spec)
+
+
+class GraphedStage:
+    """``run`` replayed as a CUDA graph per input signature; see the module docstring.
+
+    Args:
+        run: the stage's eager inference computation.
+        name: how warnings name the stage.
+        warmup: eager runs on the side stream before each capture (at least 1).
+        max_graphs: signatures graphed at most; frames with further ones run eagerly.
+
+    Attributes:
+        replays: frames computed by replaying a graph.
+        fallback_reason: why the stage runs eagerly for good; None while graphed or not yet
+            tried.
+    """
+
+    def __init__(self, run: Callable[[Payload], Payload], *, name: str, warmup: int = 3,
+                 max_graphs: int = 4) -> None:
+        if not isinstance(warmup, int) or warmup < 1:
+            raise ValueError(f"warmup must be an int >= 1 (capture needs warmed-up libraries), got {warmup!r}")
+        if not isinstance(max_graphs, int) or max_graphs < 1:
+            raise ValueError(f"max_graphs must be an int >= 1, got {max_graphs!r}")
+        self.run = run
+        self.name = name
+        self.warmup = warmup
+        self.max_graphs = max_graphs
+        self.replays = 0
+        self.fallback_reason: str | None = None
+        self._graphs: dict[Hashable, _Graph] = {}
+        self._stream: torch.cuda.Stream | None = None  # warm-up and capture, created at the first capture
+        self._overflowed = False
+
+    @property
+    def captured(self) -> bool:
+        """A graph is in use."""
+        return bool(self._graphs)
+
+    @property
+    def graphs(self) -> int:
+        """Signatures captured so far."""
+        return len(self._graphs)
+
+    def __repr__(self) -> str:
+        state = f"eager: {self.fallback_reason}" if self.fallback_reason else f"{self.graphs} graph(s)"
+        return f"GraphedStage({self.name!r}, {state}, {self.replays} replays)"
+
+    def __call__(self, x: Payload) -> Payload:
+        if self.fallback_reason is not None:
+            return self.run(x)
+        leaves, spec = pytree.tree_flatten(x)
+        key = (spec, tuple((t.shape, t.dtype, t.device, t.requires_grad) if isinstance(t, torch.Tensor)
+                           else (type(t), t) for t in leaves))
+        try:
+            graph = self._graphs.get(key)
+        except TypeError as exc:  # hashing the key: a non-tensor leaf is unhashable
+            return self._give_up(f"a non-tensor leaf of the input cannot be part of a signature ({exc})", x)
+        if graph is None:
+            problem = _input_problem(leaves)
+            if problem is not None:
+                return self._give_up(problem, x)
+            if len(self._graphs) >= self.max_graphs:
+                return self._overflow(leaves, x)
+            try:
+                graph = self._capture(leaves, spec)
+            except _NotCapturable as exc:
+                return self._give_up(str(exc), x)
+            self._graphs[key] = graph
+        out = graph.replay(leaves)
+        self.replays += 1
+        return out
+
+    def _capture(self, leaves: list[Any], spec: pytree.TreeSpec) -> _Graph:
+        """Warm up and capture ``run`` on static copies of ``leaves``. Raises _NotCapturable
+        (state sane: no stream left capturing, the caller's stream current); an error of the
+        warm-up (``run`` fails eagerly too: the frame's own error) propagates as it is."""
+        caller = torch.cuda.current_stream()
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(caller.device)
+        side = self._stream
+        # requires_grad is kept so that a run that records autograd shows it in its outputs
+        inputs = [t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else None
+                  for t in leaves]
+        static_x = pytree.tree_unflatten([t if buf is None else buf for t, buf in zip(leaves, inputs)], spec)
+        graph = torch.cuda.CUDAGraph()
+        side.wait_stream(caller)  # the static inputs are written on the caller's stream
+        try:
+            # The outer context restores the caller's stream however the capture ends:
+            # torch.cuda.graph's own __exit__ skips that when capture_end raises.
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    self.run(static_x)
+                try:
+                    with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+                        out = self.run(static_x)
+                except Exception as exc:
+                    _end_capture(graph, side)
+                    raise _NotCapturable(f"capture failed: {_describe(exc)}") from exc
+        finally:
+            caller.wait_stream(side)
+        outputs, out_spec = pytree.tree_flatten(out)
+        for o in outputs:
+            if isinstance(o, torch.Tensor) and o.device != caller.device:
+                raise _NotCapturable(f"an output tensor is on {o.device}; a graph replays only work on "
+                                     f"{caller.device}")
+            if isinstance(o, torch.Tensor) and o.requires_grad:
+                raise _NotCapturable("an output requires grad (autograd recorded the stage): only inference "
+                                     "is graphed, learning steps are not graphed yet")
+        return _Graph(graph, inputs, outputs, out_spec)
+
+    def _give_up(self, reason: str, x: Payload) -> Payload:
+        """Eager from now on, with one warning; this frame too, so that it is not lost."""
+        self.fallback_reason = reason
+        self._graphs.clear()  # their pools and static buffers go back to the allocator
+        warnings.warn(f"stage {self.name!r} runs eagerly, not as a CUDA graph: {reason}; {ADVICE}",
+                      RuntimeWarning, stacklevel=3)
+        return self.run(x)
+
+    def _overflow(self, leaves: list[Any], x: Payload) -> Payload:
+        if not self._overflowed:
+            self._overflowed = True
+            shapes = [tuple(t.shape) for t in leaves if isinstance(t, torch.Tensor)]
+            warnings.warn(f"stage {self.name!r}: input shapes {shapes} make a new signature after "
+                          f"{self.max_graphs} captured ones (max_graphs); frames with a signature not captured "
+                          f"run eagerly from now on, captured ones keep replaying; {ADVICE}",
+                          RuntimeWarning, stacklevel=3)
+        return self.run(x)
+
+
+def _input_problem(leaves: list[Any]) -> str | None:
+    """Why this input cannot be captured, or None."""
+    tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+    if not any(t.is_cuda for t in tensors):  # checked first: no CUDA call on a machine without CUDA
+        return "the input has no CUDA tensor (a graph replays GPU work only)"
+    here = torch.device("cuda", torch.cuda.current_device())
+    for t in tensors:
+        if t.device != here:
+            return f"the input has a tensor on {t.device}, while the stage runs on {here}"
+    return None
+
+
+def _end_capture(graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream) -> None:
+    """Leave ``stream`` out of capture mode after a failed capture. torch.cuda.graph ends the
+    capture itself (cudaStreamEndCapture ends even an invalidated capture); only a
+    capture_end that failed its own checks before that leaves the stream capturing."""
+    with torch.cuda.stream(stream):
+        if torch.cuda.is_current_stream_capturing():
+            try:
+                graph.capture_end()
+            except RuntimeError:
+                pass  # an invalidated capture ends with an error, but it ends
+
+
+def _describe(exc: BaseException) -> str:
+    """The first line of the error that broke a capture and, when capture_end then failed on
+    its own (torch.cuda.graph's __exit__ chains it to the cause), of that one too."""
+    root, seen = exc, {id(exc)}
+    while (cause := root.__cause__ or root.__context__) is not None and id(cause) not in seen:
+        root = cause
+        seen.add(id(root))
+    text = f"{type(root).__name__}: {_first_line(root)}"
+    if root is not exc:
+        text += f" (the capture then ended with {type(exc).__name__}: {_first_line(exc)})"
+    return text
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else "(no message)"
