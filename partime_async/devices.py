@@ -409,16 +409,22 @@ class CudaDevice(Device):
     Args:
         index: the GPU (``0``, ``"cuda:1"``, a ``torch.device``).
         depth: frames this device may have launched and not yet finished (at least 1).
+        graphs: run the stage's inference as a CUDA graph (one launch per frame, however
+            many layers; see :mod:`partime_async.cuda_graphs` for what can be captured and
+            the eager fallback). Learning stages run eagerly.
     """
 
-    def __init__(self, index: int | str | torch.device = 0, *, depth: int = 3) -> None:
+    def __init__(self, index: int | str | torch.device = 0, *, depth: int = 3, graphs: bool = False) -> None:
         dev = torch.device(index if not isinstance(index, int) else f"cuda:{index}")
         if dev.type != "cuda":
             raise ValueError(f"CudaDevice needs a cuda device, got {dev}")
         if not isinstance(depth, int) or depth < 1:
             raise ValueError(f"depth must be a positive int, got {depth!r}")
         self.torch_device = torch.device("cuda", dev.index if dev.index is not None else 0)
+        if not isinstance(graphs, bool):
+            raise ValueError(f"graphs must be True or False, got {graphs!r}")
         self.depth = depth
+        self.graphs = graphs
         self.events = EventPool()
         self.timing = EventPool(timing=True)
         self.compute: torch.cuda.Stream | None = None

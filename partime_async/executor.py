@@ -21,6 +21,7 @@ appends are thread-safe): one plain tuple ``(stage, kind, seq, t0, t1)`` per spa
 from __future__ import annotations
 
 import asyncio
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
@@ -34,6 +35,7 @@ from .errors import FrameError, PipelineError
 from .frame import Frame, Payload, now
 from .checkpoint import META_KEY as CHECKPOINT_KEY
 from .checkpoint import stage_state
+from .cuda_graphs import GraphedStage
 from .learning import ForwardFailed, StageLearner
 from .threads import in_thread
 from .validation import InputSpec
@@ -153,6 +155,9 @@ class StageExecutor:
         self._spans = spans if isinstance(device, CpuDevice) else None
         if isinstance(device, CudaDevice):
             device.spans, device.track = spans, index
+        if learner is not None and isinstance(device, CudaDevice) and device.graphs:
+            warnings.warn(f"{self.name}: graphs=True does not apply to learning stages yet; this stage "
+                          "runs eagerly (pass graphs=False to silence this)", RuntimeWarning, stacklevel=2)
         self._check_output = self._output_checker() if check_outputs else None
         self._compute = self._make_compute()
 
@@ -184,14 +189,19 @@ class StageExecutor:
         record = self._spans.append if self._spans is not None else None
         check = self._check_output
         grad_enabled, set_grad_enabled = torch.is_grad_enabled, torch._C._set_grad_enabled
+        graphed = (GraphedStage(lambda x: _forward(layers, x), name=self.name)
+                   if isinstance(device, CudaDevice) and device.graphs and self.learner is None else None)
 
         def compute(x: Payload) -> Payload:
             t0 = now()
             previous = grad_enabled()
             set_grad_enabled(False)
             try:
-                for layer in layers:
-                    x = layer(x)
+                if graphed is not None:
+                    x = graphed(x)
+                else:
+                    for layer in layers:
+                        x = layer(x)
             finally:
                 set_grad_enabled(previous)
             t1 = now()
@@ -419,6 +429,12 @@ class StageExecutor:
         self.stats.skipped += 1
         self.stats.skipped_seqs.append(seq)
         job.route.skip(job.frame, error)
+
+
+def _forward(layers: tuple[nn.Module, ...], x: Payload) -> Payload:
+    for layer in layers:
+        x = layer(x)
+    return x
 
 
 class StageFailed(Exception):

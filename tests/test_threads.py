@@ -111,4 +111,7 @@ def test_cuda_device_arguments_are_checked_without_a_gpu():
         CudaDevice(0, depth=0)
     with pytest.raises(ValueError, match="needs a cuda device"):
         CudaDevice("cpu")
-    assert CudaDevice("cuda:1", depth=5).depth == 5
+    with pytest.raises(ValueError, match="graphs must be True or False"):
+        CudaDevice(0, graphs="yes")
+    device = CudaDevice("cuda:1", depth=5, graphs=True)
+    assert (device.depth, device.graphs, device.name) == (5, True, "cuda:1")
