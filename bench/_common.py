@@ -148,6 +148,29 @@ def add_common_args(parser: argparse.ArgumentParser, default_repeats: int) -> No
     parser.add_argument("--results", type=Path, default=RESULTS, help="results file (default bench/RESULTS.md)")
 
 
+def gpu_or_smoke(bench: str, requested: str | None, quick: bool, smoke: str) -> str | None:
+    """The device type a GPU benchmark runs on: ``"cuda"`` when asked or available; ``"cpu"``
+    (its smoke path, described by ``smoke``) when asked, or under --quick without CUDA; None
+    (nothing to run, said so) for a full run without CUDA. ``--device cuda`` without CUDA exits."""
+    import torch
+
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"{bench}: --device cuda given, but CUDA is not available here")
+        return "cuda"
+    if requested == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    print(f"{bench}: needs CUDA for the real measurement; no CUDA device here", flush=True)
+    if quick:
+        print(f"{bench}: running the CPU smoke path instead ({smoke}; not a measurement)", flush=True)
+        return "cpu"
+    print(f"{bench}: nothing measured, nothing recorded (run with --quick or --device cpu for the CPU smoke path)",
+          flush=True)
+    return None
+
+
 def results_path(args: argparse.Namespace) -> Path | None:
     """Where :func:`record` writes: None for --no-record, and for --quick unless --record."""
     if args.no_record or (args.quick and not args.record):

@@ -83,27 +83,6 @@ def timed(fn: Callable[[torch.Tensor], torch.Tensor], frames: Sequence[torch.Ten
         return time.perf_counter() - t0
 
 
-def pick_device(requested: str | None, quick: bool) -> torch.device | None:
-    """CUDA when asked or available; CPU (smoke path) when asked, or under --quick without
-    CUDA; None (nothing to run) for a full run without CUDA."""
-    if requested == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("gpu_graphs: --device cuda given, but CUDA is not available here")
-        return torch.device("cuda", 0)
-    if requested == "cpu":
-        return torch.device("cpu")
-    if torch.cuda.is_available():
-        return torch.device("cuda", 0)
-    print("gpu_graphs: CUDA is not available; this benchmark needs a GPU for the real measurement", flush=True)
-    if quick:
-        print("gpu_graphs: running the CPU smoke path instead (same code, GraphedStage falls back to eager; "
-              "not a measurement)", flush=True)
-        return torch.device("cpu")
-    print("gpu_graphs: nothing measured, nothing recorded (run with --quick or --device cpu for the CPU smoke path)",
-          flush=True)
-    return None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -117,9 +96,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=32, help="frame height and width S (default 32)")
     parser.add_argument("--pool", type=int, default=None, help="distinct frames, cycled (default 8; CPU: 2)")
     args = parser.parse_args(argv)
-    dev = pick_device(args.device, args.quick)
-    if dev is None:
+    kind = C.gpu_or_smoke("gpu_graphs", args.device, args.quick, "same code, GraphedStage falls back to eager")
+    if kind is None:
         return 0
+    dev = torch.device(kind, 0) if kind == "cuda" else torch.device("cpu")
     threads = torch.get_num_threads()
     cudnn = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
     if dev.type == "cpu":  # the smoke path: one core, as a CPU stage has (oversubscribed threads crawl)

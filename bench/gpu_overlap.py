@@ -322,26 +322,6 @@ def span_overlaps(pipe: pa.Pipeline) -> dict[str, float]:
 
 
 # -- main ---------------------------------------------------------------------------------------
-def pick_backend(requested: str | None, quick: bool) -> Backend | None:
-    """CUDA when asked or available; the CPU smoke path when asked, or under --quick without
-    CUDA; None (nothing to run) for a full run without CUDA."""
-    if requested == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("gpu_overlap: --device cuda given, but CUDA is not available here")
-        return Backend("cuda")
-    if requested == "cpu":
-        return Backend("cpu")
-    if torch.cuda.is_available():
-        return Backend("cuda")
-    print("gpu_overlap: needs CUDA for the real measurement; no CUDA device here", flush=True)
-    if quick:
-        print("gpu_overlap: running the CPU smoke path instead (same code, tiny frames; not a measurement)", flush=True)
-        return Backend("cpu")
-    print("gpu_overlap: nothing measured, nothing recorded (run with --quick or --device cpu for the CPU smoke path)",
-          flush=True)
-    return None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -365,7 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write every raw number to this JSON file")
     args = parser.parse_args(argv)
 
-    backend = pick_backend(args.device, args.quick)
+    kind = C.gpu_or_smoke("gpu_overlap", args.device, args.quick, "same code, tiny frames")
+    backend = Backend(kind) if kind is not None else None
     if backend is None:
         return 0
     threads = torch.get_num_threads()

@@ -90,16 +90,17 @@ LABELS = {
 
 
 # -- the variants: each returns the seconds from first frame in to last frame out ---------------
+async def produce(queue: asyncio.Queue, frames: Sequence[torch.Tensor], end: object) -> None:
+    """A bare chain's source: every frame, then ``end``."""
+    for x in frames:
+        await queue.put(x)
+    await queue.put(end)
+
+
 async def bare_queue(frames: Sequence[torch.Tensor], stages: int, capacity: int) -> float:
     mods = [nn.Identity() for _ in range(stages)]
     queues: list[asyncio.Queue] = [asyncio.Queue(capacity) for _ in range(stages + 1)]
     end = None
-
-    async def producer() -> None:
-        q = queues[0]
-        for x in frames:
-            await q.put(x)
-        await q.put(end)
 
     async def stage(k: int) -> None:
         q_in, q_out, mod = queues[k], queues[k + 1], mods[k]
@@ -113,7 +114,8 @@ async def bare_queue(frames: Sequence[torch.Tensor], stages: int, capacity: int)
             await q_out.put(y)
 
     t0 = time.perf_counter()
-    tasks = [asyncio.create_task(producer())] + [asyncio.create_task(stage(k)) for k in range(stages)]
+    tasks = [asyncio.create_task(produce(queues[0], frames, end))]
+    tasks += [asyncio.create_task(stage(k)) for k in range(stages)]
     q_last, n = queues[-1], 0
     while (await q_last.get()) is not end:
         n += 1
@@ -140,12 +142,6 @@ async def bare_executor(frames: Sequence[torch.Tensor], stages: int, capacity: i
     for pool in pools:  # start the worker threads before timing, as a pipeline's start() does
         await loop.run_in_executor(pool, int)
 
-    async def producer() -> None:
-        q = queues[0]
-        for x in frames:
-            await q.put(x)
-        await q.put(end)
-
     async def stage(k: int) -> None:
         q_in, q_out, pool, fn = queues[k], queues[k + 1], pools[k], fns[k]
         while True:
@@ -158,7 +154,8 @@ async def bare_executor(frames: Sequence[torch.Tensor], stages: int, capacity: i
 
     try:
         t0 = time.perf_counter()
-        tasks = [asyncio.create_task(producer())] + [asyncio.create_task(stage(k)) for k in range(stages)]
+        tasks = [asyncio.create_task(produce(queues[0], frames, end))]
+        tasks += [asyncio.create_task(stage(k)) for k in range(stages)]
         q_last, n = queues[-1], 0
         while (await q_last.get()) is not end:
             n += 1
@@ -245,12 +242,6 @@ async def bare_streams(frames: Sequence[torch.Tensor], stages: int, capacity: in
     queues: list[asyncio.Queue] = [asyncio.Queue(capacity) for _ in range(stages + 1)]
     end = None
 
-    async def producer() -> None:
-        q = queues[0]
-        for x in frames:
-            await q.put(x)
-        await q.put(end)
-
     async def stage(k: int) -> None:
         q_in, q_out, mod, stream, done = queues[k], queues[k + 1], mods[k], streams[k], events[k]
         while True:
@@ -270,7 +261,8 @@ async def bare_streams(frames: Sequence[torch.Tensor], stages: int, capacity: in
 
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    tasks = [asyncio.create_task(producer())] + [asyncio.create_task(stage(k)) for k in range(stages)]
+    tasks = [asyncio.create_task(produce(queues[0], frames, end))]
+    tasks += [asyncio.create_task(stage(k)) for k in range(stages)]
     q_last, n = queues[-1], 0
     while (y := await q_last.get()) is not end:
         n += 1
