@@ -296,7 +296,8 @@ class EventPool:
     driver instead of spinning a core. ``timing=True``: events that can be timed
     (``elapsed_time``), for spans.
 
-    An event goes back to the pool only once the host has seen it complete. A consumer that
+    ``take`` is called on the loop thread only, ``give`` from any thread (list appends are
+    atomic). An event goes back to the pool only once the host has seen it complete. A consumer that
     waits on it after it was taken and recorded again therefore waits for later work of the
     same device: longer than needed, never too short (the new record completes after the old).
     """
@@ -328,6 +329,8 @@ class EventWaiter:
 
     ``event`` is anything with ``synchronize()`` (a CUDA event, or a test double). An error it
     raises (a CUDA error surfaces at the next synchronisation) goes to that event's future.
+    ``then(error)``, when given, runs on the waiter thread once the event is complete, before
+    the future is resolved: bookkeeping that must be done by the time :meth:`close` returns.
     """
 
     def __init__(self, name: str) -> None:
@@ -342,12 +345,12 @@ class EventWaiter:
         self._thread = threading.Thread(target=self._work, name=self.name, daemon=True)
         self._thread.start()
 
-    def watch(self, event: Any) -> asyncio.Future[None]:
+    def watch(self, event: Any, then: Callable[[BaseException | None], None] | None = None) -> asyncio.Future[None]:
         """A future of the loop that completes when ``event`` does. Call on the loop thread."""
         if self._thread is None:
             raise RuntimeError(f"{self.name} is not running")
         future = self._notifier.loop.create_future()
-        self._queue.put((event, future))
+        self._queue.put((event, then, future))
         return future
 
     def close(self) -> None:
@@ -361,17 +364,33 @@ class EventWaiter:
 
     def _work(self) -> None:
         while (item := self._queue.get()) is not _STOP:
-            event, future = item
+            event, then, future = item
             try:
                 event.synchronize()
             except BaseException as exc:  # delivered to whoever waits for this event
                 error: BaseException | None = exc
             else:
                 error = None
+            if then is not None:
+                try:
+                    then(error)
+                except BaseException as exc:  # reported with the event, never kills the waiter
+                    error = error or exc
             try:
                 self._notifier.notify(future, None, error)
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 return
+
+
+def _pass_on(gate: asyncio.Future[None] | None, ticket: asyncio.Future[Any], result: Any) -> None:
+    """Resolve ``ticket`` with ``result`` once ``gate`` (an earlier frame's completion) is done,
+    or with the gate's error (a CUDA error surfaces at the next synchronisation)."""
+    if gate is not None and gate.cancelled():
+        ticket.cancel()
+    elif gate is not None and gate.exception() is not None:
+        resolve(ticket, None, gate.exception())
+    else:
+        resolve(ticket, result, None)
 
 
 async def _completed(finished: asyncio.Future[None]) -> None:
@@ -432,6 +451,7 @@ class CudaDevice(Device):
         self.copy_out: torch.cuda.Stream | None = None
         self.spans: deque[tuple[int, str, int, float, float]] | None = None
         self.track = -1
+        self.seq = -1  # the frame whose work is being launched (for the stage's output check)
         self._computed = EventWaiter(f"partime-{self.name}-compute")
         self._downloaded = EventWaiter(f"partime-{self.name}-download")
         self._launched: deque[asyncio.Future[None]] = deque(maxlen=depth)
@@ -440,6 +460,8 @@ class CudaDevice(Device):
         self._t_anchor = 0.0
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop is not None:
+            raise RuntimeError(f"{self.name} is already started; a device serves one pipeline at a time")
         if not torch.cuda.is_available():
             raise RuntimeError(f"{self.name} requested but CUDA is not available; use cpu_devices() instead")
         if self.torch_device.index >= torch.cuda.device_count():
@@ -477,6 +499,12 @@ class CudaDevice(Device):
         kind: str | None = None  # "h2d" or "d2d", from the first tensor copied
         if ready is not None:
             self.copy_in.wait_event(ready)
+        else:
+            # A GPU tensor without an event (the caller's own): it was made on its device's
+            # current stream, which the copy stream must follow (our streams do not).
+            gpus = {t.device for t in leaves(payload) if isinstance(t, torch.Tensor) and t.is_cuda}
+            for gpu in gpus:
+                self.copy_in.wait_stream(torch.cuda.current_stream(gpu))
 
         def move(t: Any) -> Any:
             nonlocal kind
@@ -494,24 +522,31 @@ class CudaDevice(Device):
         timed = self.spans is not None
         with torch.cuda.stream(self.copy_in):
             start = self._mark(self.copy_in) if timed else None
-            moved = tree_map(move, payload)
-        event = self.events.take()
-        event.record(self.copy_in)
+            try:
+                moved = tree_map(move, payload)
+            except BaseException:
+                if start is not None:
+                    self.timing.give(start)
+                raise
         copy = None
         if timed:
             if kind is None:
                 self.timing.give(start)
-            else:
+            else:  # the end mark before the event that the compute waits for: complete with it
                 copy = (kind, start, self._mark(self.copy_in))
+        event = self.events.take()
+        event.record(self.copy_in)
         return moved, event, copy
 
     def submit(self, fn: Callable[[Payload], Payload], payload: Payload, ready: Any = None, *,
                seq: int = -1, kind: str = "compute") -> Ticket:
-        if self._loop is None:
+        loop = self._loop
+        if loop is None:
             raise RuntimeError(f"{self.name} is not running")
         spans = self.spans
         timed = spans is not None
-        copied = start = None
+        copied = copy = start = None
+        ticket = loop.create_future()
         try:
             with torch.cuda.device(self.torch_device):
                 x, copied, copy = self._upload(payload, ready)
@@ -521,6 +556,7 @@ class CudaDevice(Device):
                     for t in leaves(x):
                         if isinstance(t, torch.Tensor) and t.is_cuda:
                             t.record_stream(self.compute)
+                    self.seq = seq
                     y = fn(x)
                     end = self._mark(self.compute) if timed else None
                 done = self.events.take()
@@ -530,37 +566,33 @@ class CudaDevice(Device):
             # once (a later record completes later still, see EventPool).
             if copied is not None:
                 self.events.give(copied)
-            if start is not None:
-                self.timing.give(start)
-            failed = self._loop.create_future()
-            resolve(failed, None, exc)
-            return failed
-        finished = self._computed.watch(done)
+            self.timing.give(*[e for e in (start, *(copy[1:] if copy else ())) if e is not None])
+            resolve(ticket, None, exc)
+            return ticket
         marks = (spans, seq, kind, copy, start, end) if timed else None
-        finished.add_done_callback(lambda f: self._retire(f, (copied, done), marks))
+        finished = self._computed.watch(done, lambda error: self._retire(error, (copied, done), marks))
         gate = self._launched[0] if len(self._launched) == self.depth else None
         self._launched.append(finished)
-        return self._handoff(y, done, gate)
+        # Handed on at once, unless frame t - depth is not complete yet: that bounds the GPU's queue.
+        if gate is None or gate.done():
+            _pass_on(gate, ticket, (y, done))
+        else:
+            gate.add_done_callback(lambda g: _pass_on(g, ticket, (y, done)))
+        return ticket
 
-    async def _handoff(self, y: Payload, done: torch.cuda.Event,
-                       gate: asyncio.Future[None] | None) -> tuple[Payload, Any]:
-        if gate is not None:  # frame t - depth must be complete: bounds the GPU's queue
-            await _completed(gate)
-        return y, done
-
-    def _retire(self, finished: asyncio.Future[None], events: tuple[torch.cuda.Event, ...],
+    def _retire(self, error: BaseException | None, events: tuple[torch.cuda.Event, ...],
                 marks: tuple[deque[Any], int, str, Any, Any, Any] | None) -> None:
-        """A frame's work is complete (or failed): recycle its events, record its spans."""
-        self.events.give(*events)
-        failed = finished.cancelled() or finished.exception() is not None  # (marks the error retrieved)
+        """A frame's work is complete (or failed): recycle its events, record its spans. Runs
+        on the waiter thread, so it is done for every frame by the time the device closes."""
         if marks is not None:
             spans, seq, kind, copy, start, end = marks
             timing = [start, end] + ([copy[1], copy[2]] if copy is not None else [])
-            if not failed:  # the copy completed before the compute began, the compute before done
+            if error is None:  # the copy completed before the compute began, the compute before done
                 if copy is not None:
                     self._span(spans, copy[0], seq, copy[1], copy[2])
                 self._span(spans, kind, seq, start, end)
             self.timing.give(*timing)
+        self.events.give(*events)
 
     async def download(self, payload: Payload, ready: Any, *, seq: int = -1) -> Payload:
         spans = self.spans
@@ -583,17 +615,15 @@ class CudaDevice(Device):
                 end = self._mark(self.copy_out) if timed else None
             event = self.events.take()
             event.record(self.copy_out)
-        finished = self._downloaded.watch(event)
 
-        def retire(f: asyncio.Future[None]) -> None:
-            self.events.give(event)
+        def retire(error: BaseException | None) -> None:  # on the waiter thread
             if timed:
-                if not (f.cancelled() or f.exception() is not None):
+                if error is None:
                     self._span(spans, "d2h", seq, start, end)
                 self.timing.give(start, end)
+            self.events.give(event)
 
-        finished.add_done_callback(retire)
-        await _completed(finished)
+        await _completed(self._downloaded.watch(event, retire))
         return host
 
     def close(self) -> None:

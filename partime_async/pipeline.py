@@ -404,6 +404,10 @@ class Pipeline:
                 device.inline = False  # a learning stage keeps graphs between its own calls
         else:
             await self._choose_inline(sample)
+        # Weights moved and buffers restored on whatever stream each step used: done before
+        # the stages' own streams read them (set-up only; streaming never synchronises).
+        for device in {d.torch_device for d in self.devices if isinstance(d, CudaDevice)}:
+            torch.cuda.synchronize(device)
 
     async def _profile(self, layers: Sequence[nn.Module], sample: Payload) -> list[list[float]]:
         """Per-device rows of per-layer seconds; devices of one kind are profiled once.

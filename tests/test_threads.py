@@ -106,6 +106,23 @@ async def test_event_waiter_delivers_errors_and_closes_cleanly():
         waiter.watch(FakeEvent())
 
 
+async def test_event_waiter_runs_bookkeeping_on_its_thread_before_the_future_and_close():
+    waiter = EventWaiter("partime-test-waiter")
+    waiter.start(LoopNotifier(asyncio.get_running_loop()))
+    done: list[tuple[str, BaseException | None]] = []
+    ok, bad = FakeEvent(), FakeEvent(RuntimeError("sticky"))
+    first = waiter.watch(ok, lambda error: done.append((threading.current_thread().name, error)))
+    second = waiter.watch(bad, lambda error: done.append((threading.current_thread().name, error)))
+    ok.complete()
+    bad.complete()
+    waiter.close()  # joined: the bookkeeping of every given event has run, even undelivered
+    assert [name for name, _ in done] == ["partime-test-waiter"] * 2
+    assert done[0][1] is None and str(done[1][1]) == "sticky"
+    await asyncio.wait_for(first, 5)
+    with pytest.raises(RuntimeError, match="sticky"):
+        await asyncio.wait_for(second, 5)
+
+
 def test_cuda_device_arguments_are_checked_without_a_gpu():
     with pytest.raises(ValueError, match="depth must be a positive int"):
         CudaDevice(0, depth=0)

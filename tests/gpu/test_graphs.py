@@ -87,44 +87,6 @@ def test_outputs_survive_later_replays(stream):
     assert torch.equal(y1, expected1) and not torch.equal(y1, y0)
 
 
-def test_host_synchronisation_falls_back_once_and_loses_no_frame(stream):
-    layers = conv_layers(4)
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            for layer in layers:
-                x = layer(x)
-            scale = 2.0 if x.sum().item() > 0 else 1.0  # .item(): the host waits for the GPU
-            return x * scale
-
-    stage = GraphedStage(run, name="syncing")
-    xs = frames(5)
-    with warnings.catch_warnings(record=True) as record, torch.cuda.stream(stream):
-        warnings.simplefilter("always")
-        got = [stage(x) for x in xs]
-        # a failed capture leaves the caller's stream current, and nothing capturing
-        assert torch.cuda.current_stream() == stream and not torch.cuda.is_current_stream_capturing()
-        expected = [run(x) for x in xs]
-    torch.cuda.synchronize()
-    messages = ours(record, "syncing")
-    assert len(messages) == 1, messages
-    assert "capture failed" in messages[0] and "graphs=False" in messages[0]
-    assert "no host synchronisation" in messages[0]
-    assert not stage.captured and stage.replays == 0 and stage.fallback_reason.startswith("capture failed")
-    assert all(torch.equal(g, e) for g, e in zip(got, expected))
-
-    # the process is sane afterwards: another stage still captures and replays
-    run2 = eager(conv_layers(4))
-    stage2 = GraphedStage(run2, name="after")
-    with warnings.catch_warnings(), torch.cuda.stream(stream):
-        warnings.simplefilter("error", RuntimeWarning)
-        got2 = [stage2(x) for x in xs]
-        expected2 = [run2(x) for x in xs]
-    torch.cuda.synchronize()
-    assert stage2.captured and stage2.replays == 5
-    assert all(torch.equal(g, e) for g, e in zip(got2, expected2))
-
-
 def test_new_shapes_are_captured_up_to_max_graphs_then_run_eagerly(stream):
     """Documented: each new signature is captured, up to max_graphs; a frame with a further one
     runs eagerly (one warning per stage), while captured signatures keep replaying."""
@@ -182,19 +144,41 @@ def test_a_stage_that_records_autograd_is_not_graphed(stream):
     assert not stage.captured and all(y.requires_grad for y in got)
 
 
-async def test_pipeline_with_graphed_cuda_stages_equals_the_unsplit_model():
-    import partime_async as pa
+# Last: a capture that fails on purpose may leave some torch versions unable to capture again
+# in this process (pytorch#180395); no later test of this file captures.
+def test_host_synchronisation_falls_back_once_and_loses_no_frame(stream):
+    layers = conv_layers(4)
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU())
-                                  for _ in range(20)]).eval()
-    xs = [torch.randn(1, 8, 16, 16) for _ in range(30)]
-    with torch.no_grad():
-        expected = [model.cuda()(x.cuda()).cpu() for x in xs]
-    pipe = pa.Pipeline(model, devices=[pa.CudaDevice(0, graphs=True), pa.CudaDevice(0, graphs=True)], balance=[10, 10])
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # capturable: no fallback warning
-        async with pipe:
-            outs = [f async for f in pipe.stream(xs)]
-    assert [f.seq for f in outs] == list(range(30))
-    assert all(torch.equal(o.data, e) for o, e in zip(outs, expected))
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            for layer in layers:
+                x = layer(x)
+            scale = 2.0 if x.sum().item() > 0 else 1.0  # .item(): the host waits for the GPU
+            return x * scale
+
+    stage = GraphedStage(run, name="syncing")
+    xs = frames(5)
+    with warnings.catch_warnings(record=True) as record, torch.cuda.stream(stream):
+        warnings.simplefilter("always")
+        got = [stage(x) for x in xs]
+        # a failed capture leaves the caller's stream current, and nothing capturing
+        assert torch.cuda.current_stream() == stream and not torch.cuda.is_current_stream_capturing()
+        expected = [run(x) for x in xs]
+    torch.cuda.synchronize()
+    messages = ours(record, "syncing")
+    assert len(messages) == 1, messages
+    assert "capture failed" in messages[0] and "graphs=False" in messages[0]
+    assert "no host synchronisation" in messages[0]
+    assert not stage.captured and stage.replays == 0 and stage.fallback_reason.startswith("capture failed")
+    assert all(torch.equal(g, e) for g, e in zip(got, expected))
+
+    # the process is sane afterwards: another stage still captures and replays
+    run2 = eager(conv_layers(4))
+    stage2 = GraphedStage(run2, name="after")
+    with warnings.catch_warnings(), torch.cuda.stream(stream):
+        warnings.simplefilter("error", RuntimeWarning)
+        got2 = [stage2(x) for x in xs]
+        expected2 = [run2(x) for x in xs]
+    torch.cuda.synchronize()
+    assert stage2.captured and stage2.replays == 5
+    assert all(torch.equal(g, e) for g, e in zip(got2, expected2))
