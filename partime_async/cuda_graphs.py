@@ -34,7 +34,10 @@ Contract of ``stage = GraphedStage(run, name=...)``, called as ``stage(x)``:
   with the host such as ``.item()`` or ``.cpu()``, a data-dependent shape, a library call
   that cannot be captured); or an output is not on the device, or requires grad (autograd
   recorded: not inference). The frame that triggered the fallback is computed eagerly,
-  so no frame is lost; the graphs already captured are released.
+  so no frame is lost; the graphs already captured are released. With PyTorch < 2.12 a
+  capture that raised leaves the caching allocator in capture mode for the rest of the
+  process (pytorch#180395: later captures fail, memory used across streams is freed late):
+  the warning says so, and every later stage of the process falls back without trying.
 * **Learning** is not graphed yet: the forward with autograd and the backward of online
   learning run eagerly (a ``run`` that records autograd falls back, as above).
 
@@ -68,6 +71,13 @@ from .frame import Payload
 
 ADVICE = ("pass graphs=False to silence this, or make the stage capturable: static shapes, no host "
           "synchronisation, no CPU tensors")
+
+# Before 2.12, a capture that fails leaves PyTorch's caching allocator believing a capture is
+# still under way (pytorch#180395): every later capture in the process fails inside
+# empty_cache, and frees of blocks used on other streams are put off. After one failure such
+# a torch is not asked to capture again: later stages fall back at once, saying why.
+_CAPTURE_LEAVES_ALLOCATOR_BROKEN = torch.torch_version.TorchVersion(torch.__version__) < (2, 12)
+_failed_capture: str | None = None  # what failed first, on such a torch
 
 
 class _NotCapturable(Exception):
@@ -154,6 +164,9 @@ class GraphedStage:
             return self._give_up(f"a non-tensor leaf of the input cannot be part of a signature ({exc})", x)
         if graph is None:
             problem = _input_problem(leaves)
+            if problem is None and _failed_capture is not None:
+                problem = (f"an earlier capture failed in this process ({_failed_capture}), and PyTorch "
+                           f"{torch.__version__} cannot capture again after that (fixed in 2.12, pytorch#180395)")
             if problem is not None:
                 return self._give_up(problem, x)
             if len(self._graphs) >= self.max_graphs:
@@ -192,7 +205,14 @@ class GraphedStage:
                         out = self.run(static_x)
                 except Exception as exc:
                     _end_capture(graph, side)
-                    raise _NotCapturable(f"capture failed: {_describe(exc)}") from exc
+                    reason = f"capture failed: {_describe(exc)}"
+                    if _CAPTURE_LEAVES_ALLOCATOR_BROKEN:
+                        global _failed_capture
+                        _failed_capture = f"stage {self.name!r}"
+                        reason += (f"; with PyTorch {torch.__version__} a failed capture also leaves the "
+                                   "memory allocator in capture mode for the rest of the process (GPU memory "
+                                   "freed late; fixed in 2.12): prefer graphs=False for this stage")
+                    raise _NotCapturable(reason) from exc
         finally:
             caller.wait_stream(side)
         outputs, out_spec = pytree.tree_flatten(out)

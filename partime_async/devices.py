@@ -587,7 +587,8 @@ class CudaDevice(Device):
         if marks is not None:
             spans, seq, kind, copy, start, end = marks
             timing = [start, end] + ([copy[1], copy[2]] if copy is not None else [])
-            if error is None:  # the copy completed before the compute began, the compute before done
+            if error is None and seq >= 0:  # (seq -1: not a frame's work, e.g. a checkpoint's copy)
+                # the copy completed before the compute began, the compute before done
                 if copy is not None:
                     self._span(spans, copy[0], seq, copy[1], copy[2])
                 self._span(spans, kind, seq, start, end)
@@ -618,7 +619,7 @@ class CudaDevice(Device):
 
         def retire(error: BaseException | None) -> None:  # on the waiter thread
             if timed:
-                if error is None:
+                if error is None and seq >= 0:
                     self._span(spans, "d2h", seq, start, end)
                 self.timing.give(start, end)
             self.events.give(event)
