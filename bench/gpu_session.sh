@@ -11,8 +11,8 @@
 #      (only where a registry is reachable); then the project installed into it offline
 #      (pip install --no-deps --no-build-isolation --no-index -e .) and pytest-asyncio from
 #      bench/gpu_wheels/ if missing                                                -> env.log
-#   3. python -m pytest tests/gpu -q -rfE [--timeout 60] (every failure, not just the first)
-#                                                                                    -> gpu_tests.log
+#   3. python -m pytest tests/gpu -q -rfE [--timeout 60] (every failure, not just the first),
+#      then examples/gpu_stream.py eager and --graphs                               -> gpu_tests.log
 #   4. python bench/gpu_overlap.py (recorded in bench/RESULTS.md)                   -> gpu_overlap.log/.json
 #   5. python bench/gpu_graphs.py (eager vs CUDA graph, recorded)                    -> gpu_graphs.log
 #   6. python bench/hop_overhead.py --device cuda (recorded as hop_overhead_cuda)    -> hop_overhead_cuda.log
@@ -156,6 +156,10 @@ log "imports checked (env.log)"
 TIMEOUT_ARGS=()
 "$PY" -c 'import pytest_timeout' >/dev/null 2>&1 && TIMEOUT_ARGS=(--timeout 60)
 step "tests/gpu" 150 "$OUT/gpu_tests.log" "$PY" -m pytest tests/gpu -q -rfE ${TIMEOUT_ARGS[@]+"${TIMEOUT_ARGS[@]}"}
+
+# The GPU example, eager and graphed, 1080p (its output joins the tests' log).
+step "examples/gpu_stream.py" 40 "$OUT/gpu_tests.log" "$PY" examples/gpu_stream.py --frames 300
+step "examples/gpu_stream.py --graphs" 40 "$OUT/gpu_tests.log" "$PY" examples/gpu_stream.py --frames 300 --graphs
 
 # -- 4. bench/gpu_overlap.py ---------------------------------------------------------------------
 # One window (the device's depth bounds the GPU queue now) and both loops: 6 variants x 5 repeats.

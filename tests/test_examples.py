@@ -40,3 +40,11 @@ def test_custom_sensor_example():
     assert "every frame delivered in order and equal to the unsplit model's output" in result.stdout
     assert "reconnects" in result.stdout and " 0 reconnects" not in result.stdout
     assert "dead camera: 'source simulated camera' gave up after 3 attempts (ConnectionResetError" in result.stdout
+
+
+def test_gpu_stream_example_runs_anywhere():
+    """On CPU stages without CUDA (tests/gpu has the GPU path); outputs checked against the model."""
+    result = subprocess.run([sys.executable, str(EXAMPLES / "gpu_stream.py"), "--frames", "12", "--height", "48",
+                             "--width", "64"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "12 frames of 48x64 uint8" in result.stdout and "0 of 2 checked outputs off" in result.stdout
