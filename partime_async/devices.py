@@ -452,6 +452,7 @@ class CudaDevice(Device):
         self.spans: deque[tuple[int, str, int, float, float]] | None = None
         self.track = -1
         self.seq = -1  # the frame whose work is being launched (for the stage's output check)
+        self.stats: Any = None  # the stage's StageStats, set by its executor: busy_s from GPU time
         self._computed = EventWaiter(f"partime-{self.name}-compute")
         self._downloaded = EventWaiter(f"partime-{self.name}-download")
         self._launched: deque[asyncio.Future[None]] = deque(maxlen=depth)
@@ -544,7 +545,6 @@ class CudaDevice(Device):
         if loop is None:
             raise RuntimeError(f"{self.name} is not running")
         spans = self.spans
-        timed = spans is not None
         copied = copy = start = None
         ticket = loop.create_future()
         try:
@@ -552,13 +552,15 @@ class CudaDevice(Device):
                 x, copied, copy = self._upload(payload, ready)
                 self.compute.wait_event(copied)
                 with torch.cuda.stream(self.compute):
-                    start = self._mark(self.compute) if timed else None
+                    # Always timed on the GPU: the stage's busy time (spans or not) is the
+                    # kernels' time, not the host's launch time.
+                    start = self._mark(self.compute)
                     for t in leaves(x):
                         if isinstance(t, torch.Tensor) and t.is_cuda:
                             t.record_stream(self.compute)
                     self.seq = seq
                     y = fn(x)
-                    end = self._mark(self.compute) if timed else None
+                    end = self._mark(self.compute)
                 done = self.events.take()
                 done.record(self.compute)
         except Exception as exc:  # the stage's error, delivered through its ticket
@@ -569,7 +571,7 @@ class CudaDevice(Device):
             self.timing.give(*[e for e in (start, *(copy[1:] if copy else ())) if e is not None])
             resolve(ticket, None, exc)
             return ticket
-        marks = (spans, seq, kind, copy, start, end) if timed else None
+        marks = (spans, seq, kind, copy, start, end)
         finished = self._computed.watch(done, lambda error: self._retire(error, (copied, done), marks))
         gate = self._launched[0] if len(self._launched) == self.depth else None
         self._launched.append(finished)
@@ -581,18 +583,20 @@ class CudaDevice(Device):
         return ticket
 
     def _retire(self, error: BaseException | None, events: tuple[torch.cuda.Event, ...],
-                marks: tuple[deque[Any], int, str, Any, Any, Any] | None) -> None:
-        """A frame's work is complete (or failed): recycle its events, record its spans. Runs
-        on the waiter thread, so it is done for every frame by the time the device closes."""
-        if marks is not None:
-            spans, seq, kind, copy, start, end = marks
-            timing = [start, end] + ([copy[1], copy[2]] if copy is not None else [])
-            if error is None and seq >= 0:  # (seq -1: not a frame's work, e.g. a checkpoint's copy)
-                # the copy completed before the compute began, the compute before done
+                marks: tuple[deque[Any] | None, int, str, Any, Any, Any]) -> None:
+        """A frame's work is complete (or failed): add its compute time to the stage's busy
+        time, record its spans, recycle its events. Runs on the waiter thread (the only writer
+        of ``stats.busy_s`` on a CUDA stage), so it is done for every frame by the time the
+        device closes."""
+        spans, seq, kind, copy, start, end = marks
+        if error is None and seq >= 0:  # (seq -1: not a frame's work, e.g. a checkpoint's copy)
+            if self.stats is not None:
+                self.stats.busy_s += start.elapsed_time(end) * 1e-3
+            if spans is not None:  # the copy completed before the compute began, the compute before done
                 if copy is not None:
                     self._span(spans, copy[0], seq, copy[1], copy[2])
                 self._span(spans, kind, seq, start, end)
-            self.timing.give(*timing)
+        self.timing.give(start, end, *(copy[1:] if copy is not None else ()))
         self.events.give(*events)
 
     async def download(self, payload: Payload, ready: Any, *, seq: int = -1) -> Payload:

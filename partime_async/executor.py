@@ -153,8 +153,8 @@ class StageExecutor:
                                 inline=device.inline and learner is None)
         # Spans (metrics on): a CPU stage records its own; a CUDA device records with events.
         self._spans = spans if isinstance(device, CpuDevice) else None
-        if isinstance(device, CudaDevice):
-            device.spans, device.track = spans, index
+        if isinstance(device, CudaDevice):  # it times its own work on the GPU
+            device.spans, device.track, device.stats = spans, index, self.stats
         if learner is not None and isinstance(device, CudaDevice) and device.graphs:
             warnings.warn(f"{self.name}: graphs=True does not apply to learning stages yet; this stage "
                           "runs eagerly (pass graphs=False to silence this)", RuntimeWarning, stacklevel=2)
@@ -185,7 +185,7 @@ class StageExecutor:
         # context manager costs microseconds per frame, which is most of a cheap hop). Grad
         # mode is thread-local, so the previous mode is restored before returning. The span
         # (metrics on) reuses the two clock reads; the device says which frame runs.
-        layers, stats, device, index = tuple(self.module), self.stats, self.device, self.index
+        layers, stats, device, index = tuple(self.module), self._host_timed_stats(), self.device, self.index
         record = self._spans.append if self._spans is not None else None
         check = self._check_output
         grad_enabled, set_grad_enabled = torch.is_grad_enabled, torch._C._set_grad_enabled
@@ -389,8 +389,14 @@ class StageExecutor:
     def _stage_state(self, _: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         return stage_state(self.module, self.learner)
 
+    def _host_timed_stats(self) -> StageStats:
+        """Where host-clock busy time goes: this stage's statistics on a CPU device; a
+        throwaway on a CUDA device, whose host clocks time only the launches (the device adds
+        the kernels' time itself, from its timing events)."""
+        return StageStats(self.name, self.device.name, 0) if isinstance(self.device, CudaDevice) else self.stats
+
     def _timed(self, fn: Callable[[Any], Any], kind: str) -> Callable[[Any], Any]:
-        stats, device, index = self.stats, self.device, self.index
+        stats, device, index = self._host_timed_stats(), self.device, self.index
         record = self._spans.append if self._spans is not None else None
 
         def timed(payload: Any) -> Any:

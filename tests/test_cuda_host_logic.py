@@ -156,3 +156,18 @@ async def test_ticket_is_handed_on_at_launch_and_depth_gates_the_next():
             device.start(asyncio.get_running_loop())
     finally:
         device.close()
+
+
+
+async def test_busy_time_of_a_gpu_stage_comes_from_its_timing_events():
+    """A CUDA stage's busy time is the sum of its compute spans (GPU time between two events),
+    with or without metrics; the host's launch time is not added on top."""
+    xs = [torch.randn(1, 32) for _ in range(40)]
+    pipe = pa.Pipeline(mlp(), devices=[HostCuda(0), HostCuda(0)], balance=[3, 3])
+    await stream(pipe, xs)
+    for k, stage in enumerate(pipe.stats().stages):
+        spans = sum(s.duration for s in pipe.spans() if s.stage == k and s.kind == "compute")
+        assert stage.busy_s == pytest.approx(spans, rel=1e-6) and spans > 0
+    quiet = pa.Pipeline(mlp(), devices=[HostCuda(0), HostCuda(0)], balance=[3, 3], metrics=False)
+    await stream(quiet, xs)
+    assert all(stage.busy_s > 0 for stage in quiet.stats().stages)
