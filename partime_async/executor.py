@@ -237,8 +237,7 @@ class StageExecutor:
                 await in_thread(job.ready.synchronize)
                 job.ready = None
             try:
-                job.frame.data = device.run_inline(compute, job.frame.data, job.ready, seq=job.frame.seq)
-                job.ready = None
+                job.frame.data = device.run_inline(compute, job.frame.data, None, seq=job.frame.seq)
             except Exception as exc:
                 self._failed(job, exc)
                 continue
