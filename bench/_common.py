@@ -212,9 +212,12 @@ def record(name: str, machine: str, command: str, numbers: Mapping[str, object],
 
 
 # -- pipelines ------------------------------------------------------------------------------------
-async def time_stream(pipe, frames: Sequence[object], on_output: Callable[[object], None] | None = None) -> float:
+async def time_stream(pipe, frames: Sequence[object], on_output: Callable[[object], None] | None = None, *,
+                      preroll: int = 0) -> float:
     """Seconds from the first frame in to the last frame out of ``pipe`` over ``frames``
-    (``on_output`` sees each output frame, inside the timing).
+    (``on_output`` sees each output frame, inside the timing). ``preroll``: that many of the
+    frames are streamed once before the clock starts (one-off work on a first frame, such as
+    a CUDA graph capture, is then not timed).
 
     The pipeline is started and built on the first frame, and every device's worker thread is
     up and idle, before the clock starts: no set-up is timed, and no thread start-up competes
@@ -225,6 +228,9 @@ async def time_stream(pipe, frames: Sequence[object], on_output: Callable[[objec
     await pipe.start(frames[0])
     await asyncio.gather(*(d.submit(_identity, None) for d in pipe.devices))
     try:
+        if preroll:
+            async for _ in pipe.stream(frames[:preroll]):
+                pass
         n = 0
         t0 = time.perf_counter()
         async for out in pipe.stream(frames):

@@ -17,8 +17,10 @@ repeats (order alternating), medians:
                       literal baseline), under ``torch.inference_mode()``;
 * ``naive_pinned``    the same with x in pinned memory and ``x.cuda(non_blocking=True)``,
                       as PyTorch's pinned-memory guide advises for host-to-device copies;
-* ``ours_<mem>_w<W>_<loop>``  ``pa.Pipeline(model, devices=[pa.CudaDevice(0),
-                      pa.CudaDevice(0)], window=W)`` (two stages on one GPU, separate streams)
+* ``ours_<mem>_s<S>[_graphs]_w<W>_<loop>``  ``pa.Pipeline(model, devices=[pa.CudaDevice(0,
+                      graphs=G)] * S, window=W)`` (S stages on one GPU, separate streams;
+                      ``--stages 1,2``; ``_graphs``: each stage replayed as a CUDA graph,
+                      captured on a first frame streamed before the clock, ``--graphs off,on``)
                       over the same pageable or pinned frames, timed by
                       ``bench/_common.time_stream`` (first frame in to last frame out, every
                       output delivered as a host tensor), on the asyncio and the uvloop event
@@ -52,7 +54,8 @@ place of CUDA events, no pinned memory): a smoke test, never a measurement. With
 path), and a full run says it needs CUDA, records nothing and exits 0.
 
     python bench/gpu_overlap.py [--quick] [--device cuda|cpu] [--repeats N] [--frames N]
-        [--depth auto|N] [--channels C] [--windows 2,4] [--loops asyncio,uvloop] [--json FILE]
+        [--depth auto|N] [--channels C] [--windows 2,4] [--stages 1,2] [--graphs off,on]
+        [--loops asyncio,uvloop] [--json FILE]
         [--no-record | --record]
 """
 from __future__ import annotations
@@ -125,12 +128,12 @@ class Backend:
     def cuda(self) -> bool:
         return self.kind == "cuda"
 
-    def devices(self) -> list[pa.Device]:
-        """Two pipeline stages: on one GPU two CudaDevices (each its own streams), as
-        tests/gpu/conftest.py does; on the CPU smoke path two CPU devices."""
+    def devices(self, stages: int, graphs: bool) -> list[pa.Device]:
+        """``stages`` pipeline stages: on one GPU that many CudaDevices (each its own streams;
+        ``graphs``: each stage replayed as a CUDA graph); on the CPU smoke path CPU devices."""
         if self.cuda:
-            return [pa.CudaDevice(0), pa.CudaDevice(0)]
-        return pa.cpu_devices(2)
+            return [pa.CudaDevice(0, graphs=graphs) for _ in range(stages)]
+        return pa.cpu_devices(stages)
 
     def pin(self, t: torch.Tensor) -> torch.Tensor:
         """A pinned copy on CUDA; on the CPU path there is no pinned memory: the tensor itself."""
@@ -252,17 +255,36 @@ def naive(model: nn.Module, frames: Sequence[torch.Tensor], dev: torch.device, n
         return time.perf_counter() - t0
 
 
-async def ours(backend: Backend, model: nn.Module, frames: Sequence[torch.Tensor], window: int, capacity: int) -> float:
-    pipe = pa.Pipeline(model, devices=backend.devices(), window=window, capacity=capacity)
-    return await C.time_stream(pipe, frames)
+@dataclass(frozen=True)
+class Setup:
+    """One configuration of our pipeline."""
+
+    memory: str   # "pageable" or "pinned" input frames
+    stages: int   # CudaDevices on the one GPU
+    graphs: bool  # CudaDevice(graphs=True)
+    window: int
+    loop: str     # "asyncio" or "uvloop"
+
+    @property
+    def name(self) -> str:
+        return f"ours_{self.memory}_s{self.stages}{'_graphs' if self.graphs else ''}_w{self.window}_{self.loop}"
+
+    def pipeline(self, backend: Backend, model: nn.Module, capacity: int) -> pa.Pipeline:
+        return pa.Pipeline(model, devices=backend.devices(self.stages, self.graphs), window=self.window,
+                           capacity=capacity)
 
 
-async def ours_observed(backend: Backend, model: nn.Module, frames: Sequence[torch.Tensor], window: int,
+async def ours(backend: Backend, model: nn.Module, frames: Sequence[torch.Tensor], setup: Setup, capacity: int) -> float:
+    # A graphed stage captures on its first frame: streamed once before the clock starts.
+    return await C.time_stream(setup.pipeline(backend, model, capacity), frames, preroll=1 if setup.graphs else 0)
+
+
+async def ours_observed(backend: Backend, model: nn.Module, frames: Sequence[torch.Tensor], setup: Setup,
                         capacity: int) -> tuple[pa.Pipeline, dict[str, float]]:
     """One run of ours beside a ticker coroutine (sleeps 1 ms, records how late it wakes);
     the pipeline (for its spans) and the loop's numbers: its thread's CPU share of the wall
     time, and the ticker's lateness in microseconds."""
-    pipe = pa.Pipeline(model, devices=backend.devices(), window=window, capacity=capacity)
+    pipe = setup.pipeline(backend, model, capacity)
     late: list[float] = []
     running = True
 
@@ -274,7 +296,7 @@ async def ours_observed(backend: Backend, model: nn.Module, frames: Sequence[tor
 
     task = asyncio.create_task(ticker())
     cpu0, wall0 = time.thread_time(), time.perf_counter()
-    await C.time_stream(pipe, frames)
+    await C.time_stream(pipe, frames, preroll=1 if setup.graphs else 0)
     cpu, wall = time.thread_time() - cpu0, time.perf_counter() - wall0
     running = False
     await task
@@ -284,9 +306,9 @@ async def ours_observed(backend: Backend, model: nn.Module, frames: Sequence[tor
                   "ticker_late_max_us": late[-1] * 1e6}
 
 
-async def ours_outputs(backend: Backend, model: nn.Module, frames: Sequence[torch.Tensor], window: int,
+async def ours_outputs(backend: Backend, model: nn.Module, frames: Sequence[torch.Tensor], setup: Setup,
                        capacity: int) -> list[torch.Tensor]:
-    pipe = pa.Pipeline(model, devices=backend.devices(), window=window, capacity=capacity)
+    pipe = setup.pipeline(backend, model, capacity)
     async with pipe:
         return [f.data async for f in pipe.stream(frames)]
 
@@ -337,6 +359,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--depth", default="auto", help="3x3 conv layers, or 'auto' (default): compute ~ slower copy")
     parser.add_argument("--max-depth", type=int, default=12, help="largest depth 'auto' tries (default 12)")
     parser.add_argument("--windows", default="2,4", help="pipeline windows to run, comma-separated (default 2,4)")
+    parser.add_argument("--stages", default="1,2", help="CudaDevices on the GPU, comma-separated (default 1,2)")
+    parser.add_argument("--graphs", default="off,on",
+                        help="CUDA graphs per stage: off, on or both (default off,on; on is skipped on CPU)")
     parser.add_argument("--loops", default="asyncio,uvloop",
                         help="event loops for our pipeline, comma-separated (default asyncio,uvloop; "
                              "uvloop is left out where it is not installed)")
@@ -373,6 +398,16 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None, parser: argparse.A
         parser.error("--windows takes integers, e.g. 2,4")
     if repeats < 1 or n_frames < 2 or pool < 1 or not windows or min(windows) < 1 or part_repeats < 1:
         parser.error("--repeats, --pool, --part-repeats and the windows must be >= 1, --frames >= 2")
+    try:
+        stage_counts = [int(k) for k in args.stages.split(",") if k.strip()]
+    except ValueError:
+        parser.error("--stages takes integers, e.g. 1,2")
+    if not stage_counts or min(stage_counts) < 1:
+        parser.error("--stages must be >= 1")
+    graph_modes = [mode.strip() for mode in args.graphs.split(",") if mode.strip()]
+    if not graph_modes or any(mode not in ("off", "on") for mode in graph_modes):
+        parser.error("--graphs takes off and/or on")
+    graph_flags = [mode == "on" for mode in graph_modes if mode == "off" or cuda]  # no graphs on CPU devices
     loops = [name.strip() for name in args.loops.split(",") if name.strip()]
     if not loops or any(name not in ("asyncio", "uvloop") for name in loops):
         parser.error("--loops takes asyncio and/or uvloop")
@@ -426,7 +461,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None, parser: argparse.A
           f"{parts.host_clone_out * 1e6:.0f} us", flush=True)
 
     # -- the variants --------------------------------------------------------------------------------
-    configs = {f"ours_{mem}_w{w}_{lp}": (mem, w, lp) for lp in loops for w in windows for mem in MEMORIES}
+    configs = {setup.name: setup for setup in (Setup(mem, k, g, w, lp) for lp in loops for w in windows
+                                               for g in graph_flags or [False] for k in stage_counts for mem in MEMORIES)}
     ours_names = list(configs)
     with contextlib.ExitStack() as stack:
         runners = {lp: stack.enter_context(asyncio.Runner(loop_factory=loop_factory(lp))) for lp in loops}
@@ -437,9 +473,9 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None, parser: argparse.A
                 return lambda: naive(model, frames_pageable, dev, False)
             if name == "naive_pinned":
                 return lambda: naive(model, frames_pinned, dev, True)
-            mem, w, lp = configs[name]
-            frames = frames_pinned if mem == "pinned" else frames_pageable
-            return lambda: runners[lp].run(ours(backend, model, frames, w, args.capacity))
+            setup = configs[name]
+            frames = frames_pinned if setup.memory == "pinned" else frames_pageable
+            return lambda: runners[setup.loop].run(ours(backend, model, frames, setup, args.capacity))
 
         warm = min(n_frames, 50)
         print(f"warm-up: every variant on {warm} frames (not timed)", flush=True)
@@ -450,7 +486,10 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None, parser: argparse.A
         check = stream_pinned[:min(n_frames, 2 * pool)]
         expected: list[torch.Tensor] = []
         naive(model, check, dev, True, expected)
-        got = runner.run(ours_outputs(backend, model, check, windows[0], args.capacity))
+        got = [y for setup in configs.values() if setup.memory == "pinned" and setup.loop == loops[0]
+               and setup.window == windows[0]
+               for y in runner.run(ours_outputs(backend, model, check, setup, args.capacity))]
+        expected = expected * (len(got) // max(1, len(expected)))  # each setup's outputs, in turn
         max_diff = max(int((g.to(torch.int16) - e.to(torch.int16)).abs().max()) for g, e in zip(got, expected))
         if len(got) != len(expected) or max_diff > 1:
             print(f"WARNING: ours differs from the naive loop: {len(got)} vs {len(expected)} frames, "
@@ -460,16 +499,18 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None, parser: argparse.A
         raw = C.interleaved({name: make(name, stream_pageable, stream_pinned) for name in (*NAIVE, *ours_names)},
                             repeats)
 
-        # untimed: one more run with the default window, for its spans and the loop's numbers
-        kept, loop_numbers = runner.run(ours_observed(backend, model, stream_pinned[:min(n_frames, 500)],
-                                                      windows[0], args.capacity))
+        fps = {name: n_frames / C.median(times) for name, times in raw.items()}
+        best_ours = max(ours_names, key=fps.__getitem__)
+        # untimed: one more run of the fastest setup, for its spans and the loop's numbers
+        observed = configs[best_ours]
+        observed_frames = stream_pinned if observed.memory == "pinned" else stream_pageable
+        kept, loop_numbers = runners[observed.loop].run(
+            ours_observed(backend, model, observed_frames[:min(n_frames, 500)], observed, args.capacity))
         overlaps = span_overlaps(kept)
         balance = list(kept.balance) if kept.balance is not None else None
 
     # -- report --------------------------------------------------------------------------------------
-    fps = {name: n_frames / C.median(times) for name, times in raw.items()}
     best_naive = max(NAIVE, key=fps.__getitem__)
-    best_ours = max(ours_names, key=fps.__getitem__)
     ideal_fps = 1 / parts.bound
     r_naive = fps[best_ours] / fps[best_naive]
     r_ideal = fps[best_ours] / ideal_fps
@@ -479,7 +520,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None, parser: argparse.A
     for name in (*NAIVE, *ours_names):
         print(f"{name:28s} {fps[name]:10.1f} {1e3 / fps[name]:9.3f} {C.spread(raw[name]):7.0%}")
     print("(spread: (max - min) / median of a variant's repeats; large spreads mean a busy machine: rerun)")
-    print(f"ours' spans (window {windows[0]}, pinned frames, {loops[0]}): H2D(t+1) overlapped compute(t) on stage 0 in "
+    print(f"ours' spans ({best_ours}): H2D(t+1) overlapped compute(t) on stage 0 in "
           f"{overlaps['overlap_h2d_next']:.0%} of frames, D2H(t-1) overlapped compute(t) on the last stage in "
           f"{overlaps['overlap_d2h_prev']:.0%}; medians h2d {overlaps['span_h2d_us']:.0f} us, d2h "
           f"{overlaps['span_d2h_us']:.0f} us; balance {balance}")
