@@ -213,11 +213,12 @@ def record(name: str, machine: str, command: str, numbers: Mapping[str, object],
 
 # -- pipelines ------------------------------------------------------------------------------------
 async def time_stream(pipe, frames: Sequence[object], on_output: Callable[[object], None] | None = None, *,
-                      preroll: int = 0) -> float:
+                      preroll: int = 0, on_start: Callable[[], None] | None = None) -> float:
     """Seconds from the first frame in to the last frame out of ``pipe`` over ``frames``
     (``on_output`` sees each output frame, inside the timing). ``preroll``: that many of the
     frames are streamed once before the clock starts (one-off work on a first frame, such as
-    a CUDA graph capture, is then not timed).
+    a CUDA graph capture, is then not timed). ``on_start`` is called just before the clock
+    starts (to start other measurements over the same span).
 
     The pipeline is started and built on the first frame, and every device's worker thread is
     up and idle, before the clock starts: no set-up is timed, and no thread start-up competes
@@ -232,6 +233,8 @@ async def time_stream(pipe, frames: Sequence[object], on_output: Callable[[objec
             async for _ in pipe.stream(frames[:preroll]):
                 pass
         n = 0
+        if on_start is not None:
+            on_start()
         t0 = time.perf_counter()
         async for out in pipe.stream(frames):
             if on_output is not None:

@@ -133,7 +133,7 @@ class Backend:
         ``graphs``: each stage replayed as a CUDA graph); on the CPU smoke path CPU devices."""
         if self.cuda:
             return [pa.CudaDevice(0, graphs=graphs) for _ in range(stages)]
-        return pa.cpu_devices(stages)
+        return pa.cpu_devices(stages, threads=1)  # one thread each: the loop needs a core too
 
     def pin(self, t: torch.Tensor) -> torch.Tensor:
         """A pinned copy on CUDA; on the CPU path there is no pinned memory: the tensor itself."""
@@ -287,6 +287,7 @@ async def ours_observed(backend: Backend, model: nn.Module, frames: Sequence[tor
     pipe = setup.pipeline(backend, model, capacity)
     late: list[float] = []
     running = True
+    clocks: list[float] = []  # loop thread CPU, wall: read when the stream starts (after set-up and capture)
 
     async def ticker() -> None:
         while running:
@@ -294,13 +295,17 @@ async def ours_observed(backend: Backend, model: nn.Module, frames: Sequence[tor
             await asyncio.sleep(1e-3)
             late.append(time.perf_counter() - t0 - 1e-3)
 
-    task = asyncio.create_task(ticker())
-    cpu0, wall0 = time.thread_time(), time.perf_counter()
-    await C.time_stream(pipe, frames, preroll=1 if setup.graphs else 0)
-    cpu, wall = time.thread_time() - cpu0, time.perf_counter() - wall0
+    tasks: list[asyncio.Task] = []
+
+    def begin() -> None:
+        clocks[:] = [time.thread_time(), time.perf_counter()]
+        tasks.append(asyncio.create_task(ticker()))
+
+    await C.time_stream(pipe, frames, preroll=1 if setup.graphs else 0, on_start=begin)
+    cpu, wall = time.thread_time() - clocks[0], time.perf_counter() - clocks[1]
     running = False
-    await task
-    late.sort()
+    await tasks[0]
+    late = sorted(late) or [float("nan")]  # (none if the stream took under 1 ms)
     return pipe, {"loop_cpu_share": cpu / wall, "ticker_late_median_us": statistics.median(late) * 1e6,
                   "ticker_late_p99_us": late[min(len(late) - 1, int(0.99 * len(late)))] * 1e6,
                   "ticker_late_max_us": late[-1] * 1e6}
@@ -532,7 +537,9 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None, parser: argparse.A
     numbers: dict[str, object] = {
         "device": backend.kind, "frames": n_frames, "repeats": repeats, "frame": f"{height}x{width}x3_uint8",
         "pool": pool, "depth": depth, "channels": args.channels, "capacity": args.capacity,
-        "windows": "/".join(map(str, windows)), "loops": "/".join(loops), "part_repeats": part_repeats,
+        "windows": "/".join(map(str, windows)), "stages": "/".join(map(str, stage_counts)),
+        "graphs": "/".join("on" if g else "off" for g in graph_flags or [False]), "loops": "/".join(loops),
+        "part_repeats": part_repeats,
     }
     numbers.update({f"{name}_fps": fps[name] for name in (*NAIVE, *ours_names)})
     numbers.update(h2d_us=parts.h2d * 1e6, compute_us=parts.compute * 1e6, d2h_us=parts.d2h * 1e6,

@@ -20,7 +20,7 @@
 # At most 8 files come back from $OUT; this writes at most 8. The whole script keeps within
 # GPU_SESSION_BUDGET_S seconds (default 450: a session has 15 minutes of device time in all,
 # machine start included; run it with timeout_s=500); a step that would not fit is skipped
-# and says so. Expected on an H100/H200: about 250-300 s.
+# and says so. Expected on an H100/H200: about 300-400 s.
 #
 # Knobs (environment): PY (the interpreter), GPU_SESSION_BUDGET_S, GPU_OVERLAP_ARGS (extra
 # arguments for gpu_overlap.py, e.g. "--frames 500"), GPU_SESSION_ALLOW_CPU=1 (a dry run of the
@@ -162,10 +162,11 @@ step "examples/gpu_stream.py" 40 "$OUT/gpu_tests.log" "$PY" examples/gpu_stream.
 step "examples/gpu_stream.py --graphs" 40 "$OUT/gpu_tests.log" "$PY" examples/gpu_stream.py --frames 300 --graphs
 
 # -- 4. bench/gpu_overlap.py ---------------------------------------------------------------------
-# One window (the device's depth bounds the GPU queue now) and both loops: 6 variants x 5 repeats.
+# One window (the device's depth bounds the GPU queue now): 16 setups (pageable/pinned x 1/2
+# stages x graphs off/on x asyncio/uvloop) + 2 naive loops, 3 repeats.
 # shellcheck disable=SC2086  # GPU_OVERLAP_ARGS is split on purpose
 step "bench/gpu_overlap.py" 200 "$OUT/gpu_overlap.log" "$PY" bench/gpu_overlap.py --json "$OUT/gpu_overlap.json" \
-    ${GPU_OVERLAP_ARGS:---windows 2 --repeats 5}
+    ${GPU_OVERLAP_ARGS:---windows 2 --repeats 3}
 cp bench/RESULTS.md "$OUT/RESULTS.md" 2>/dev/null
 
 # -- 5. bench/gpu_graphs.py ----------------------------------------------------------------------

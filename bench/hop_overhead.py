@@ -45,7 +45,8 @@ every hop really crosses streams behind pending GPU work). Variants, all in the 
                    each stage reuses one event (it waits for it before recording it again);
 * ``ours``         ``Pipeline`` on ``[pa.CudaDevice(0) for _ in range(S)]``, ``balance=[1] * S``,
                    ``input_spec=None``, metrics on (the default);
-* ``ours_nometrics`` the same with ``metrics=False`` (no timing events for spans).
+* ``ours_nometrics`` the same with ``metrics=False`` (no spans: no timing events for the copies;
+                   the compute's two timing events, for the stage's busy time, remain).
 
 Ours delivers every output to host memory (the pipeline's last CUDA stage downloads it for the
 sinks), the baselines leave it on the GPU: a constant per frame that ``per_hop`` cancels (it is

@@ -12,6 +12,7 @@ Every 10th output is checked against the unsplit model.
 """
 import argparse
 import asyncio
+import sys
 
 import torch
 from torch import nn
@@ -48,7 +49,8 @@ def devices(graphs: bool) -> list[pa.Device]:
     return [pa.CudaDevice(0, graphs=graphs), pa.CudaDevice(second, graphs=graphs)]
 
 
-async def main(frames: int, height: int, width: int, graphs: bool, pool: int = 16) -> None:
+async def main(frames: int, height: int, width: int, graphs: bool, pool: int = 16) -> int:
+    """Exit status: 0 if every frame came out and every checked one matched."""
     model = make_model()
     # A camera delivers frames ready-made: render a few once (rendering 1080p on the CPU takes
     # longer than the GPU's work) and cycle through them.
@@ -75,6 +77,7 @@ async def main(frames: int, height: int, width: int, graphs: bool, pool: int = 1
     print(f"{kind} stages {[d.name for d in where]}, balance {pipe.balance}: {stats.delivered} frames of "
           f"{height}x{width} uint8 at {stats.throughput:.0f} frames/s; {mismatches} of {len(range(0, frames, 10))} checked outputs off "
           "the unsplit model's")
+    return int(mismatches > 0 or stats.delivered != frames)
 
 
 if __name__ == "__main__":
@@ -85,5 +88,5 @@ if __name__ == "__main__":
     parser.add_argument("--graphs", action="store_true", help="replay each GPU stage as a CUDA graph")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
-    asyncio.run(main(args.frames, args.height or (1080 if cuda else 96), args.width or (1920 if cuda else 128),
-                     args.graphs))
+    sys.exit(asyncio.run(main(args.frames, args.height or (1080 if cuda else 96),
+                              args.width or (1920 if cuda else 128), args.graphs)))

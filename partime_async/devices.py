@@ -553,7 +553,8 @@ class CudaDevice(Device):
                 self.compute.wait_event(copied)
                 with torch.cuda.stream(self.compute):
                     # Always timed on the GPU: the stage's busy time (spans or not) is the
-                    # kernels' time, not the host's launch time.
+                    # compute stream's time from the first kernel to the last, not the time
+                    # the host took to launch them (which includes gaps when launches lag).
                     start = self._mark(self.compute)
                     for t in leaves(x):
                         if isinstance(t, torch.Tensor) and t.is_cuda:
@@ -584,8 +585,8 @@ class CudaDevice(Device):
 
     def _retire(self, error: BaseException | None, events: tuple[torch.cuda.Event, ...],
                 marks: tuple[deque[Any] | None, int, str, Any, Any, Any]) -> None:
-        """A frame's work is complete (or failed): add its compute time to the stage's busy
-        time, record its spans, recycle its events. Runs on the waiter thread (the only writer
+        """A frame's work is complete (or failed): add its compute stream's time (between the
+        two marks) to the stage's busy time, record its spans, recycle its events. Runs on the waiter thread (the only writer
         of ``stats.busy_s`` on a CUDA stage), so it is done for every frame by the time the
         device closes."""
         spans, seq, kind, copy, start, end = marks
@@ -637,7 +638,7 @@ class CudaDevice(Device):
         self._launched.clear()
         self._loop = None
         self.compute = self.copy_in = self.copy_out = None
-        self.spans = None  # the run's ring; the next run's executor sets its own
+        self.spans = self.stats = None  # the run's; the next run's executor sets its own
 
 
 # ---------------------------------------------------------------------------------------
