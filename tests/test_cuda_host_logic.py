@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import partime_async as pa
+from pa_helpers import FailOn, marked
 from partime_async import devices as D
 
 LATENCY = 0.0005  # seconds from an event's record to its completion
@@ -126,16 +127,8 @@ async def test_learning_every_stage_learns_with_every_span(mode, steps):
 
 
 async def test_error_at_launch_names_stage_and_frame_and_cleans_up():
-    class FailAt(nn.Module):
-        def forward(self, x):
-            if float(x[0, 0]) == 7.0:
-                raise RuntimeError("boom")
-            return x
-
-    model = nn.Sequential(nn.Linear(4, 4), FailAt())
-    model[0].weight.data = torch.eye(4)
-    model[0].bias.data.zero_()
-    xs = [torch.full((1, 4), float(i)) for i in range(20)]
+    model = nn.Sequential(nn.Identity(), FailOn(7))
+    xs = [marked(i) for i in range(20)]
     with pytest.raises(pa.PipelineError) as info:
         await stream(pa.Pipeline(model, devices=[HostCuda(0), HostCuda(0)], balance=[1, 1]), xs)
     assert info.value.component.startswith("stage 1") and info.value.seq == 7
