@@ -112,18 +112,19 @@ async def test_mixed_gpu_then_cpu_stages():
     assert all(torch.equal(o.data, e) for o, e in zip(outs, expected))
 
 
-@pytest.mark.parametrize("mode, steps", [("partime", [28, 30]), ("stashed", [30, 30])])
+@pytest.mark.parametrize("mode, steps", [("partime", [28, 30]), ("stashed", [30, 30]), ("sequential", [30])])
 async def test_learning_every_stage_learns_with_every_span(mode, steps):
     model = mlp().train()
     learning = pa.OnlineLearning(loss=nn.MSELoss(), optimizer=lambda p: torch.optim.SGD(p, lr=0.05), mode=mode)
-    pipe = pa.Pipeline(model, devices=[HostCuda(0), HostCuda(0)], balance=[3, 3], learning=learning)
+    balance = [6] if mode == "sequential" else [3, 3]  # sequential: the whole model on one device
+    pipe = pa.Pipeline(model, devices=[HostCuda(0) for _ in balance], balance=balance, learning=learning)
     g = torch.Generator().manual_seed(1)
     frames = [pa.Frame(t, torch.randn(1, 32, generator=g), target=torch.randn(1, 32, generator=g)) for t in range(30)]
     outs = await stream(pipe, frames)
     assert [learner.steps for learner in pipe.learners] == steps
     assert all(isinstance(f.meta["loss"], float) for f in outs)
     backward = Counter(s.stage for s in pipe.spans() if s.kind == "backward")
-    assert backward == {0: steps[0], 1: steps[1]}  # the drain's last backward included
+    assert backward == dict(enumerate(steps))  # the drain's last backward included
 
 
 async def test_error_at_launch_names_stage_and_frame_and_cleans_up():
@@ -164,3 +165,25 @@ async def test_busy_time_of_a_gpu_stage_comes_from_its_timing_events():
     quiet = pa.Pipeline(mlp(), devices=[HostCuda(0), HostCuda(0)], balance=[3, 3], metrics=False)
     await stream(quiet, xs)
     assert all(stage.busy_s > 0 for stage in quiet.stats().stages)
+
+
+async def test_checkpoint_cut_waits_for_the_gpu_copy_and_equals_a_cpu_run(tmp_path):
+    """A checkpoint of a learning pipeline on CUDA stages: each stage's state copy is taken on
+    its compute stream and waited for (its event) before the save; the cut equals the state a
+    CPU pipeline reaches on the same frames."""
+    from partime_async.checkpoint import load
+    from partime_async.sinks import Checkpoint
+
+    def learning() -> pa.OnlineLearning:
+        return pa.OnlineLearning(loss=nn.MSELoss(), optimizer=lambda p: torch.optim.SGD(p, lr=0.05), mode="partime")
+
+    g = torch.Generator().manual_seed(1)
+    frames = [pa.Frame(t, torch.randn(1, 32, generator=g), target=torch.randn(1, 32, generator=g)) for t in range(20)]
+    pipe = pa.Pipeline(mlp().train(), devices=[HostCuda(0), HostCuda(0)], balance=[3, 3], learning=learning())
+    sink = Checkpoint(pipe, tmp_path / "ckpt-{seq}.pt", every=10)
+    await pa.run(frames >> pipe >> sink)
+    assert [p.name for p in sink.saved] == ["ckpt-9.pt", "ckpt-19.pt"]
+    reference = pa.Pipeline(mlp().train(), devices=pa.cpu_devices(2, threads=1), balance=[3, 3], learning=learning())
+    await stream(reference, frames)
+    expected, state = reference.state_dict(), load(tmp_path / "ckpt-19.pt")
+    assert all(torch.equal(state["model"][k], expected["model"][k]) for k in expected["model"])
