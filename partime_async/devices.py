@@ -412,8 +412,8 @@ class CudaDevice(Device):
     event on the GPU, so no host round trip sits between two GPU stages. So that the host
     cannot run arbitrarily far ahead of the GPU, the ticket of frame t also waits until frame
     t - ``depth`` of this device is complete. Completions are seen by an
-    :class:`EventWaiter` thread (no polling on the loop); they recycle the events and, with
-    metrics on, turn the timing events into spans.
+    :class:`EventWaiter` thread (no polling on the loop); they recycle the events and turn
+    the compute's timing events into the stage's busy time and, with metrics on, into spans.
 
     Host memory: pageable inputs are copied into page-locked memory from PyTorch's caching
     host allocator (``Tensor.pin_memory``), which keeps each block until the copy that reads
