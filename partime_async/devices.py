@@ -255,7 +255,7 @@ class CpuDevice(Device):
                 if self._closing:
                     self._loop.call_soon_threadsafe(future.cancel)
                 else:
-                    self._loop.call_soon_threadsafe(resolve, future, None, WorkerDied(self, what))
+                    self._notifier.notify(future, None, WorkerDied(self, what))
             except RuntimeError:
                 return
 
