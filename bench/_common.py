@@ -63,6 +63,33 @@ def time_call(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
+def on_threads(works: Sequence[Callable[[], None]]) -> float:
+    """Run each of ``works`` on its own thread, one intra-op thread each, all released at
+    once; seconds of the slowest. The ceiling of a pipeline: its stages' work done at the
+    same time with no hand-off at all (what this machine allows *now*: cores shared with
+    other work, caches, memory bandwidth)."""
+    import threading
+
+    import torch
+
+    seconds = [0.0] * len(works)
+    barrier = threading.Barrier(len(works))
+
+    def run(k: int) -> None:
+        torch.set_num_threads(1)
+        barrier.wait()
+        t0 = time.perf_counter()
+        works[k]()
+        seconds[k] = time.perf_counter() - t0
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(works))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return max(seconds)
+
+
 def throughput(frames: int, seconds: float) -> float:
     """Frames per second."""
     return frames / seconds if seconds > 0 else float("inf")

@@ -73,26 +73,13 @@ def unsplit(model: nn.Module, frames: Sequence[torch.Tensor], threads: int) -> f
 
 def ceiling(halves: Sequence[nn.Module], inputs: Sequence[Sequence[torch.Tensor]]) -> float:
     """Both halves at once on two threads, no hand-off: seconds of the slower one."""
-    import threading
-
-    seconds = [0.0] * len(halves)
-    barrier = threading.Barrier(len(halves))
 
     def work(k: int) -> None:
-        torch.set_num_threads(1)
         with torch.no_grad():
-            barrier.wait()
-            t0 = time.perf_counter()
             for x in inputs[k]:
                 halves[k](x)
-            seconds[k] = time.perf_counter() - t0
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(halves))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return max(seconds)
+    return C.on_threads([lambda k=k: work(k) for k in range(len(halves))])
 
 
 class Ours:

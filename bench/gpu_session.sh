@@ -14,9 +14,12 @@
 #   3. python -m pytest tests/gpu -q -rfE [--timeout 60] (every failure, not just the first),
 #      then examples/gpu_stream.py eager and --graphs                               -> gpu_tests.log
 #   4. python bench/gpu_overlap.py (recorded in bench/RESULTS.md)                   -> gpu_overlap.log/.json
-#   5. python bench/gpu_graphs.py (eager vs CUDA graph, recorded)                    -> gpu_graphs.log
-#   6. python bench/hop_overhead.py --device cuda (recorded as hop_overhead_cuda)    -> hop_overhead_cuda.log
-#   7. bench/RESULTS.md copied to $OUT (also right after step 4)                     -> RESULTS.md
+#   5. python bench/gpu_graphs.py (eager vs CUDA graph, recorded)                    -> gpu_benches.log
+#   6. python bench/hop_overhead.py --device cuda (recorded as hop_overhead_cuda)    -> gpu_benches.log
+#   7. with the budget left: the CPU benchmarks of issues 2 and 5 pinned to two physical cores
+#      of this host (a quiet machine with real cores, which the shared 2-vCPU CI VM is not):
+#      cpu_scaling.py, then metrics_overhead.py (recorded; `taskset`)             -> cpu_benches.log
+#   8. bench/RESULTS.md copied to $OUT (also right after step 4)                     -> RESULTS.md
 # At most 8 files come back from $OUT; this writes at most 8. The whole script keeps within
 # GPU_SESSION_BUDGET_S seconds (default 450: a session has 15 minutes of device time in all,
 # machine start included; run it with timeout_s=500); a step that would not fit is skipped
@@ -170,13 +173,25 @@ step "bench/gpu_overlap.py" 200 "$OUT/gpu_overlap.log" "$PY" bench/gpu_overlap.p
 cp bench/RESULTS.md "$OUT/RESULTS.md" 2>/dev/null
 
 # -- 5. bench/gpu_graphs.py ----------------------------------------------------------------------
-step "bench/gpu_graphs.py" 60 "$OUT/gpu_graphs.log" "$PY" bench/gpu_graphs.py --frames 500 --repeats 5
+step "bench/gpu_graphs.py" 60 "$OUT/gpu_benches.log" "$PY" bench/gpu_graphs.py --frames 500 --repeats 5
 
 # -- 6. bench/hop_overhead.py --device cuda ------------------------------------------------------
-step "bench/hop_overhead.py --device cuda" 90 "$OUT/hop_overhead_cuda.log" \
+step "bench/hop_overhead.py --device cuda" 90 "$OUT/gpu_benches.log" \
     "$PY" bench/hop_overhead.py --device cuda --repeats 3
 
-# -- 7. results -------------------------------------------------------------------------------------
+# -- 7. CPU benchmarks on two quiet physical cores (issues 2 and 5), if the budget allows ---------
+# Two CPUs of different physical cores (no SMT siblings), avoiding CPU 0 (interrupts).
+CPUS=$(lscpu -p=CPU,CORE 2>/dev/null | awk -F, '/^#/ {next} $1 == 0 {core0 = $2; next} $2 != core0 && !seen[$2]++ {print $1}' | head -2 | paste -sd, -)
+if [ "$(echo "$CPUS" | tr ',' '\n' | grep -c .)" = 2 ] && command -v taskset >/dev/null 2>&1; then
+    step "bench/cpu_scaling.py on CPUs $CPUS" 90 "$OUT/cpu_benches.log" \
+        taskset -c "$CPUS" "$PY" bench/cpu_scaling.py --repeats 5 --frames 400
+    step "bench/metrics_overhead.py on CPUs $CPUS" 60 "$OUT/cpu_benches.log" \
+        taskset -c "$CPUS" "$PY" bench/metrics_overhead.py --repeats 7 --frames 8000
+else
+    log "CPU benchmarks: SKIPPED (no two physical cores found, or no taskset): '$CPUS'"
+fi
+
+# -- 8. results -------------------------------------------------------------------------------------
 cp bench/RESULTS.md "$OUT/RESULTS.md" 2>/dev/null && log "bench/RESULTS.md copied"
 log "gpu_session: done in $(($(date +%s) - T0)) s; files: $(ls "$OUT" | tr '\n' ' ')"
 exit 0
