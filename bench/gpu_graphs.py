@@ -1,4 +1,4 @@
-"""A 100-layer narrow conv stage, eager vs CUDA graph: per-frame time ratio.
+"""A 100-layer narrow conv stage, eager vs CUDA graphs, inference and learning: per-frame time ratios.
 
 Issue 7's CUDA-graph "must show": per-frame launch cost O(1) in the number of layers. The
 stage is ``--depth`` x [3x3 conv C->C, ReLU] (default 100 layers, C = 16) on small frames
@@ -11,10 +11,18 @@ the loop of frames followed by ``torch.cuda.synchronize()``:
 * ``eager``    the plain layer loop under ``torch.no_grad()``, as the stage executor runs it;
 * ``graphed``  ``partime_async.cuda_graphs.GraphedStage`` around that same loop: per frame,
                a copy into the static input, one graph replay, a clone of the static output
-               (captured before timing, on the warm-up frames).
+               (captured before timing, on the warm-up frames);
+* ``learn_eager``    one online-learning step per frame on a copy of the stage (training
+                     mode), as a partime stage does it: forward with autograd, backward
+                     (``torch.autograd.grad`` w.r.t. the input and the parameters, from a fixed
+                     output gradient), an Adam step (PyTorch's default multi-tensor kernels);
+* ``learn_graphed``  the same with the forward and backward as
+                     ``partime_async.cuda_graphs.GraphedLearningStage`` replays (the Adam step
+                     stays eager in both).
 
 Interleaved repeats (order alternating), medians; the last line printed is the ratio
-eager / graphed of the per-frame times. Outputs are compared (max |diff| printed; cuDNN in
+eager / graphed of the inference per-frame times (the learning ratio is printed and recorded
+beside it). Outputs are compared (max |diff| printed; cuDNN in
 deterministic mode, no autotuner, so they should be equal). Goal: > 1.
 
 Without CUDA, only ``--quick`` (or ``--device cpu``) runs, on the CPU smoke path: the same
@@ -41,7 +49,7 @@ if __package__ in (None, ""):  # run as a script: make `bench._common` importabl
 import torch
 from torch import nn
 
-from partime_async.cuda_graphs import GraphedStage
+from partime_async.cuda_graphs import GraphedLearningStage, GraphedStage
 from bench import _common as C
 
 GOAL = 1.0
@@ -61,6 +69,21 @@ def eager_stage(layers: list[nn.Module]) -> Callable[[torch.Tensor], torch.Tenso
                 x = layer(x)
         return x
     return run
+
+
+def learning_step(stage: Callable[[torch.Tensor], torch.Tensor], params: list[nn.Parameter],
+                  optimizer: torch.optim.Optimizer) -> Callable[[torch.Tensor], None]:
+    """One learning step per frame: forward with autograd, backward from a fixed output
+    gradient into the input and the parameters, an optimiser step."""
+    def step(x: torch.Tensor) -> None:
+        x = x.detach().requires_grad_()
+        out = stage(x)
+        grads = torch.autograd.grad(out, [x, *params], torch.ones_like(out))
+        for p, g in zip(params, grads[1:]):
+            p.grad = g
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
 
 
 def on(stream: torch.cuda.Stream | None) -> contextlib.AbstractContextManager:
@@ -152,24 +175,49 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None, parser: argparse.A
     print(f"graphed: captured={graphed.captured}, replays={graphed.replays}, outputs vs eager max |diff| = "
           f"{max_diff:g}", flush=True)
 
+    # Learning: two copies of the stage with the same weights, each with its own Adam.
+    learners = {}
+    for name in ("learn_eager", "learn_graphed"):
+        module = nn.Sequential(*make_layers(args.depth, args.channels, dev)).train()
+        params = list(module.parameters())
+        run = module if name == "learn_eager" else GraphedLearningStage(module, name="learning stage")
+        learners[name] = (run, learning_step(run, params, torch.optim.Adam(params, lr=1e-4)))
+    learn_graphed = learners["learn_graphed"][0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        for _, step in learners.values():
+            timed(step, pool, stream)  # warm-up and capture, not timed
+        if cuda:
+            torch.cuda.synchronize()
+    for w in caught:
+        print(f"learn_graphed: {w.message}", flush=True)
+    print(f"learn_graphed: captured={learn_graphed.captured}, replays={learn_graphed.replays}", flush=True)
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # already reported
         raw = C.interleaved({"eager": lambda: timed(stage, stream_frames, stream),
-                             "graphed": lambda: timed(graphed, stream_frames, stream)}, repeats)
+                             "graphed": lambda: timed(graphed, stream_frames, stream),
+                             **{name: (lambda step=step: timed(step, stream_frames, stream))
+                                for name, (_, step) in learners.items()}}, repeats)
 
     per_frame_us = {name: C.median(times) / n_frames * 1e6 for name, times in raw.items()}
     ratio = per_frame_us["eager"] / per_frame_us["graphed"]
-    print(f"\n{'variant':10s} {'us/frame':>10s} {'spread':>7s}")
+    learn_ratio = per_frame_us["learn_eager"] / per_frame_us["learn_graphed"]
+    print(f"\n{'variant':14s} {'us/frame':>10s} {'spread':>7s}")
     for name, us in per_frame_us.items():
-        print(f"{name:10s} {us:10.1f} {C.spread(raw[name]):7.0%}")
+        print(f"{name:14s} {us:10.1f} {C.spread(raw[name]):7.0%}")
     print("(spread: (max - min) / median of a variant's repeats; large spreads mean a busy machine: rerun)")
 
     numbers: dict[str, object] = {
         "device": dev.type, "frames": n_frames, "repeats": repeats, "depth": args.depth, "channels": args.channels,
         "frame": f"1x{args.channels}x{args.size}x{args.size}", "pool": n_pool,
         "eager_us": per_frame_us["eager"], "graphed_us": per_frame_us["graphed"], "captured": graphed.captured,
-        "max_abs_diff": max_diff, "noise": max(C.spread(v) for v in raw.values()), "eager_over_graphed": ratio,
+        "max_abs_diff": max_diff, "learn_eager_us": per_frame_us["learn_eager"],
+        "learn_graphed_us": per_frame_us["learn_graphed"], "learn_captured": learn_graphed.captured,
+        "learn_eager_over_graphed": learn_ratio, "noise": max(C.spread(v) for v in raw.values()),
+        "eager_over_graphed": ratio,
     }
+    print(f"learning step (forward + backward graphed, Adam eager): eager/graphed = {learn_ratio:.2f}x")
     suffix = "" if cuda else " [CPU smoke path: not a GPU measurement]"
     headline = (f"per-frame time eager/graphed = {ratio:.2f}x ({args.depth} conv+ReLU layers, "
                 f"{args.channels} channels; goal > {GOAL:g})" + suffix)

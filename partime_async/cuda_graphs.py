@@ -1,4 +1,4 @@
-"""Per-stage CUDA graphs for inference: one launch per frame, however many layers.
+"""Per-stage CUDA graphs: one launch per frame (and one per backward), however many layers.
 
 A stage of many small layers on a GPU is bound by the host: every layer launches its
 kernels one by one, microseconds of CPU each, so the per-frame cost grows with the number of
@@ -38,8 +38,8 @@ Contract of ``stage = GraphedStage(run, name=...)``, called as ``stage(x)``:
   capture that raised leaves the caching allocator in capture mode for the rest of the
   process (pytorch#180395: later captures fail, memory used across streams is freed late):
   the warning says so, and every later stage of the process falls back without trying.
-* **Learning** is not graphed yet: the forward with autograd and the backward of online
-  learning run eagerly (a ``run`` that records autograd falls back, as above).
+* **Learning** has its own wrapper, :class:`GraphedLearningStage` (below): a ``run`` that
+  records autograd falls back here, as above.
 
 Streams. Warm-up and capture use one side stream of the stage (the torch notes' recipe:
 warm up on a side stream before capture), the same stream for both so that library handles
@@ -58,13 +58,43 @@ the stage's peak eager working set: activations and workspaces) until the stage 
 released. Graphs do not share pools: graphs of different stages replay concurrently on
 different streams, and the graphs of one stage in any order, which pool sharing forbids
 ("Graph memory management" in the torch CUDA notes).
+
+Learning: ``stage = GraphedLearningStage(module, name=...)``, called as ``stage(x)`` with grad
+mode on, is ``module(x)`` with autograd as two graphs per signature, the forward and the
+backward (the torch notes' "partial-network capture", as ``torch.cuda.make_graphed_callables``
+builds it, but captured lazily in ``"thread_local"`` mode on the stage's side stream like
+:class:`GraphedStage`: the pipeline keeps streaming on other threads meanwhile). Contract, in
+addition to the one above (signatures, fallback, streams, cost):
+
+* It returns fresh output tensors attached to one autograd node. A backward through them
+  (``torch.autograd.grad`` or ``.backward()``, on the stream of the forward, as autograd does)
+  replays the backward graph and yields gradients for the input's leaves that require grad
+  (fresh tensors) and for the module's trainable parameters: those are the graph's static
+  buffers, to be consumed (an optimiser step) in stream order before the next backward of
+  the stage, as :class:`~partime_async.learning.StageLearner` does.
+* **One backward per forward, right after it**: the backward graph reads the activations
+  that the latest forward replay of that signature left in the graph's memory, so between
+  a forward and its backward no other forward of the stage may run. PARTIME's rule (the
+  gradient goes through the newest frame's graph) and every stage without a delay do exactly
+  that; ``stashed`` stages with a delay keep several frames' graphs at stashed weights and
+  are not graphed (the executor warns).
+* Parameters are read in place by every replay (an optimiser's in-place step is what the
+  next frame sees); parameters replaced by new tensors are not. Warm-up runs the forward and
+  the backward ``warmup`` times on static copies and then restores the module's buffers
+  (BatchNorm's running statistics) and the device's random-number state, so that it changes
+  nothing a frame sees; the graphs themselves update buffers as eager steps do.
+* Also not capturable (eager, with the warning): an output that is not a tensor, or no
+  output that requires grad.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Any, Callable, Hashable
+from typing import Any, Callable, Hashable, Iterator
 
 import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils import _pytree as pytree
 
 from .frame import Payload
@@ -107,34 +137,22 @@ class _Graph:
                                      self.out_spec)
 
 
-class GraphedStage:
-    """``run`` replayed as a CUDA graph per input signature; see the module docstring.
+class _PerSignature:
+    """What both wrappers share: a graph per input signature, captured on first use, and the
+    eager fallback (see the module docstring). Subclasses give ``_capture`` and ``_replay``."""
 
-    Args:
-        run: the stage's eager inference computation.
-        name: how warnings name the stage.
-        warmup: eager runs on the side stream before each capture (at least 1).
-        max_graphs: signatures graphed at most; frames with further ones run eagerly.
-
-    Attributes:
-        replays: frames computed by replaying a graph.
-        fallback_reason: why the stage runs eagerly for good; None while graphed or not yet
-            tried.
-    """
-
-    def __init__(self, run: Callable[[Payload], Payload], *, name: str, warmup: int = 3,
-                 max_graphs: int = 4) -> None:
+    def __init__(self, eager: Callable[[Payload], Payload], *, name: str, warmup: int, max_graphs: int) -> None:
         if not isinstance(warmup, int) or warmup < 1:
             raise ValueError(f"warmup must be an int >= 1 (capture needs warmed-up libraries), got {warmup!r}")
         if not isinstance(max_graphs, int) or max_graphs < 1:
             raise ValueError(f"max_graphs must be an int >= 1, got {max_graphs!r}")
-        self.run = run
+        self.eager = eager
         self.name = name
         self.warmup = warmup
         self.max_graphs = max_graphs
         self.replays = 0
         self.fallback_reason: str | None = None
-        self._graphs: dict[Hashable, _Graph] = {}
+        self._graphs: dict[Hashable, Any] = {}
         self._stream: torch.cuda.Stream | None = None  # warm-up and capture, created at the first capture
         self._overflowed = False
 
@@ -150,11 +168,11 @@ class GraphedStage:
 
     def __repr__(self) -> str:
         state = f"eager: {self.fallback_reason}" if self.fallback_reason else f"{self.graphs} graph(s)"
-        return f"GraphedStage({self.name!r}, {state}, {self.replays} replays)"
+        return f"{type(self).__name__}({self.name!r}, {state}, {self.replays} replays)"
 
     def __call__(self, x: Payload) -> Payload:
         if self.fallback_reason is not None:
-            return self.run(x)
+            return self.eager(x)
         leaves, spec = pytree.tree_flatten(x)
         key = (spec, tuple((t.shape, t.dtype, t.device, t.requires_grad) if isinstance(t, torch.Tensor)
                            else (type(t), t) for t in leaves))
@@ -172,76 +190,233 @@ class GraphedStage:
             if len(self._graphs) >= self.max_graphs:
                 return self._overflow(leaves, x)
             try:
-                graph = self._capture(leaves, spec)
+                graph = self._capture_on_side_stream(leaves, spec)
             except _NotCapturable as exc:
                 return self._give_up(str(exc), x)
             self._graphs[key] = graph
-        out = graph.replay(leaves)
+        out = self._replay(graph, leaves)
         self.replays += 1
         return out
 
-    def _capture(self, leaves: list[Any], spec: pytree.TreeSpec) -> _Graph:
-        """Warm up and capture ``run`` on static copies of ``leaves``. Raises _NotCapturable
-        (state sane: no stream left capturing, the caller's stream current); an error of the
-        warm-up (``run`` fails eagerly too: the frame's own error) propagates as it is."""
+    def _capture_on_side_stream(self, leaves: list[Any], spec: pytree.TreeSpec) -> Any:
+        """``_capture`` on the stage's side stream, which waits for the caller's stream first
+        (the static inputs are written there) and which the caller's stream waits for after,
+        however the capture ends. Static copies of ``leaves`` keep ``requires_grad``."""
         caller = torch.cuda.current_stream()
         if self._stream is None:
             self._stream = torch.cuda.Stream(caller.device)
         side = self._stream
-        # requires_grad is kept so that a run that records autograd shows it in its outputs
         inputs = [t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else None
                   for t in leaves]
         static_x = pytree.tree_unflatten([t if buf is None else buf for t, buf in zip(leaves, inputs)], spec)
-        graph = torch.cuda.CUDAGraph()
-        side.wait_stream(caller)  # the static inputs are written on the caller's stream
+        side.wait_stream(caller)
         try:
             # The outer context restores the caller's stream however the capture ends:
             # torch.cuda.graph's own __exit__ skips that when capture_end raises.
             with torch.cuda.stream(side):
-                for _ in range(self.warmup):
-                    self.run(static_x)
-                try:
-                    with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
-                        out = self.run(static_x)
-                except Exception as exc:
-                    _end_capture(graph, side)
-                    reason = f"capture failed: {_describe(exc)}"
-                    if _CAPTURE_LEAVES_ALLOCATOR_BROKEN:
-                        global _failed_capture
-                        _failed_capture = f"stage {self.name!r}"
-                        reason += (f"; with PyTorch {torch.__version__} a failed capture also leaves the "
-                                   "memory allocator in capture mode for the rest of the process (GPU memory "
-                                   "freed late; fixed in 2.12): prefer graphs=False for this stage")
-                    raise _NotCapturable(reason) from exc
+                return self._capture(inputs, static_x, side)
         finally:
             caller.wait_stream(side)
-        outputs, out_spec = pytree.tree_flatten(out)
-        for o in outputs:
-            if isinstance(o, torch.Tensor) and o.device != caller.device:
-                raise _NotCapturable(f"an output tensor is on {o.device}; a graph replays only work on "
-                                     f"{caller.device}")
-            if isinstance(o, torch.Tensor) and o.requires_grad:
-                raise _NotCapturable("an output requires grad (autograd recorded the stage): only inference "
-                                     "is graphed, learning steps are not graphed yet")
-        return _Graph(graph, inputs, outputs, out_spec)
+
+    def _capture(self, inputs: list[torch.Tensor | None], static_x: Payload, side: torch.cuda.Stream) -> Any:
+        raise NotImplementedError
+
+    def _replay(self, graph: Any, leaves: list[Any]) -> Payload:
+        raise NotImplementedError
 
     def _give_up(self, reason: str, x: Payload) -> Payload:
         """Eager from now on, with one warning; this frame too, so that it is not lost."""
         self.fallback_reason = reason
         self._graphs.clear()  # their pools and static buffers go back to the allocator
-        warnings.warn(f"stage {self.name!r} runs eagerly, not as a CUDA graph: {reason}; {ADVICE}",
+        warnings.warn(f"{self.name} runs eagerly, not as a CUDA graph: {reason}; {ADVICE}",
                       RuntimeWarning, stacklevel=3)
-        return self.run(x)
+        return self.eager(x)
 
     def _overflow(self, leaves: list[Any], x: Payload) -> Payload:
         if not self._overflowed:
             self._overflowed = True
             shapes = [tuple(t.shape) for t in leaves if isinstance(t, torch.Tensor)]
-            warnings.warn(f"stage {self.name!r}: input shapes {shapes} make a new signature after "
+            warnings.warn(f"{self.name}: input shapes {shapes} make a new signature after "
                           f"{self.max_graphs} captured ones (max_graphs); frames with a signature not captured "
                           f"run eagerly from now on, captured ones keep replaying; {ADVICE}",
                           RuntimeWarning, stacklevel=3)
-        return self.run(x)
+        return self.eager(x)
+
+
+class GraphedStage(_PerSignature):
+    """``run`` replayed as a CUDA graph per input signature; see the module docstring.
+
+    Args:
+        run: the stage's eager inference computation.
+        name: how warnings name the stage.
+        warmup: eager runs on the side stream before each capture (at least 1).
+        max_graphs: signatures graphed at most; frames with further ones run eagerly.
+
+    Attributes:
+        replays: frames computed by replaying a graph.
+        fallback_reason: why the stage runs eagerly for good; None while graphed or not yet
+            tried.
+    """
+
+    def __init__(self, run: Callable[[Payload], Payload], *, name: str, warmup: int = 3,
+                 max_graphs: int = 4) -> None:
+        super().__init__(run, name=name, warmup=warmup, max_graphs=max_graphs)
+
+    def _capture(self, inputs: list[torch.Tensor | None], static_x: Payload, side: torch.cuda.Stream) -> _Graph:
+        """Warm up and capture ``run`` (``self.eager``) on the static input. Raises _NotCapturable (state sane:
+        no stream left capturing); an error of the warm-up (``run`` fails eagerly too: the
+        frame's own error) propagates as it is."""
+        for _ in range(self.warmup):
+            self.eager(static_x)
+        graph = torch.cuda.CUDAGraph()
+        with _capturing(graph, side, self.name):
+            out = self.eager(static_x)
+        outputs, out_spec = pytree.tree_flatten(out)
+        _check_outputs(outputs, side.device)
+        for o in outputs:
+            if isinstance(o, torch.Tensor) and o.requires_grad:
+                raise _NotCapturable("an output requires grad (autograd recorded the stage): GraphedStage "
+                                     "graphs inference; learning stages use GraphedLearningStage")
+        return _Graph(graph, inputs, outputs, out_spec)
+
+    def _replay(self, graph: _Graph, leaves: list[Any]) -> Payload:
+        return graph.replay(leaves)
+
+
+class _LearningGraph:
+    """One captured signature of a learning stage: the forward and backward graphs and their
+    static buffers (flat; None where a leaf is not a tensor or gets no gradient)."""
+
+    __slots__ = ("forward", "backward", "inputs", "outputs", "differentiable", "out_spec", "grad_outputs",
+                 "input_grads", "param_grads")
+
+    def __init__(self, forward: torch.cuda.CUDAGraph, backward: torch.cuda.CUDAGraph,
+                 inputs: list[torch.Tensor | None], outputs: list[torch.Tensor], out_spec: pytree.TreeSpec,
+                 grad_outputs: list[torch.Tensor], input_grads: list[torch.Tensor | None],
+                 param_grads: list[torch.Tensor | None]) -> None:
+        self.forward = forward
+        self.backward = backward
+        self.inputs = inputs
+        self.outputs = [o.detach() for o in outputs]  # keeps the static outputs' memory, not their graph
+        self.differentiable = [o.requires_grad for o in outputs]
+        self.out_spec = out_spec
+        self.grad_outputs = grad_outputs
+        self.input_grads = input_grads
+        self.param_grads = param_grads
+
+
+class _Replay(torch.autograd.Function):
+    """The autograd node of one graphed learning forward: ``apply(graph, n, *leaves,
+    *params)``; its backward replays the backward graph."""
+
+    @staticmethod
+    def forward(ctx: Any, graph: _LearningGraph, n_leaves: int, *args: Any) -> tuple[torch.Tensor, ...]:
+        for buf, t in zip(graph.inputs, args[:n_leaves]):  # (autograd is off in a Function's forward)
+            if buf is not None:
+                buf.copy_(t)
+        graph.forward.replay()
+        ctx.graph = graph
+        outs = tuple(o.clone() for o in graph.outputs)  # the next replay overwrites the static ones
+        ctx.mark_non_differentiable(*[o for o, d in zip(outs, graph.differentiable) if not d])
+        return outs
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        graph: _LearningGraph = ctx.graph
+        # Undefined gradients arrive as zeros (materialised by autograd).
+        for buf, g in zip(graph.grad_outputs, [g for g, d in zip(grads, graph.differentiable) if d]):
+            buf.copy_(g)
+        graph.backward.replay()
+        input_grads = [g.clone() if g is not None else None for g in graph.input_grads]
+        return (None, None, *input_grads, *graph.param_grads)
+
+
+class GraphedLearningStage(_PerSignature):
+    """``module(x)`` with autograd as forward and backward CUDA graphs per input signature; see
+    the module docstring ("Learning").
+
+    Args:
+        module: the stage's layers; its trainable parameters get gradients.
+        name: how warnings name the stage.
+        warmup: eager forward + backward runs on the side stream before each capture.
+        max_graphs: signatures graphed at most; frames with further ones run eagerly.
+    """
+
+    def __init__(self, module: nn.Module, *, name: str, warmup: int = 3, max_graphs: int = 4) -> None:
+        super().__init__(module, name=name, warmup=warmup, max_graphs=max_graphs)
+        self.module = module
+        self.params = [p for p in module.parameters() if p.requires_grad]
+
+    def _capture(self, inputs: list[torch.Tensor | None], static_x: Payload,
+                 side: torch.cuda.Stream) -> _LearningGraph:
+        wrt = [buf for buf in inputs if buf is not None and buf.requires_grad] + self.params
+        if not wrt:
+            raise _NotCapturable("neither the input nor a parameter requires grad (nothing to learn)")
+        buffers = list(self.module.buffers())
+        kept = [b.detach().clone() for b in buffers]
+        with torch.random.fork_rng(devices=[side.device]):
+            for _ in range(self.warmup):
+                diff = _differentiable(self.module(static_x))
+                torch.autograd.grad(diff, wrt, [torch.zeros_like(o) for o in diff], allow_unused=True)
+        with torch.no_grad():
+            for b, k in zip(buffers, kept):
+                b.copy_(k)
+        forward, backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with _capturing(forward, side, self.name):
+            out = self.module(static_x)
+        outputs, out_spec = pytree.tree_flatten(out)
+        _check_outputs(outputs, side.device)
+        diff = _differentiable(out)
+        grad_outputs = [torch.empty_like(o) for o in diff]
+        with _capturing(backward, side, self.name, pool=forward.pool()):
+            grads = torch.autograd.grad(diff, wrt, grad_outputs, allow_unused=True)
+        it = iter(grads)
+        input_grads = [next(it) if buf is not None and buf.requires_grad else None for buf in inputs]
+        param_grads = list(it)
+        return _LearningGraph(forward, backward, inputs, outputs, out_spec, grad_outputs, input_grads, param_grads)
+
+    def _replay(self, graph: _LearningGraph, leaves: list[Any]) -> Payload:
+        outs = _Replay.apply(graph, len(leaves), *leaves, *self.params)
+        return pytree.tree_unflatten(list(outs), graph.out_spec)
+
+
+def _differentiable(out: Payload) -> list[torch.Tensor]:
+    """The outputs a backward starts from. Raises _NotCapturable if there is none (nothing
+    to learn through) or an output is not a tensor."""
+    leaves = pytree.tree_leaves(out)
+    if not all(isinstance(o, torch.Tensor) for o in leaves):
+        raise _NotCapturable("an output is not a tensor (a graph's outputs are static tensors)")
+    diff = [o for o in leaves if o.requires_grad]
+    if not diff:
+        raise _NotCapturable("no output requires grad (nothing to back-propagate through)")
+    return diff
+
+
+def _check_outputs(outputs: list[Any], device: torch.device) -> None:
+    for o in outputs:
+        if isinstance(o, torch.Tensor) and o.device != device:
+            raise _NotCapturable(f"an output tensor is on {o.device}; a graph replays only work on {device}")
+
+
+@contextlib.contextmanager
+def _capturing(graph: torch.cuda.CUDAGraph, side: torch.cuda.Stream, name: str, pool: Any = None) -> Iterator[None]:
+    """``torch.cuda.graph`` on ``side`` in ``"thread_local"`` mode; a capture that raises ends
+    as _NotCapturable with the stream out of capture mode (and, on a torch whose allocator a
+    failed capture breaks, every later capture of the process refused)."""
+    try:
+        with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
+            yield
+    except Exception as exc:
+        _end_capture(graph, side)
+        reason = f"capture failed: {_describe(exc)}"
+        if _CAPTURE_LEAVES_ALLOCATOR_BROKEN:
+            global _failed_capture
+            _failed_capture = name
+            reason += (f"; with PyTorch {torch.__version__} a failed capture also leaves the "
+                       "memory allocator in capture mode for the rest of the process (GPU memory "
+                       "freed late; fixed in 2.12): prefer graphs=False for this stage")
+        raise _NotCapturable(reason) from exc
 
 
 def _input_problem(leaves: list[Any]) -> str | None:

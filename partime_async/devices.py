@@ -428,9 +428,11 @@ class CudaDevice(Device):
     Args:
         index: the GPU (``0``, ``"cuda:1"``, a ``torch.device``).
         depth: frames this device may have launched and not yet finished (at least 1).
-        graphs: run the stage's inference as a CUDA graph (one launch per frame, however
-            many layers; see :mod:`partime_async.cuda_graphs` for what can be captured and
-            the eager fallback). Learning stages run eagerly.
+        graphs: run the stage as CUDA graphs (one launch per frame, however many layers):
+            inference as one graph, a learning stage's forward and backward as two (not a
+            delayed ``stashed`` stage: eager, with a warning); the optimiser step stays eager.
+            See :mod:`partime_async.cuda_graphs` for what can be captured and the eager
+            fallback.
     """
 
     def __init__(self, index: int | str | torch.device = 0, *, depth: int = 3, graphs: bool = False) -> None:

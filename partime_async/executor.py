@@ -35,7 +35,7 @@ from .errors import FrameError, PipelineError
 from .frame import Frame, Payload, now
 from .checkpoint import META_KEY as CHECKPOINT_KEY
 from .checkpoint import stage_state
-from .cuda_graphs import GraphedStage
+from .cuda_graphs import GraphedLearningStage, GraphedStage
 from .learning import ForwardFailed, StageLearner
 from .threads import in_thread
 from .validation import InputSpec
@@ -155,9 +155,16 @@ class StageExecutor:
         self._spans = spans if isinstance(device, CpuDevice) else None
         if isinstance(device, CudaDevice):  # it times its own work on the GPU
             device.spans, device.track, device.stats = spans, index, self.stats
-        if learner is not None and isinstance(device, CudaDevice) and device.graphs:
-            warnings.warn(f"{self.name}: graphs=True does not apply to learning stages yet; this stage "
-                          "runs eagerly (pass graphs=False to silence this)", RuntimeWarning, stacklevel=2)
+        if learner is not None:
+            learner.graphed = None
+            if isinstance(device, CudaDevice) and device.graphs:
+                if learner.graphable:
+                    learner.graphed = GraphedLearningStage(learner.module, name=self.name)
+                else:
+                    warnings.warn(f"{self.name}: graphs=True does not apply to a stashed stage with a delay (it keeps "
+                                  f"{learner.delay + 1} frames' graphs at stashed weights; a CUDA graph has one set "
+                                  "of buffers): its learning runs eagerly; use mode='partime' to graph it, or pass "
+                                  "graphs=False to silence this", RuntimeWarning, stacklevel=2)
         self._check_output = self._output_checker() if check_outputs else None
         self._compute = self._make_compute()
 

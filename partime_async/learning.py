@@ -152,6 +152,17 @@ class StageLearner:
         self.steps = 0
         self.dropped_gradients = 0
         self._stash = config.mode == "stashed" and not config.recompute and self.delay > 0
+        # The learning forward as CUDA graphs (set by the executor of a CudaDevice(graphs=True)
+        # stage); None: eager.
+        self.graphed: Callable[[Payload], Payload] | None = None
+
+    @property
+    def graphable(self) -> bool:
+        """Whether every backward of this stage follows its forward before the next forward
+        (what a graphed forward + backward needs, see :mod:`partime_async.cuda_graphs`):
+        true for ``partime`` and for stages without a delay; a delayed ``stashed`` stage keeps
+        several frames' graphs."""
+        return self.config.mode != "stashed" or self.delay == 0
 
     # -- the schedule (loop thread) ------------------------------------------------------------
     def owes(self, seq: int, has_target: bool) -> int | None:
@@ -210,7 +221,7 @@ class StageLearner:
                 saved.weights = {n: p.detach().clone().requires_grad_() for n, p in zip(self.names, self.params)}
                 out = functional_call(self.module, saved.weights, (x,))
             else:
-                out = self.module(x)
+                out = (self.graphed or self.module)(x)
             loss = None
             if self.last and learns:
                 loss = self.config.loss(out, target) if self.config.needs_target else self.config.loss(out)

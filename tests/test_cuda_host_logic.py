@@ -187,3 +187,35 @@ async def test_checkpoint_cut_waits_for_the_gpu_copy_and_equals_a_cpu_run(tmp_pa
     await stream(reference, frames)
     expected, state = reference.state_dict(), load(tmp_path / "ckpt-19.pt")
     assert all(torch.equal(state["model"][k], expected["model"][k]) for k in expected["model"])
+
+
+@pytest.mark.parametrize("mode", ["partime", "stashed"])
+async def test_graphs_on_learning_stages_wrap_what_can_be_graphed_and_change_nothing(mode):
+    """CudaDevice(graphs=True) with learning: partime stages and undelayed stages get a
+    GraphedLearningStage (here, on host tensors, it falls back to eager saying why, once per
+    stage); a delayed stashed stage is not graphed, with a warning; the weights learned are
+    those of graphs=False. The graphs themselves run in tests/gpu."""
+    from partime_async.cuda_graphs import GraphedLearningStage
+
+    def learning() -> pa.OnlineLearning:
+        return pa.OnlineLearning(loss=nn.MSELoss(), optimizer=lambda p: torch.optim.SGD(p, lr=0.05), mode=mode)
+
+    g = torch.Generator().manual_seed(1)
+    frames = [pa.Frame(t, torch.randn(1, 32, generator=g), target=torch.randn(1, 32, generator=g)) for t in range(12)]
+    graphed = pa.Pipeline(mlp().train(), devices=[HostCuda(0, graphs=True), HostCuda(0, graphs=True)],
+                          balance=[3, 3], learning=learning())
+    with pytest.warns(RuntimeWarning) as record:
+        await stream(graphed, frames)
+    messages = [str(w.message) for w in record]
+    wrapped = [isinstance(learner.graphed, GraphedLearningStage) for learner in graphed.learners]
+    if mode == "partime":
+        assert wrapped == [True, True]
+        assert sorted(m.split(" runs eagerly")[0] for m in messages) == ["stage 0 (cpu)", "stage 1 (cpu)"]
+    else:
+        assert wrapped == [False, True]
+        assert len(messages) == 2 and any("does not apply to a stashed stage with a delay" in m for m in messages)
+    assert all("no CUDA tensor" in m for m in messages if "runs eagerly, not as a CUDA graph" in m)
+    eager = pa.Pipeline(mlp().train(), devices=[HostCuda(0), HostCuda(0)], balance=[3, 3], learning=learning())
+    await stream(eager, frames)
+    expected, got = eager.state_dict()["model"], graphed.state_dict()["model"]
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
