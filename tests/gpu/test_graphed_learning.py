@@ -12,15 +12,8 @@ from torch import nn
 import partime_async as pa
 from partime_async.cuda_graphs import GraphedLearningStage
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-@pytest.fixture(autouse=True)
-def deterministic():
-    previous = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    yield
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+              pytest.mark.usefixtures("deterministic_cudnn")]
 
 
 def stage_module() -> nn.Sequential:
