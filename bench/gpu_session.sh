@@ -14,7 +14,7 @@
 #   3. python -m pytest tests/gpu -q -rfE [--timeout 60] (every failure, not just the first),
 #      then examples/gpu_stream.py eager and --graphs                               -> gpu_tests.log
 #   4. python bench/gpu_overlap.py (recorded in bench/RESULTS.md)                   -> gpu_overlap.log/.json
-#   5. python bench/gpu_graphs.py (eager vs CUDA graph, recorded)                    -> gpu_benches.log
+#   5. python bench/gpu_graphs.py (eager vs CUDA graphs, inference and learning; recorded) -> gpu_benches.log
 #   6. python bench/hop_overhead.py --device cuda (recorded as hop_overhead_cuda)    -> gpu_benches.log
 #   7. with the budget left: the CPU benchmarks of issues 2 and 5 pinned to two physical cores
 #      of this host (a quiet machine with real cores, which the shared 2-vCPU CI VM is not):
@@ -173,7 +173,7 @@ step "bench/gpu_overlap.py" 200 "$OUT/gpu_overlap.log" "$PY" bench/gpu_overlap.p
 cp bench/RESULTS.md "$OUT/RESULTS.md" 2>/dev/null
 
 # -- 5. bench/gpu_graphs.py ----------------------------------------------------------------------
-step "bench/gpu_graphs.py" 60 "$OUT/gpu_benches.log" "$PY" bench/gpu_graphs.py --frames 500 --repeats 5
+step "bench/gpu_graphs.py" 80 "$OUT/gpu_benches.log" "$PY" bench/gpu_graphs.py --frames 500 --repeats 5
 
 # -- 6. bench/hop_overhead.py --device cuda ------------------------------------------------------
 step "bench/hop_overhead.py --device cuda" 90 "$OUT/gpu_benches.log" \
