@@ -67,11 +67,13 @@ builds it, but captured lazily in ``"thread_local"`` mode on the stage's side st
 addition to the one above (signatures, fallback, streams, cost):
 
 * It returns fresh output tensors attached to one autograd node. A backward through them
-  (``torch.autograd.grad`` or ``.backward()``, on the stream of the forward, as autograd does)
-  replays the backward graph and yields gradients for the input's leaves that require grad
-  (fresh tensors) and for the module's trainable parameters: those are the graph's static
-  buffers, to be consumed (an optimiser step) in stream order before the next backward of
-  the stage, as :class:`~partime_async.learning.StageLearner` does.
+  (on the stream of the forward, as autograd does) replays the backward graph and yields
+  gradients for the input's leaves that require grad (fresh tensors) and for the module's
+  trainable parameters. ``torch.autograd.grad`` returns the latter as the graph's static
+  buffers, which the next *forward* replay of the signature may overwrite (the two graphs
+  share one memory pool): consume them (an optimiser step) in stream order before the
+  stage's next frame, as :class:`~partime_async.learning.StageLearner` does.
+  (``.backward()`` accumulates copies into ``.grad``.)
 * **One backward per forward, right after it**: the backward graph reads the activations
   that the latest forward replay of that signature left in the graph's memory, so between
   a forward and its backward no other forward of the stage may run. PARTIME's rule (the
@@ -79,7 +81,8 @@ addition to the one above (signatures, fallback, streams, cost):
   that; ``stashed`` stages with a delay keep several frames' graphs at stashed weights and
   are not graphed (the executor warns).
 * Parameters are read in place by every replay (an optimiser's in-place step is what the
-  next frame sees); parameters replaced by new tensors are not. Warm-up runs the forward and
+  next frame sees); parameters replaced by new tensors are not, and parameter or module
+  hooks do not run in replays. The module's train/eval mode is part of the signature. Warm-up runs the forward and
   the backward ``warmup`` times on static copies and then restores the module's buffers
   (BatchNorm's running statistics) and the device's random-number state, so that it changes
   nothing a frame sees; the graphs themselves update buffers as eager steps do.
@@ -89,12 +92,14 @@ addition to the one above (signatures, fallback, streams, cost):
 from __future__ import annotations
 
 import contextlib
+import gc
 import warnings
 from typing import Any, Callable, Hashable, Iterator
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.func import functional_call
 from torch.utils import _pytree as pytree
 
 from .frame import Payload
@@ -174,8 +179,8 @@ class _PerSignature:
         if self.fallback_reason is not None:
             return self.eager(x)
         leaves, spec = pytree.tree_flatten(x)
-        key = (spec, tuple((t.shape, t.dtype, t.device, t.requires_grad) if isinstance(t, torch.Tensor)
-                           else (type(t), t) for t in leaves))
+        key = (spec, self._mode(), tuple((t.shape, t.dtype, t.device, t.requires_grad) if isinstance(t, torch.Tensor)
+                                         else (type(t), t) for t in leaves))
         try:
             graph = self._graphs.get(key)
         except TypeError as exc:  # hashing the key: a non-tensor leaf is unhashable
@@ -210,13 +215,25 @@ class _PerSignature:
                   for t in leaves]
         static_x = pytree.tree_unflatten([t if buf is None else buf for t, buf in zip(leaves, inputs)], spec)
         side.wait_stream(caller)
+        # A garbage collection during a capture may destroy another, unreachable graph (a
+        # finished pipeline's, say), which CUDA forbids while a stream captures: the capture
+        # would fail (pytorch PR 161037). Collect first, then keep the collector off.
+        gc.collect()
+        collecting = gc.isenabled()
+        gc.disable()
         try:
             # The outer context restores the caller's stream however the capture ends:
             # torch.cuda.graph's own __exit__ skips that when capture_end raises.
             with torch.cuda.stream(side):
                 return self._capture(inputs, static_x, side)
         finally:
+            if collecting:
+                gc.enable()
             caller.wait_stream(side)
+
+    def _mode(self) -> Hashable:
+        """What else a signature depends on (none here)."""
+        return None
 
     def _capture(self, inputs: list[torch.Tensor | None], static_x: Payload, side: torch.cuda.Stream) -> Any:
         raise NotImplementedError
@@ -346,25 +363,41 @@ class GraphedLearningStage(_PerSignature):
     def __init__(self, module: nn.Module, *, name: str, warmup: int = 3, max_graphs: int = 4) -> None:
         super().__init__(module, name=name, warmup=warmup, max_graphs=max_graphs)
         self.module = module
-        self.params = [p for p in module.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+
+    def _mode(self) -> Hashable:
+        """Train and eval mode record different graphs (BatchNorm, dropout)."""
+        return self.module.training
 
     def _capture(self, inputs: list[torch.Tensor | None], static_x: Payload,
                  side: torch.cuda.Stream) -> _LearningGraph:
-        wrt = [buf for buf in inputs if buf is not None and buf.requires_grad] + self.params
+        # Warm-up and capture go through fresh aliases of the parameters (same storage, so
+        # the graphs read whatever an in-place optimiser step wrote): the parameters' own
+        # autograd nodes keep the stream of their first use, which a capture must not wait on
+        # (pytorch#137483), and their hooks stay out of the graphs.
+        aliases = [p.detach().requires_grad_() for p in self.params]
+        weights = dict(zip(self.names, aliases))
+
+        def run() -> Payload:
+            return functional_call(self.module, weights, (static_x,))
+
+        wrt = [buf for buf in inputs if buf is not None and buf.requires_grad] + aliases
         if not wrt:
             raise _NotCapturable("neither the input nor a parameter requires grad (nothing to learn)")
         buffers = list(self.module.buffers())
         kept = [b.detach().clone() for b in buffers]
         with torch.random.fork_rng(devices=[side.device]):
             for _ in range(self.warmup):
-                diff = _differentiable(self.module(static_x))
+                diff = _differentiable(run())
                 torch.autograd.grad(diff, wrt, [torch.zeros_like(o) for o in diff], allow_unused=True)
         with torch.no_grad():
             for b, k in zip(buffers, kept):
                 b.copy_(k)
         forward, backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         with _capturing(forward, side, self.name):
-            out = self.module(static_x)
+            out = run()
         outputs, out_spec = pytree.tree_flatten(out)
         _check_outputs(outputs, side.device)
         diff = _differentiable(out)
