@@ -2,7 +2,8 @@
 
 ``asyncio.to_thread`` cannot stop its thread: a cancelled caller returns at once while the
 thread goes on (writing a file, measuring a model). :func:`in_thread` waits for the thread to
-end before it re-raises the cancellation, and can ask it to stop early through an event.
+end before it re-raises the cancellation, and can ask it to stop early through an event;
+:func:`to_the_end` does the same for any awaitable (aiofiles' opens and closes).
 
 :class:`LoopNotifier` resolves a loop's futures from other threads (device workers, CUDA event
 waiters), waking the loop once per batch of results rather than once per result.
@@ -12,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
-from typing import Any, Callable, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
 T = TypeVar("T")
 
@@ -21,16 +22,29 @@ async def in_thread(fn: Callable[..., T], *args: Any, stop: threading.Event | No
     """``fn(*args)`` on a worker thread. If the caller is cancelled meanwhile, ``stop`` is set
     (``fn`` should check it and return soon) and the thread is waited for, then the
     cancellation goes on: whatever ``fn`` does is over when the caller has left."""
-    work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-    try:
-        return await asyncio.shield(work)
-    except asyncio.CancelledError:
-        if stop is not None:
-            stop.set()
-        await asyncio.wait({work})
+    return await to_the_end(asyncio.to_thread(fn, *args), on_cancel=stop.set if stop is not None else None)
+
+
+async def to_the_end(aw: Awaitable[T], *, on_cancel: Callable[[], Any] | None = None) -> T:
+    """Await ``aw`` to its end even if the caller is cancelled meanwhile (once or more), then
+    re-raise the cancellation. For work on another thread that must not be abandoned half-way:
+    a file that aiofiles' thread opens or closes for a cancelled task would otherwise still be
+    open after the task ended. ``on_cancel`` runs at the first cancellation (to ask the work
+    to end early)."""
+    work = asyncio.ensure_future(aw)
+    cancelled: asyncio.CancelledError | None = None
+    while not work.done():
+        try:
+            await asyncio.wait({work})
+        except asyncio.CancelledError as exc:
+            if cancelled is None and on_cancel is not None:
+                on_cancel()
+            cancelled = cancelled or exc
+    if cancelled is not None:
         if not work.cancelled():
             work.exception()  # retrieved: the cancellation is what the caller reports
-        raise
+        raise cancelled
+    return work.result()
 
 
 def resolve(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from partime_async.frame import Frame, Payload, tree_map
+from partime_async.threads import to_the_end
 
 from .base import Sink
 
@@ -56,10 +57,14 @@ class AtomicFile:
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         os.close(fd)
         self.tmp = Path(tmp)
-        try:
+
+        async def open_tmp() -> None:
             self._file = await aiofiles.open(tmp, "wb")
+
+        try:
+            await to_the_end(open_tmp())  # cancelled or not, a file opened is kept to be closed
         except BaseException:
-            self.tmp.unlink(missing_ok=True)
+            await self.discard()
             raise
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -74,10 +79,12 @@ class AtomicFile:
         if file is None:
             raise RuntimeError(f"{self.path}: open() it first (or it was already committed or discarded)")
         try:
-            await file.flush()
-            if self.fsync:
-                await _fsync(file.fileno())
-            await file.close()
+            try:
+                await file.flush()
+                if self.fsync:
+                    await _fsync(file.fileno())
+            finally:
+                await to_the_end(file.close())
             await aiofiles.os.replace(self.tmp, self.path)
         except BaseException:
             self._remove_tmp()
@@ -90,8 +97,10 @@ class AtomicFile:
         file, self._file = self._file, None
         try:
             if file is not None:
-                await file.close()
-        finally:  # even if the close is cancelled: the temporary file must go
+                # Closed before the task goes on, even when cancelled meanwhile: a close left
+                # running on aiofiles' thread would keep the file open after the sink is done.
+                await to_the_end(file.close())
+        finally:
             self._remove_tmp()
 
     def _remove_tmp(self) -> None:

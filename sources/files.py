@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from partime_async.frame import Frame
+from partime_async.threads import to_the_end
 
 from .base import Source
 
@@ -28,9 +29,13 @@ _DIGITS = re.compile(r"(\d+)")
 
 
 async def read_bytes(path: str | Path) -> bytes:
-    """The whole content of ``path``, read on aiofiles' worker thread."""
-    async with aiofiles.open(path, "rb") as f:
-        return await f.read()
+    """The whole content of ``path``, read on aiofiles' worker thread. A cancelled caller
+    waits for the read to end (and the file to be closed) before the cancellation goes on."""
+    async def read() -> bytes:
+        async with aiofiles.open(path, "rb") as f:
+            return await f.read()
+
+    return await to_the_end(read())
 
 
 def to_tensor(array: np.ndarray) -> torch.Tensor:

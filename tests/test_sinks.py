@@ -264,3 +264,32 @@ async def test_jsonl_sink_closed_in_a_finally_after_an_error_discards(tmp_path):
     await sink.write(pa.Frame(0, torch.zeros(1)))
     await sink.abort()
     assert listing(tmp_path) == []
+
+
+async def test_atomic_file_cancelled_while_closing_is_closed_and_gone_when_its_task_ends(tmp_path, monkeypatch):
+    """A sink task cancelled while aiofiles' thread closes its temporary file waits for the
+    close: when the task has ended no descriptor is left open and no file is left behind."""
+    import os
+
+    import aiofiles.threadpool.binary as binary
+
+    real_close = binary.AsyncBufferedIOBase.close
+
+    async def slow_close(self):
+        await asyncio.sleep(0.1)  # the cancellation arrives while this close is under way
+        return await real_close(self)
+
+    monkeypatch.setattr(binary.AsyncBufferedIOBase, "close", slow_close)
+    file = AtomicFile(tmp_path / "out.bin", fsync=False)
+    await file.open()
+    await file.write(b"partial")
+    fd_path = str(file.tmp)
+    task = asyncio.ensure_future(file.discard())
+    await asyncio.sleep(0.02)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    open_now = {os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                if os.path.exists(f"/proc/self/fd/{fd}")}
+    assert not [p for p in open_now if p.startswith(fd_path)]
+    assert listing(tmp_path) == []

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from partime_async.devices import CudaDevice, EventWaiter
-from partime_async.threads import LoopNotifier
+from partime_async.threads import LoopNotifier, to_the_end
 
 
 class FakeEvent:
@@ -132,3 +132,23 @@ def test_cuda_device_arguments_are_checked_without_a_gpu():
         CudaDevice(0, graphs="yes")
     device = CudaDevice("cuda:1", depth=5, graphs=True)
     assert (device.depth, device.graphs, device.name) == (5, True, "cuda:1")
+
+
+async def test_to_the_end_outlasts_repeated_cancellation_then_reraises_it():
+    """The awaited work finishes even when its caller is cancelled twice meanwhile; the
+    caller then ends with the cancellation; ``on_cancel`` runs once."""
+    finished, asked = threading.Event(), []
+
+    def work() -> None:
+        time.sleep(0.2)
+        finished.set()
+
+    caller = asyncio.ensure_future(to_the_end(asyncio.to_thread(work), on_cancel=lambda: asked.append(1)))
+    await asyncio.sleep(0.02)
+    caller.cancel()
+    await asyncio.sleep(0.02)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert finished.is_set() and asked == [1]
+    assert await to_the_end(asyncio.sleep(0, result=7)) == 7
