@@ -78,11 +78,14 @@ class AtomicFile:
         file, self._file = self._file, None
         if file is None:
             raise RuntimeError(f"{self.path}: open() it first (or it was already committed or discarded)")
+        async def flush() -> None:
+            await file.flush()
+            if self.fsync:
+                await _fsync(file.fileno())
+
         try:
-            try:
-                await file.flush()
-                if self.fsync:
-                    await _fsync(file.fileno())
+            try:  # even when cancelled: no flush or fsync may still run once the file is closed
+                await to_the_end(flush())
             finally:
                 await to_the_end(file.close())
             await aiofiles.os.replace(self.tmp, self.path)
