@@ -40,6 +40,7 @@ from .metrics import Report, Span, as_spans, report
 from .partition import (LayerFailed, balance_by_params, check_balance, layers_of, min_max_partition,
                         profile_layers, split)
 from .routes import FutureRoute, Route, StreamRoute
+from .threads import to_the_end
 from .validation import InputSpec, check_tensors
 
 Balance = Sequence[int] | Literal["time", "params"]
@@ -252,7 +253,9 @@ class Pipeline:
         return self._task is not None and not self._task.done()
 
     async def start(self, sample: Payload | None = None) -> None:
-        """Start the devices and the task group. With ``sample``, split the model now."""
+        """Start the devices and the task group. With ``sample``, split the model now; if
+        that fails (or the caller is cancelled meanwhile), the pipeline is stopped again
+        before the error goes on."""
         if self._task is not None:
             raise RuntimeError("the pipeline is already started; stop() it first")
         loop = asyncio.get_running_loop()
@@ -272,11 +275,11 @@ class Pipeline:
         self._task = loop.create_task(self._serve(started), name="partime-pipeline")
         try:
             await started
-        except BaseException:
+            if sample is not None:
+                await self._build(sample, None)
+        except BaseException:  # a bad sample, a failed split, or the caller cancelled: nothing left running
             await self.cancel()
             raise
-        if sample is not None:
-            await self._build(sample, None)
 
     async def _serve(self, started: asyncio.Future[None]) -> None:
         try:
@@ -310,9 +313,13 @@ class Pipeline:
         self._ingress.close()
         if not self._stop_requested.done():
             self._stop_requested.set_result(None)
-        await task
-        self._task = None
-        error, self._error = self._error, None
+        try:
+            # A caller cancelled meanwhile stops the pipeline now (frames in flight abandoned);
+            # it has ended when the cancellation goes on.
+            await to_the_end(asyncio.wait({task}), on_cancel=task.cancel)
+        finally:
+            self._task = None
+            error, self._error = self._error, None
         if error is not None:
             raise error
 
@@ -323,7 +330,7 @@ class Pipeline:
             return
         task.cancel()
         try:
-            await task
+            await to_the_end(asyncio.wait({task}))  # ended, even if the caller is cancelled meanwhile
         finally:
             self._task = None
             self._error = None
@@ -422,7 +429,9 @@ class Pipeline:
                 if key not in rows:
                     for layer in layers:
                         layer.to(device.torch_device)
-                    rows[key], _ = await device.submit(lambda x: profile_layers(layers, x), sample)
+                    # To its end, even for a cancelled caller: the layers are not to be moved
+                    # or used again while the worker still profiles them.
+                    rows[key], _ = await to_the_end(device.submit(lambda x: profile_layers(layers, x), sample))
         return [rows[_device_kind(d)] for d in self.devices]
 
     async def _choose_inline(self, sample: Payload) -> None:
@@ -437,7 +446,7 @@ class Pipeline:
         with torch.random.fork_rng(devices=[]):
             for k, (stage, device) in enumerate(zip(self.stages, self.devices)):
                 try:
-                    (seconds, x), ready = await device.submit(lambda v, s=stage: _time_stage(s, v), x)
+                    (seconds, x), ready = await to_the_end(device.submit(lambda v, s=stage: _time_stage(s, v), x))
                 except Exception as exc:
                     cause = exc.__cause__ if isinstance(exc, LayerFailed) else exc
                     raise StageFailed(k, cause) from cause
@@ -568,7 +577,9 @@ class Pipeline:
             route.end_admission()
             aclose = getattr(items, "aclose", None)
             if aclose is not None:
-                await aclose()
+                # To its end: a pump is cancelled by its reader and may be cancelled again by
+                # the pipeline's own shutdown while the source is still closing.
+                await to_the_end(aclose())
 
     async def _egress(self, last: Channel[Job]) -> None:
         record = self._spans.append if self._spans is not None else None

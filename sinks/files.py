@@ -88,7 +88,9 @@ class AtomicFile:
                 await to_the_end(flush())
             finally:
                 await to_the_end(file.close())
-            await aiofiles.os.replace(self.tmp, self.path)
+            # On the loop thread: a rename is one metadata operation, and done here no
+            # cancellation can fall between the file appearing and the commit being recorded.
+            os.replace(self.tmp, self.path)
         except BaseException:
             self._remove_tmp()
             raise

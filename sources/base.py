@@ -7,6 +7,7 @@ import itertools
 from typing import Any, AsyncIterable, AsyncIterator, Iterable
 
 from partime_async.frame import Frame, now
+from partime_async.threads import to_the_end
 
 
 class Source:
@@ -69,8 +70,8 @@ async def iterate_frames(items: Iterable[Any] | AsyncIterable[Any]) -> AsyncIter
                 yield item if isinstance(item, Frame) else Frame(next(counter), item)
         finally:
             aclose = getattr(iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            if aclose is not None:  # to its end even if cancelled again meanwhile
+                await to_the_end(aclose())
     else:
         for item in items:  # type: ignore[union-attr]
             yield item if isinstance(item, Frame) else Frame(next(counter), item)

@@ -7,6 +7,7 @@ from typing import Any, AsyncIterable, AsyncIterator, Awaitable, Callable, Itera
 
 from partime_async.channel import Channel, Policy
 from partime_async.frame import Frame, now
+from partime_async.threads import to_the_end
 
 from .base import Source, iterate_frames
 
@@ -78,11 +79,13 @@ class RealTime(Source):
                 yield frame
             await producer  # the stream ended: raises the source's error, if it had one
         finally:
-            if not producer.done():  # the consumer stopped early, or failed
-                producer.cancel()
-                await asyncio.wait([producer])
-            if not producer.cancelled():
-                producer.exception()  # retrieved: raised above, or moot once the consumer has left
+            try:
+                if not producer.done():  # the consumer stopped early, or failed
+                    producer.cancel()
+                    await to_the_end(asyncio.wait([producer]))  # its source closed before this one ends
+            finally:
+                if producer.done() and not producer.cancelled():
+                    producer.exception()  # retrieved: raised above, or moot once the consumer has left
 
     async def _produce(self, channel: Channel[Frame]) -> None:
         try:

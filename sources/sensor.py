@@ -5,6 +5,7 @@ import asyncio
 from typing import AsyncIterator
 
 from partime_async.frame import Frame, Payload
+from partime_async.threads import to_the_end
 
 from .base import Source
 
@@ -102,7 +103,7 @@ class SensorSource(Source):
         finally:
             if self._connected:
                 self._connected = False
-                await self.close()
+                await to_the_end(self.close())  # even if cancelled again meanwhile
 
     async def _read_with_retries(self) -> Frame | Payload | None:
         failures = 0
@@ -111,8 +112,7 @@ class SensorSource(Source):
                 if not self._connected:
                     if self.errors:
                         self.reconnects += 1
-                    await self.open()
-                    self._connected = True
+                    await to_the_end(self._connect())
                 return await self._read_once()
             except Exception as exc:
                 failures += 1
@@ -121,7 +121,7 @@ class SensorSource(Source):
                 if self._connected:
                     self._connected = False
                     try:
-                        await self.close()
+                        await to_the_end(self.close())
                     except Exception:  # the connection is being replaced; its read error is what matters
                         pass
                 if failures >= self.attempts:
@@ -129,6 +129,12 @@ class SensorSource(Source):
                                  f"{self.read_count} ({self.reconnects} reconnects in this stream)")
                     raise
                 await asyncio.sleep(self.backoff_delay(failures))
+
+    async def _connect(self) -> None:
+        """``open()``, marked connected as soon as it returns: run to its end even by a
+        cancelled reader, so that a connection made is also closed."""
+        await self.open()
+        self._connected = True
 
     async def _read_once(self) -> Frame | Payload | None:
         try:

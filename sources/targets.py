@@ -1,6 +1,7 @@
 """Targets that arrive after their frame, joined to it by seq."""
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from typing import Any, AsyncIterable, AsyncIterator
 
@@ -25,11 +26,13 @@ class NextFrameTargets(Source):
 
     async def frames(self) -> AsyncIterator[Frame]:
         waiting: deque[Frame] = deque()
-        async for frame in iterate_frames(self.source):
-            waiting.append(frame)
-            if len(waiting) > self.horizon:
-                early = waiting.popleft()
-                yield Frame(early.seq, early.data, frame.data, dict(early.meta), early.t_capture)
+        # Closed with this generator (not left to the garbage collector's finaliser).
+        async with contextlib.aclosing(iterate_frames(self.source)) as frames:
+            async for frame in frames:
+                waiting.append(frame)
+                if len(waiting) > self.horizon:
+                    early = waiting.popleft()
+                    yield Frame(early.seq, early.data, frame.data, dict(early.meta), early.t_capture)
 
 
 def next_frame_targets(source: AsyncIterable[Any] | Any, *, horizon: int = 1) -> NextFrameTargets:

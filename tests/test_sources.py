@@ -420,7 +420,8 @@ async def test_sensor_frame_limit_returned_frames_and_close_on_early_stop():
             async for frame in outputs:
                 if frame.seq == 1:
                     break
-        await asyncio.sleep(0)  # the source pump's cancellation runs
+        for _ in range(10):  # a few loop turns: the source pump's cancellation, then the source's close, run
+            await asyncio.sleep(0)
         assert endless.opens == endless.closes == 1  # closed at once, not by the garbage collector
 
 

@@ -3,6 +3,7 @@ Ctrl-C): clean shutdown, every sink closed, no partial output file, nothing left
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -11,6 +12,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -19,6 +21,7 @@ from torch import nn
 import partime_async as pa
 from partime_async.checkpoint import load
 from partime_async.sinks import Checkpoint, JsonlSink, NpySink
+from partime_async.sources import RealTime, SensorSource, next_frame_targets
 from pa_helpers import assert_clean
 from reliability_helpers import Hiccup, JitterySink, expected_output, jittery_source, leaked_files, open_fds
 
@@ -103,3 +106,108 @@ def test_ctrl_c_in_the_cli_exits_cleanly(tmp_path):
         assert "Traceback" not in err and err.strip() == "interrupted", err
         assert not trace.exists()  # the trace is written only for a finished run
         assert not list(tmp_path.glob(".*")), "a temporary file was left"
+
+
+
+# -- cleanup that must not be cut short (a second cancellation arrives while it runs) ------------
+class SlowClosingSensor(SensorSource):
+    """A device whose close takes a while (a connection flushed and shut)."""
+
+    name = "slow-closing sensor"
+
+    def __init__(self, log: list[str], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.log = log
+
+    async def open(self) -> None:
+        self.log.append("open")
+
+    async def read(self) -> torch.Tensor:
+        await asyncio.sleep(0.001)
+        return torch.zeros(1, 4)
+
+    async def close(self) -> None:
+        self.log.append("close start")
+        await asyncio.sleep(0.05)
+        self.log.append("close end")
+
+
+class FailingSink(pa.sinks.Sink):
+    name = "failing"
+
+    async def write(self, frame: pa.Frame) -> None:
+        if frame.seq == 3:
+            raise ValueError("sink down")
+
+
+@pytest.mark.parametrize("paced", [False, True])
+async def test_a_failing_run_closes_its_source_completely_before_it_returns(paced):
+    """The source pump is cancelled by its reader and again by the pipeline's shutdown; the
+    device's close (and RealTime's producer) still end before run() raises."""
+    log: list[str] = []
+    source = SlowClosingSensor(log, frames=1000)
+    source = RealTime(source, fps=2000, policy="block") if paced else source
+    pipe = pa.Pipeline([nn.Identity()], devices=pa.cpu_devices(1, inline=False), balance=[1])
+    with pytest.raises(pa.PipelineError, match="sink down"):
+        await pa.run(source >> pipe >> FailingSink())
+    assert log == ["open", "close start", "close end"]
+    await assert_clean()
+
+
+async def test_next_frame_targets_closes_its_source_when_closed():
+    log: list[str] = []
+    frames = next_frame_targets(SlowClosingSensor(log, frames=1000)).frames()
+    async with contextlib.aclosing(frames):
+        await anext(frames)
+    assert log == ["open", "close start", "close end"]  # at once, not by the garbage collector
+
+
+async def test_stop_or_cancel_cancelled_by_its_caller_ends_the_pipeline_then_raises():
+    """A caller cancelled (or timed out) in stop() or cancel() sees its cancellation, after the
+    pipeline has ended; frames in flight fail with PipelineClosed."""
+    class Slow(nn.Module):
+        def forward(self, x):
+            time.sleep(0.3)
+            return x
+
+    for how in ("stop", "timeout", "cancel"):
+        pipe = pa.Pipeline([Slow()], devices=pa.cpu_devices(1, inline=False), balance=[1], input_spec=None)
+        await pipe.start()
+        pending = asyncio.ensure_future(pipe.submit(torch.zeros(1)))
+        await asyncio.sleep(0.05)  # the frame is on the worker
+        if how == "timeout":
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.01):
+                    await pipe.stop()
+        else:
+            caller = asyncio.ensure_future(pipe.stop() if how == "stop" else pipe.cancel())
+            await asyncio.sleep(0.01)
+            caller.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await caller
+        assert not pipe.running
+        with pytest.raises(pa.PipelineClosed):
+            await pending
+        await assert_clean()
+
+
+async def test_a_start_that_fails_or_is_cancelled_leaves_nothing_running():
+    pipe = pa.Pipeline(nn.Sequential(nn.Linear(4, 4)), devices=pa.cpu_devices(1, inline=False))
+    with pytest.raises(pa.PipelineError):
+        await pipe.start(sample=torch.zeros(1, 3))  # the wrong width: profiling fails
+    assert not pipe.running
+    await assert_clean()
+
+    class SlowProfile(nn.Module):
+        def forward(self, x):
+            time.sleep(0.05)
+            return x
+
+    pipe = pa.Pipeline(nn.Sequential(SlowProfile(), SlowProfile()), devices=pa.cpu_devices(2, inline=False))
+    starting = asyncio.ensure_future(pipe.start(sample=torch.zeros(1, 4)))
+    await asyncio.sleep(0.08)  # profiling on a worker
+    starting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+    assert not pipe.running
+    await assert_clean()
