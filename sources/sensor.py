@@ -32,7 +32,13 @@ class SensorSource(Source):
     (the connection is being replaced); nothing read is lost or duplicated by a reconnect.
 
     **Close.** ``close()`` is called once for every successful ``open()``: on reconnect, at
-    the end of the stream, when the consumer stops early, on error and on cancellation.
+    the end of the stream, when the consumer stops early, on error and on cancellation; an
+    ``open()`` or ``close()`` under way runs to its end even if the consumer is cancelled
+    meanwhile.
+
+    **Timeouts and threads.** ``read_timeout`` cancels the awaiting ``read()``. A blocking
+    driver call wrapped in ``asyncio.to_thread`` cannot be cancelled: it goes on in its thread
+    while ``close()`` runs. Prefer the device API's own timeout for such reads.
 
     Counters (reset when an iteration starts): :attr:`read_count` frames read,
     :attr:`errors` failed tries, :attr:`reconnects` ``open()`` calls after a failure,
