@@ -388,10 +388,16 @@ class GraphedLearningStage(_PerSignature):
             raise _NotCapturable("neither the input nor a parameter requires grad (nothing to learn)")
         buffers = list(self.module.buffers())
         kept = [b.detach().clone() for b in buffers]
-        with torch.random.fork_rng(devices=[side.device]):
+        # The device's generator only (warm-up draws no CPU random numbers, and restoring the
+        # CPU generator would rewind what other threads drew meanwhile); this thread launches
+        # all of the device's work, so nothing else draws from it before the restore.
+        rng = torch.cuda.get_rng_state(side.device)
+        try:
             for _ in range(self.warmup):
                 diff = _differentiable(run())
                 torch.autograd.grad(diff, wrt, [torch.zeros_like(o) for o in diff], allow_unused=True)
+        finally:
+            torch.cuda.set_rng_state(rng, side.device)
         with torch.no_grad():
             for b, k in zip(buffers, kept):
                 b.copy_(k)

@@ -21,6 +21,7 @@ appends are thread-safe): one plain tuple ``(stage, kind, seq, t0, t1)`` per spa
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
@@ -72,6 +73,10 @@ class StageStats:
     @property
     def mean_compute_s(self) -> float:
         return self.busy_s / self.frames if self.frames else 0.0
+
+    def snapshot(self) -> StageStats:
+        """A copy that the stage's threads no longer write."""
+        return dataclasses.replace(self, skipped_seqs=deque(self.skipped_seqs, maxlen=self.skipped_seqs.maxlen))
 
 
 class GradBox:

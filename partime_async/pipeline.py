@@ -86,6 +86,7 @@ class OutputStream:
         self._source = source
         self._route: StreamRoute | None = None
         self._pump: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def __aiter__(self) -> OutputStream:
         return self
@@ -101,6 +102,7 @@ class OutputStream:
     def _open(self) -> StreamRoute:
         pipe = self._pipe
         tg = pipe._check_running()
+        self._loop = asyncio.get_running_loop()
         self._route = route = StreamRoute(pipe.capacity)
         pipe._routes.add(route)
         self._pump = tg.create_task(pipe._pump(self._source, route), name="partime-source")
@@ -121,10 +123,14 @@ class OutputStream:
 
     def __del__(self) -> None:
         # A reader that breaks out of ``async for`` without closing: CPython frees the stream at
-        # once, and its pump must not keep the pipeline's egress waiting for it.
-        if self._route is not None and not self._route.detached:
+        # once, and its pump must not keep the pipeline's egress waiting for it. Closed on the
+        # loop's thread: a garbage collection may run this finaliser on any thread.
+        if self._route is not None and not self._route.detached and self._loop is not None:
             try:
-                self._close()
+                if self._loop is _running_loop():
+                    self._close()
+                else:
+                    self._loop.call_soon_threadsafe(self._close)
             except RuntimeError:  # the loop is already closed: nothing left to unblock
                 pass
 
@@ -419,19 +425,19 @@ class Pipeline:
     async def _profile(self, layers: Sequence[nn.Module], sample: Payload) -> list[list[float]]:
         """Per-device rows of per-layer seconds; devices of one kind are profiled once.
 
-        RNG state and buffers are restored, so profiling changes nothing a later frame sees.
+        Buffers are restored (profile_layers). The random-number generators are not: a model
+        with random layers draws from them here as in any forward. Restoring them after
+        these awaits would rewind the draws that other tasks and threads made meanwhile.
         """
         rows: dict[tuple[Any, ...], list[float]] = {}
-        cuda = [d.torch_device for d in self.devices if isinstance(d, CudaDevice)]
-        with torch.random.fork_rng(devices=cuda):
-            for device in self.devices:
-                key = _device_kind(device)
-                if key not in rows:
-                    for layer in layers:
-                        layer.to(device.torch_device)
-                    # To its end, even for a cancelled caller: the layers are not to be moved
-                    # or used again while the worker still profiles them.
-                    rows[key], _ = await to_the_end(device.submit(lambda x: profile_layers(layers, x), sample))
+        for device in self.devices:
+            key = _device_kind(device)
+            if key not in rows:
+                for layer in layers:
+                    layer.to(device.torch_device)
+                # To its end, even for a cancelled caller: the layers are not to be moved
+                # or used again while the worker still profiles them.
+                rows[key], _ = await to_the_end(device.submit(lambda x: profile_layers(layers, x), sample))
         return [rows[_device_kind(d)] for d in self.devices]
 
     async def _choose_inline(self, sample: Payload) -> None:
@@ -443,20 +449,19 @@ class Pipeline:
             return
         handoff = await _handoff_seconds(self.devices[auto[0]])
         x = sample
-        with torch.random.fork_rng(devices=[]):
-            for k, (stage, device) in enumerate(zip(self.stages, self.devices)):
-                try:
-                    (seconds, x), ready = await to_the_end(device.submit(lambda v, s=stage: _time_stage(s, v), x))
-                except Exception as exc:
-                    cause = exc.__cause__ if isinstance(exc, LayerFailed) else exc
-                    raise StageFailed(k, cause) from cause
-                if k in auto:
-                    # After a GPU stage the input's event is waited for off the loop, which
-                    # costs a thread hop anyway: run on the worker thread.
-                    after_gpu = k > 0 and isinstance(self.devices[k - 1], CudaDevice)
-                    device.inline = seconds < handoff and not after_gpu
-                if isinstance(device, CudaDevice) and k + 1 < len(self.devices):
-                    x = await device.download(x, ready)
+        for k, (stage, device) in enumerate(zip(self.stages, self.devices)):
+            try:
+                (seconds, x), ready = await to_the_end(device.submit(lambda v, s=stage: _time_stage(s, v), x))
+            except Exception as exc:
+                cause = exc.__cause__ if isinstance(exc, LayerFailed) else exc
+                raise StageFailed(k, cause) from cause
+            if k in auto:
+                # After a GPU stage the input's event is waited for off the loop, which
+                # costs a thread hop anyway: run on the worker thread.
+                after_gpu = k > 0 and isinstance(self.devices[k - 1], CudaDevice)
+                device.inline = seconds < handoff and not after_gpu
+            if isinstance(device, CudaDevice) and k + 1 < len(self.devices):
+                x = await device.download(x, ready)
 
     # -- admitting frames ---------------------------------------------------------------------
     def _prepare(self, frame: Frame, route: Route) -> Job | None:
@@ -597,11 +602,15 @@ class Pipeline:
     def state_dict(self) -> dict[str, Any]:
         """Weights, per-stage optimiser and scheduler state, and the stream position.
 
-        Take it while no frame is in flight (before start, after stop, or from a checkpoint
-        point between frames): with learning, a frame in flight is a half-applied update.
-        Unlike ``nn.Module.state_dict`` it is a snapshot (tensors are copied): learning that
-        goes on afterwards does not change it, and loading it never aliases live state.
+        Take it before start, after stop, or (learning) before the first frame of a run: a
+        learning pipeline that streams applies each frame's update on its stages' threads
+        after the frame's output left, so a copy taken meanwhile would be torn; it raises
+        then (stream through :class:`partime_async.sinks.Checkpoint` for consistent cuts
+        while frames flow). Unlike ``nn.Module.state_dict`` it is a snapshot (tensors are
+        copied): learning that goes on afterwards does not change it, and loading it never
+        aliases live state.
         """
+        self._check_quiet("state_dict()")
         state: dict[str, Any] = {
             "model": nn.Sequential(*self.layers).state_dict(),
             "balance": list(self.balance) if self.balance is not None else None,
@@ -615,7 +624,8 @@ class Pipeline:
         return copy.deepcopy(state)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output (before start, or while no frame is in flight)."""
+        """Restore :meth:`state_dict`'s output (when :meth:`state_dict` may be taken)."""
+        self._check_quiet("load_state_dict()")
         state = copy.deepcopy(state)  # ours from here on: the caller's dict is never aliased
         nn.Sequential(*self.layers).load_state_dict(state["model"])
         if state.get("balance") is not None and self.balance is None:
@@ -626,6 +636,14 @@ class Pipeline:
             self._load_learners(state)
         else:
             self._pending_state = state  # optimisers are made when the stages are
+
+    def _check_quiet(self, what: str) -> None:
+        if self.running and self.learning is not None and self._admitted > 0:
+            raise RuntimeError(f"{what} of a learning pipeline while it streams: its stages may still be applying "
+                               "the updates of frames already delivered, on their own threads (a torn state). Call "
+                               "it after `await pipe.stop()`, or stream through "
+                               "partime_async.sinks.Checkpoint(pipe, path, every=N), which takes consistent cuts "
+                               "while frames flow")
 
     def _load_learners(self, state: dict[str, Any]) -> None:
         saved = state.get("learners")
@@ -655,7 +673,8 @@ class Pipeline:
         return Graph(None, self) >> sinks
 
     def stats(self) -> PipelineStats:
-        """Counts and per-stage timings so far (also after the pipeline stopped)."""
+        """Counts and per-stage timings so far (also after the pipeline stopped): a snapshot,
+        which the running pipeline no longer changes."""
         ingress = getattr(self, "_ingress", None)
         end = now() if self.running else self._t_end
         return PipelineStats(
@@ -664,7 +683,7 @@ class Pipeline:
             delivered=self._delivered,
             skipped_input=getattr(self, "_skipped_input", 0),
             dropped=ingress.dropped if ingress is not None else 0,
-            stages=[e.stats for e in self.executors],
+            stages=[e.stats.snapshot() for e in self.executors],
             elapsed_s=end - self._t_start,
         )
 
@@ -752,6 +771,14 @@ async def _handoff_seconds(device: Device, repeats: int = 41) -> float:
         await device.submit(_noop, None)
         samples.append(now() - t0)
     return statistics.median(samples)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop running in this thread, if any."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _noop(x: Any) -> Any:

@@ -354,3 +354,20 @@ async def test_checkpoint_without_learning_saves_model_and_position(tmp_path):
     state = load(tmp_path / "model.pt")
     assert state["position"] == 6
     assert all(torch.equal(state["model"][k], v) for k, v in nn.Sequential(*model).state_dict().items())
+
+
+async def test_state_dict_refuses_while_a_learning_pipeline_streams():
+    """Updates are applied on the stages' threads after a frame's output has left: a copy
+    taken while frames flow would be torn, so it raises and says what to do instead."""
+    learning = pa.OnlineLearning(loss=nn.MSELoss(), optimizer=sgd(), mode="sequential")
+    pipe = pa.Pipeline(make_model(), devices=pa.cpu_devices(1, threads=1), balance=[6], learning=learning)
+    before = pipe.state_dict()  # before start: fine
+    frames = make_frames(4)
+    async with pipe:
+        pipe.load_state_dict(before)  # running, no frame yet: fine
+        await pipe.submit(frames[0].data, target=frames[0].target)
+        with pytest.raises(RuntimeError, match=r"after `await pipe.stop\(\)`.*Checkpoint"):
+            pipe.state_dict()
+        with pytest.raises(RuntimeError, match="load_state_dict"):
+            pipe.load_state_dict(before)
+    assert pipe.state_dict()["position"] == 1  # after stop: fine

@@ -1,5 +1,7 @@
 """Spans and the metrics report: accounting adds up on every execution path, injected delays
 show, latency percentiles are ordered, and the Prometheus exposition parses."""
+import asyncio
+import time
 from collections import Counter, defaultdict
 
 import pytest
@@ -177,3 +179,41 @@ async def test_prometheus_exposition():
     assert 0 < quantiles["0.5"] <= quantiles["0.95"] <= quantiles["0.99"]
     assert [s.value for s in latency.samples if s.name.endswith("_count")] == [N]
     assert prometheus_text(pipe) != "" and "partime_throughput_fps" in text  # callable again: own registry
+
+
+async def test_stats_is_a_snapshot_the_running_pipeline_leaves_alone():
+    pipe = pa.Pipeline(nn.Sequential(nn.Identity(), nn.Identity()), devices=pa.cpu_devices(2, inline=False),
+                       balance=[1, 1])
+    async with pipe:
+        for _ in range(5):
+            await pipe.submit(torch.zeros(1, 4))
+        early = pipe.stats()
+        for _ in range(5):
+            await pipe.submit(torch.zeros(1, 4))
+        late = pipe.stats()
+    assert [s.frames for s in early.stages] == [5, 5] and [s.frames for s in late.stages] == [10, 10]
+    assert early.delivered == 5 and late.delivered == 10
+
+
+async def test_set_up_does_not_rewind_the_random_numbers_others_draw():
+    """Profiling the first frame takes a while on the workers; a task drawing from torch's
+    global generator meanwhile gets fresh numbers (the generator is not restored behind it)."""
+    class Slow(nn.Module):
+        def forward(self, x):
+            time.sleep(0.02)
+            return x
+
+    torch.manual_seed(0)
+    pipe = pa.Pipeline(nn.Sequential(Slow(), Slow()), devices=pa.cpu_devices(2, inline="auto"), balance="time")
+    drawn: list[float] = []
+
+    async def draw() -> None:
+        while True:
+            drawn.append(float(torch.rand(1)))
+            await asyncio.sleep(0.001)
+
+    drawing = asyncio.ensure_future(draw())
+    async with pipe:
+        await pipe.submit(torch.zeros(1, 4))  # the first frame: profiling, then the frame
+    drawing.cancel()
+    assert len(drawn) > 20 and len(set(drawn)) == len(drawn)
