@@ -19,6 +19,7 @@ import asyncio
 import copy
 import itertools
 import statistics
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,12 +88,14 @@ class OutputStream:
         self._route: StreamRoute | None = None
         self._pump: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._reader: asyncio.Task[Any] | None = None  # the task that reads it (last seen)
 
     def __aiter__(self) -> OutputStream:
         return self
 
     async def __anext__(self) -> Frame:
         route = self._route or self._open()
+        self._reader = asyncio.current_task()
         try:
             return await route.out.__anext__()
         except BaseException:  # the end, a failure, or the reader was cancelled
@@ -105,6 +108,7 @@ class OutputStream:
         self._loop = asyncio.get_running_loop()
         self._route = route = StreamRoute(pipe.capacity)
         pipe._routes.add(route)
+        pipe._streams.add(self)
         self._pump = tg.create_task(pipe._pump(self._source, route), name="partime-source")
         pipe._pumps.add(self._pump)
         return route
@@ -116,6 +120,7 @@ class OutputStream:
         if self._route is not None:
             self._route.detach()
             self._pipe._routes.discard(self._route)
+        self._pipe._streams.discard(self)
 
     async def aclose(self) -> None:
         """Stop reading: the source is closed, frames still in flight are discarded."""
@@ -267,6 +272,7 @@ class Pipeline:
         loop = asyncio.get_running_loop()
         self._error = None
         self._routes: set[Route] = set()
+        self._streams: weakref.WeakSet[OutputStream] = weakref.WeakSet()  # being read
         self._pumps: set[asyncio.Task[None]] = set()
         self._built = False
         self._build_lock = asyncio.Lock()
@@ -316,6 +322,12 @@ class Pipeline:
             return
         for pump in list(self._pumps):
             pump.cancel()
+        # A stream whose reader is the task stopping here (it broke out of ``async for``
+        # without closing the stream) is read no more: closed, or stop would wait for it.
+        me = asyncio.current_task()
+        for stream in list(self._streams):
+            if stream._reader is me:
+                stream._close()
         self._ingress.close()
         if not self._stop_requested.done():
             self._stop_requested.set_result(None)
@@ -542,7 +554,9 @@ class Pipeline:
         that raises fails the pipeline with a :class:`PipelineError` naming the source. To
         stop reading early, close the stream (``async with pipe.stream(src) as outputs:``
         or ``await outputs.aclose()``): the source is closed and the frames still in flight
-        are discarded without blocking the pipeline.
+        are discarded without blocking the pipeline. A stream left unclosed is closed when it
+        is garbage-collected, or by :meth:`stop` when the task stopping is the one that read
+        it (``break`` out of ``async for``, then leave ``async with pipe:``).
         """
         return OutputStream(self, source)
 

@@ -288,3 +288,17 @@ async def test_paced_source_delivers_everything_in_order():
     assert_outputs(sink.frames, xs)
     captures = [f.t_capture for f in sink.frames]
     assert captures == sorted(captures)
+
+
+async def test_breaking_out_of_a_stream_then_leaving_the_pipeline_does_not_hang():
+    """A reader that breaks out of ``async for`` (keeping the stream in a variable, never
+    closing it) and then leaves ``async with pipe:``: stop() closes that stream, whose frames
+    nobody will read, instead of waiting for them."""
+    pipe = pa.Pipeline([nn.Identity()], devices=pa.cpu_devices(1, inline=False), balance=[1])
+    async with asyncio.timeout(10):  # (the same task: wait_for would run stop() in another)
+        async with pipe:
+            outputs = pipe.stream([torch.zeros(1, 2)] * 50)
+            async for frame in outputs:
+                if frame.seq == 1:
+                    break
+    assert outputs is not None and not pipe.running  # still referenced: not closed by the garbage collector
