@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import warnings
 from collections import deque
 from typing import Any, Awaitable, Callable, TypeVar
 
@@ -20,31 +21,56 @@ T = TypeVar("T")
 
 async def in_thread(fn: Callable[..., T], *args: Any, stop: threading.Event | None = None) -> T:
     """``fn(*args)`` on a worker thread. If the caller is cancelled meanwhile, ``stop`` is set
-    (``fn`` should check it and return soon) and the thread is waited for, then the
-    cancellation goes on: whatever ``fn`` does is over when the caller has left."""
+    (``fn`` should check it and return soon) and the thread is waited for (up to
+    :data:`CLEANUP_GRACE_S`), then the cancellation goes on: whatever ``fn`` does is over when
+    the caller has left."""
     return await to_the_end(asyncio.to_thread(fn, *args), on_cancel=stop.set if stop is not None else None)
 
 
-async def to_the_end(aw: Awaitable[T], *, on_cancel: Callable[[], Any] | None = None) -> T:
+CLEANUP_GRACE_S = 30.0
+"""How long :func:`to_the_end` waits for work once its caller was cancelled, before it gives
+up on it (so that a close that hangs cannot make a pipeline impossible to stop)."""
+
+
+async def to_the_end(aw: Awaitable[T], *, on_cancel: Callable[[], Any] | None = None,
+                     grace: float | None = None) -> T:
     """Await ``aw`` to its end even if the caller is cancelled meanwhile (once or more), then
     re-raise the cancellation. For work on another thread that must not be abandoned half-way:
     a file that aiofiles' thread opens or closes for a cancelled task would otherwise still be
     open after the task ended. ``on_cancel`` runs at the first cancellation (to ask the work
-    to end early)."""
+    to end early). After a cancellation the work gets ``grace`` seconds (default
+    :data:`CLEANUP_GRACE_S`); if it is still running then, it is left to finish on its own,
+    with a ``RuntimeWarning``, and the cancellation goes on."""
+    loop = asyncio.get_running_loop()
+    wait_s = CLEANUP_GRACE_S if grace is None else grace
     work = asyncio.ensure_future(aw)
     cancelled: asyncio.CancelledError | None = None
+    deadline = 0.0
     while not work.done():
         try:
-            await asyncio.wait({work})
+            timeout = None if cancelled is None else max(0.0, deadline - loop.time())
+            done, _ = await asyncio.wait({work}, timeout=timeout)
         except asyncio.CancelledError as exc:
-            if cancelled is None and on_cancel is not None:
-                on_cancel()
-            cancelled = cancelled or exc
+            if cancelled is None:
+                cancelled, deadline = exc, loop.time() + wait_s
+                if on_cancel is not None:
+                    on_cancel()
+            continue
+        if not done:
+            warnings.warn(f"{work!r} was still running {wait_s:g} s after its task was cancelled; "
+                          "left to finish on its own", RuntimeWarning, stacklevel=2)
+            work.add_done_callback(_retrieve)
+            break
     if cancelled is not None:
-        if not work.cancelled():
-            work.exception()  # retrieved: the cancellation is what the caller reports
+        if work.done():
+            _retrieve(work)  # the cancellation is what the caller reports
         raise cancelled
     return work.result()
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def resolve(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:

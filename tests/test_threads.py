@@ -152,3 +152,18 @@ async def test_to_the_end_outlasts_repeated_cancellation_then_reraises_it():
         await caller
     assert finished.is_set() and asked == [1]
     assert await to_the_end(asyncio.sleep(0, result=7)) == 7
+
+
+async def test_to_the_end_gives_up_after_its_grace_with_a_warning():
+    """Work that hangs after a cancellation is left running once ``grace`` has passed: the
+    caller can still be stopped, and says so."""
+    release = threading.Event()
+    caller = asyncio.ensure_future(to_the_end(asyncio.to_thread(release.wait, 5), grace=0.1))
+    await asyncio.sleep(0.02)
+    caller.cancel()
+    t0 = time.perf_counter()
+    with pytest.warns(RuntimeWarning, match="still running 0.1 s after its task was cancelled"):
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+    assert time.perf_counter() - t0 < 2
+    release.set()
