@@ -85,8 +85,8 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
 
 async def save_atomic_async(obj: Any, path: str | Path) -> Path:
     """:func:`save_atomic` on a worker thread, keeping the event loop free. Cancelled while the
-    thread writes, it waits for that write to end (:func:`~partime_async.threads.in_thread`):
-    a run that returns never leaves a checkpoint being written behind it."""
+    thread writes, it waits for that write to end (:func:`~partime_async.threads.in_thread`,
+    up to its grace period): a run that returns leaves no checkpoint being written behind it."""
     return await in_thread(save_atomic, obj, path)
 
 

@@ -93,6 +93,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import threading
 import warnings
 from typing import Any, Callable, Hashable, Iterator
 
@@ -215,20 +216,12 @@ class _PerSignature:
                   for t in leaves]
         static_x = pytree.tree_unflatten([t if buf is None else buf for t, buf in zip(leaves, inputs)], spec)
         side.wait_stream(caller)
-        # A garbage collection during a capture may destroy another, unreachable graph (a
-        # finished pipeline's, say), which CUDA forbids while a stream captures: the capture
-        # would fail (pytorch PR 161037). Collect first, then keep the collector off.
-        gc.collect()
-        collecting = gc.isenabled()
-        gc.disable()
         try:
             # The outer context restores the caller's stream however the capture ends:
             # torch.cuda.graph's own __exit__ skips that when capture_end raises.
-            with torch.cuda.stream(side):
+            with _no_collection(), torch.cuda.stream(side):
                 return self._capture(inputs, static_x, side)
         finally:
-            if collecting:
-                gc.enable()
             caller.wait_stream(side)
 
     def _mode(self) -> Hashable:
@@ -418,6 +411,33 @@ class GraphedLearningStage(_PerSignature):
     def _replay(self, graph: _LearningGraph, leaves: list[Any]) -> Payload:
         outs = _Replay.apply(graph, len(leaves), *leaves, *self.params)
         return pytree.tree_unflatten(list(outs), graph.out_spec)
+
+
+_gc_lock = threading.Lock()
+_gc_captures = 0            # captures under way in the process (any thread)
+_gc_was_enabled = False     # the collector's state when the first of them began
+
+
+@contextlib.contextmanager
+def _no_collection() -> Iterator[None]:
+    """No garbage collection while any capture of the process runs. A collection during a
+    capture may destroy another, unreachable graph (a finished pipeline's, say), which CUDA
+    forbids while a stream captures: the capture would fail (pytorch PR 161037). The
+    collector is process-wide, hence the count: the last capture to end turns it back on."""
+    global _gc_captures, _gc_was_enabled
+    with _gc_lock:
+        if _gc_captures == 0:
+            gc.collect()  # now, while no capture is under way
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_captures += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_captures -= 1
+            if _gc_captures == 0 and _gc_was_enabled:
+                gc.enable()
 
 
 def _differentiable(out: Payload) -> list[torch.Tensor]:

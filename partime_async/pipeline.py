@@ -88,14 +88,14 @@ class OutputStream:
         self._route: StreamRoute | None = None
         self._pump: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._reader: asyncio.Task[Any] | None = None  # the task that reads it (last seen)
+        self._reader: weakref.ref[asyncio.Task[Any]] | None = None  # the task that read it last
 
     def __aiter__(self) -> OutputStream:
         return self
 
     async def __anext__(self) -> Frame:
         route = self._route or self._open()
-        self._reader = asyncio.current_task()
+        self._reader = weakref.ref(asyncio.current_task())
         try:
             return await route.out.__anext__()
         except BaseException:  # the end, a failure, or the reader was cancelled
@@ -117,10 +117,10 @@ class OutputStream:
         if self._pump is not None:
             self._pump.cancel()
             self._pipe._pumps.discard(self._pump)
-        if self._route is not None:
+        if self._route is not None:  # opened: registered with the pipeline
             self._route.detach()
             self._pipe._routes.discard(self._route)
-        self._pipe._streams.discard(self)
+            self._pipe._streams.discard(self)
 
     async def aclose(self) -> None:
         """Stop reading: the source is closed, frames still in flight are discarded."""
@@ -326,7 +326,7 @@ class Pipeline:
         # without closing the stream) is read no more: closed, or stop would wait for it.
         me = asyncio.current_task()
         for stream in list(self._streams):
-            if stream._reader is me:
+            if stream._reader is not None and stream._reader() is me:
                 stream._close()
         self._ingress.close()
         if not self._stop_requested.done():
@@ -336,8 +336,7 @@ class Pipeline:
             # it has ended when the cancellation goes on.
             await to_the_end(asyncio.wait({task}), on_cancel=task.cancel)
         finally:
-            self._task = None
-            error, self._error = self._error, None
+            error = self._forget(task)
         if error is not None:
             raise error
 
@@ -350,8 +349,16 @@ class Pipeline:
         try:
             await to_the_end(asyncio.wait({task}))  # ended, even if the caller is cancelled meanwhile
         finally:
-            self._task = None
-            self._error = None
+            self._forget(task)
+
+    def _forget(self, task: asyncio.Task[None]) -> PipelineError | None:
+        """Forget the run of ``task`` once it has ended; its error, once. A later run (another
+        task called stop() and start() meanwhile) is not this caller's to forget."""
+        if self._task is not task or not task.done():
+            return None
+        self._task = None
+        error, self._error = self._error, None
+        return error
 
     async def __aenter__(self) -> Pipeline:
         await self.start()

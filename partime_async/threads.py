@@ -59,13 +59,18 @@ async def to_the_end(aw: Awaitable[T], *, on_cancel: Callable[[], Any] | None = 
         if not done:
             warnings.warn(f"{work!r} was still running {wait_s:g} s after its task was cancelled; "
                           "left to finish on its own", RuntimeWarning, stacklevel=2)
+            _abandoned.add(work)  # the loop keeps tasks weakly: held here until it ends
             work.add_done_callback(_retrieve)
+            work.add_done_callback(_abandoned.discard)
             break
     if cancelled is not None:
         if work.done():
             _retrieve(work)  # the cancellation is what the caller reports
         raise cancelled
     return work.result()
+
+
+_abandoned: set[asyncio.Future[Any]] = set()
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:

@@ -32,9 +32,9 @@ class SensorSource(Source):
     (the connection is being replaced); nothing read is lost or duplicated by a reconnect.
 
     **Close.** ``close()`` is called once for every successful ``open()``: on reconnect, at
-    the end of the stream, when the consumer stops early, on error and on cancellation; an
-    ``open()`` or ``close()`` under way runs to its end even if the consumer is cancelled
-    meanwhile.
+    the end of the stream, when the consumer stops early, on error and on cancellation. A
+    ``close()`` under way runs to its end even if the consumer is cancelled meanwhile; an
+    ``open()`` under way is cancelled (and then needs no ``close()``).
 
     **Timeouts and threads.** ``read_timeout`` cancels the awaiting ``read()``. A blocking
     driver call wrapped in ``asyncio.to_thread`` cannot be cancelled: it goes on in its thread
@@ -118,7 +118,10 @@ class SensorSource(Source):
                 if not self._connected:
                     if self.errors:
                         self.reconnects += 1
-                    await to_the_end(self._connect())
+                    # Cancelled meanwhile: the open is cancelled too, and waited for, so that a
+                    # connection made is recorded (and closed) and none is left half-made.
+                    connecting = asyncio.ensure_future(self._connect())
+                    await to_the_end(connecting, on_cancel=connecting.cancel)
                 return await self._read_once()
             except Exception as exc:
                 failures += 1
@@ -137,8 +140,7 @@ class SensorSource(Source):
                 await asyncio.sleep(self.backoff_delay(failures))
 
     async def _connect(self) -> None:
-        """``open()``, marked connected as soon as it returns: run to its end even by a
-        cancelled reader, so that a connection made is also closed."""
+        """``open()``, marked connected as soon as it returns (so that it is closed)."""
         await self.open()
         self._connected = True
 

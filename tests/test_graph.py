@@ -302,3 +302,12 @@ async def test_breaking_out_of_a_stream_then_leaving_the_pipeline_does_not_hang(
                 if frame.seq == 1:
                     break
     assert outputs is not None and not pipe.running  # still referenced: not closed by the garbage collector
+
+
+async def test_a_stream_of_a_pipeline_not_started_says_what_to_do():
+    pipe = pa.Pipeline([nn.Identity()], devices=pa.cpu_devices(1))
+    await pipe.stream([torch.zeros(1)]).aclose()  # never opened: nothing to close
+    with pytest.raises(pa.PipelineClosed, match="async with pipe"):
+        async with pipe.stream([torch.zeros(1)]) as outputs:
+            async for _ in outputs:
+                pass

@@ -158,7 +158,8 @@ async def test_to_the_end_gives_up_after_its_grace_with_a_warning():
     """Work that hangs after a cancellation is left running once ``grace`` has passed: the
     caller can still be stopped, and says so."""
     release = threading.Event()
-    caller = asyncio.ensure_future(to_the_end(asyncio.to_thread(release.wait, 5), grace=0.1))
+    work = asyncio.ensure_future(asyncio.to_thread(release.wait, 5))
+    caller = asyncio.ensure_future(to_the_end(work, grace=0.1))
     await asyncio.sleep(0.02)
     caller.cancel()
     t0 = time.perf_counter()
@@ -167,3 +168,4 @@ async def test_to_the_end_gives_up_after_its_grace_with_a_warning():
             await caller
     assert time.perf_counter() - t0 < 2
     release.set()
+    await work  # (left running by to_the_end: ended here, not leaked into the next test)
