@@ -16,10 +16,11 @@ t itself: it computes the loss). What each mode does with it:
 
 The schedule fixes the delays, so learning is deterministic: the same stream and seeds give
 the same weights on CPU whatever the stage speeds — for models without random layers (dropout
-draws from PyTorch's process-wide generator, in whatever order the stages' threads reach it). Warm-up: a gradient owed for a frame that
-does not exist (t - d_k < 0) or that had no target is skipped. End of stream: ``stashed``
-applies every owed gradient; ``partime`` has no newer graph to carry its last owed gradients,
-drops them and counts them in :attr:`StageLearner.dropped_gradients`.
+draws from PyTorch's process-wide generator, in whatever order the stages' threads reach it).
+Warm-up: a gradient owed for a frame that does not exist (t - d_k < 0) or that had no
+target is skipped. End of stream: ``stashed`` applies every owed gradient; ``partime`` has no
+newer graph to carry its last owed gradients, drops them and counts them in
+:attr:`StageLearner.dropped_gradients`.
 
 Everything in :class:`StageLearner` runs on the stage's device thread (its worker thread on
 CPU): :meth:`~StageLearner.forward` and :meth:`~StageLearner.backward` calls for one stage

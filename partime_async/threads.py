@@ -60,12 +60,12 @@ async def to_the_end(aw: Awaitable[T], *, on_cancel: Callable[[], Any] | None = 
             warnings.warn(f"{work!r} was still running {wait_s:g} s after its task was cancelled; "
                           "left to finish on its own", RuntimeWarning, stacklevel=2)
             _abandoned.add(work)  # the loop keeps tasks weakly: held here until it ends
-            work.add_done_callback(_retrieve)
+            work.add_done_callback(retrieve)
             work.add_done_callback(_abandoned.discard)
             break
     if cancelled is not None:
         if work.done():
-            _retrieve(work)  # the cancellation is what the caller reports
+            retrieve(work)  # the cancellation is what the caller reports
         raise cancelled
     return work.result()
 
@@ -73,7 +73,9 @@ async def to_the_end(aw: Awaitable[T], *, on_cancel: Callable[[], Any] | None = 
 _abandoned: set[asyncio.Future[Any]] = set()
 
 
-def _retrieve(task: asyncio.Future[Any]) -> None:
+def retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark a finished future's exception as seen (its owner reports something else), so that
+    asyncio does not log it as never retrieved."""
     if not task.cancelled():
         task.exception()
 

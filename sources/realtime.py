@@ -7,7 +7,7 @@ from typing import Any, AsyncIterable, AsyncIterator, Awaitable, Callable, Itera
 
 from partime_async.channel import Channel, Policy
 from partime_async.frame import Frame, now
-from partime_async.threads import to_the_end
+from partime_async.threads import retrieve, to_the_end
 
 from .base import Source, iterate_frames
 
@@ -84,8 +84,8 @@ class RealTime(Source):
                     producer.cancel()
                     await to_the_end(asyncio.wait([producer]))  # its source closed before this one ends
             finally:
-                if producer.done() and not producer.cancelled():
-                    producer.exception()  # retrieved: raised above, or moot once the consumer has left
+                if producer.done():
+                    retrieve(producer)  # raised above, or moot once the consumer has left
 
     async def _produce(self, channel: Channel[Frame]) -> None:
         try:
