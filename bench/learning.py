@@ -24,6 +24,16 @@ Variants, in the same run with interleaved repeats (medians):
   (``OnlineLearning(delay_lr=DELAY_LR)``: stage k's rate / (1 + c * d_k)); losses only, run
   once outside the timed loop (the rates change no compute, so their throughput is that of
   the plain mode).
+* ``lag1`` (a reference for the losses, not timed): sequential online SGD on the unsplit
+  model with every update one frame late (frame t's gradient, taken at the weights frame t
+  saw, applied after frame t+1's forward). A bubble-free pipeline cannot avoid a lag: its first
+  stage starts frame t+1 before frame t's gradient is back (PARTIME's rule and weight stashing
+  delay it 2(S-1) frames). What a lag alone costs on this task shows here.
+
+Besides the running loss, each mode's final weights are scored on the next ``frames // 3``
+frames of the same camera without learning (``held-out``): the quality of the model learnt,
+apart from what recency adds to the running loss (a learner whose last step fitted frame t
+predicts frame t+1 well from memory).
 
 Printed: frames/s of each, throughput ratios (goals: >= 1.7x over sequential_1t, >= 1.3x over
 the best sequential), the final running loss of each mode (mean over the last quarter of the
@@ -37,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import copy
 import dataclasses
 import sys
@@ -116,6 +127,32 @@ def ceiling(model: nn.Sequential, frames: Sequence[pa.Frame], balance: Sequence[
     return C.on_threads([lambda: stage(0), lambda: stage(1)])
 
 
+def lagged(model: nn.Module, frames: Sequence[pa.Frame], lag: int = 1) -> list[float]:
+    """The ``lag1`` reference: online SGD on the unsplit model, frame t's gradient
+    applied after frame t+lag's forward. Per-frame losses; ``model`` learns in place."""
+    learning = demo_learning("sequential")
+    params = list(model.parameters())
+    optimizer = learning.optimizer(params)
+    pending: collections.deque[tuple[torch.Tensor, ...]] = collections.deque()
+    losses = []
+    for f in frames:
+        loss = learning.loss(model(f.data), f.target)
+        losses.append(loss.item())
+        pending.append(torch.autograd.grad(loss, params))
+        if len(pending) > lag:
+            for p, g in zip(params, pending.popleft()):
+                p.grad = g
+            optimizer.step()
+    return losses
+
+
+def heldout_loss(model: nn.Module, frames: Sequence[pa.Frame]) -> float:
+    """Mean loss of ``model`` as it is (no learning) on ``frames``."""
+    loss = demo_learning("sequential").loss
+    with torch.no_grad():
+        return sum(loss(model(f.data), f.target).item() for f in frames) / len(frames)
+
+
 def split_of(model: nn.Module, frame: pa.Frame, mode: str) -> list[int]:
     """The balance ``balance="time"`` picks for a learning pipeline (built, not run)."""
     async def build() -> list[int]:
@@ -166,14 +203,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.manual_seed(0)
     initial = demo_model()
     frames = make_frames(n, args.size)
+    heldout = make_frames(n + max(1, n // 3), args.size)[n:]
     curves: dict[str, list[float]] = {}
+    learnt: dict[str, nn.Module] = {}  # each variant's final weights
     balances: dict[str, list[int]] = {}
     ceiling_balance = split_of(copy.deepcopy(initial), frames[0], "partime")
 
     def variant(name: str, run: Callable[[nn.Module], tuple]) -> Callable[[], float]:
         def timed() -> float:
-            seconds, losses, *rest = run(copy.deepcopy(initial))
-            curves[name] = losses
+            model = copy.deepcopy(initial)
+            seconds, losses, *rest = run(model)
+            curves[name], learnt[name] = losses, model
             if rest:
                 balances[name] = rest[0]
             return seconds
@@ -211,11 +251,23 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{fps['stashed'] / fps['ceiling']:.2f}x of it")
     for mode in ("partime", "stashed"):  # delay-aware rates: losses only (same compute)
         name = f"{mode}_dlr"
-        _, curves[name], balance = pipelined(copy.deepcopy(initial), frames, mode, delay_lr=DELAY_LR)
+        learnt[name] = copy.deepcopy(initial)
+        _, curves[name], balance = pipelined(learnt[name], frames, mode, delay_lr=DELAY_LR)
         numbers[f"{name}_loss_over_seq"] = final_loss(curves[name]) / seq_loss
         numbers[f"{name}_balance"] = balance
         print(f"{name} (delay_lr={DELAY_LR:g}): final running loss {final_loss(curves[name]):.5f}, "
               f"{final_loss(curves[name]) / seq_loss:.3f}x sequential's (goal <= 1.10)")
+    learnt["lag1"] = copy.deepcopy(initial)
+    curves["lag1"] = lagged(learnt["lag1"], frames)
+    numbers["lag1_loss_over_seq"] = final_loss(curves["lag1"]) / seq_loss
+    print(f"lag1 (sequential, every update one frame late): final running loss {final_loss(curves['lag1']):.5f}, "
+          f"{final_loss(curves['lag1']) / seq_loss:.3f}x sequential's")
+    seq_heldout = heldout_loss(learnt["sequential_1t"], heldout)
+    print(f"held-out loss (final weights on the next {len(heldout)} frames, no learning), relative to "
+          f"sequential's {seq_heldout:.5f}:")
+    for name in ("partime", "stashed", "partime_dlr", "stashed_dlr", "lag1"):
+        numbers[f"{name}_heldout_over_seq"] = heldout_loss(learnt[name], heldout) / seq_heldout
+        print(f"  {name:12s} {numbers[f'{name}_heldout_over_seq']:.3f}x")
     numbers["spread"] = max(C.spread(ts) for ts in times.values())
     if not args.quick:
         plot(curves, PLOT)
