@@ -20,16 +20,31 @@ On a shared 2-vCPU VM the tiny and thread workloads' run-to-run spread (40-80%) 
 noise-robust cross-check (not a replacement): ``model`` = spans per frame (counted in a run) x
 the cost of one span append (timed alone, ``timeit``, best of 7) / the off run's time per frame.
 
+``--valgrind`` measures the same without noise, as work instead of time: each of ``tiny`` and
+``thread``, metrics on and off, streams N1 and N2 frames in a child process under
+cachegrind (valgrind's cache simulator); per-frame counts are the differences between the two
+runs divided by N2 - N1 (start-up, import and set-up cancel out; N1 fills the span ring, so
+its evictions are included). Printed per workload: instructions per frame and their loss,
+and the loss in *modelled cycles* = instructions + 10 x first-level cache misses + 100 x
+last-level cache misses (a rough model of a modern core; the instruction count itself is
+exact and repeatable). About 10 minutes on 2 cores; needs ``valgrind`` on the PATH.
+
     python bench/metrics_overhead.py [--quick] [--repeats N] [--no-record | --record]
+    python bench/metrics_overhead.py --valgrind [--frames N2-N1] [--no-record | --record]
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import shutil
+import subprocess
 import sys
+import tempfile
 import timeit
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 if __package__ in (None, ""):  # run as a script: make `bench._common` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -42,7 +57,9 @@ from bench import _common as C
 from partime_async.cli import demo_model
 
 WORKLOADS = ("tiny", "thread", "conv")
+COUNTED = ("tiny", "thread")  # --valgrind: the conv net's kernels would take hours under valgrind
 GOAL = 0.03
+CACHEGRIND_EVENTS = ("Ir", "I1mr", "ILmr", "Dr", "D1mr", "DLmr", "Dw", "D1mw", "DLmw")
 
 
 def span_cost_s() -> float:
@@ -94,13 +111,84 @@ def workload(name: str, n_frames: int, conv_balance: list[int] | None) -> tuple[
     return make_conv, [torch.rand(1, 3, 64, 64) for _ in range(n_frames)]
 
 
+def cachegrind_summary(path: Path) -> dict[str, int]:
+    """The totals of a cachegrind output file, by event name."""
+    with open(path) as f:
+        lines = f.read().splitlines()
+    events = next(line.split()[1:] for line in lines if line.startswith("events:"))
+    totals = next(line.split()[1:] for line in lines if line.startswith("summary:"))
+    return dict(zip(events, map(int, totals)))
+
+
+def per_frame(short: Mapping[str, int], long: Mapping[str, int], frames: int) -> dict[str, float]:
+    """Counts per frame from two runs that differ only in ``frames`` more frames; with
+    ``cycles``, the modelled cycles (see the module docstring)."""
+    counts = {e: (long[e] - short[e]) / frames for e in CACHEGRIND_EVENTS}
+    counts["cycles"] = (counts["Ir"] + 10 * (counts["I1mr"] + counts["D1mr"] + counts["D1mw"])
+                        + 100 * (counts["ILmr"] + counts["DLmr"] + counts["DLmw"]))
+    return counts
+
+
+def child(name: str, state: str, frames: int) -> None:
+    """``--child``: stream ``frames`` frames of one workload once (run under cachegrind)."""
+    make, data = workload(name, frames, None)
+    asyncio.run(C.time_stream(make(state == "on"), data))
+
+
+def counted(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    """``--valgrind``: instructions and modelled cycles per frame, metrics on vs off."""
+    from partime_async.metrics import SPAN_CAPACITY
+
+    if shutil.which("valgrind") is None:
+        raise SystemExit("--valgrind needs valgrind on the PATH (e.g. `apt install valgrind`)")
+    short = SPAN_CAPACITY // 4 + 1000  # >= 4 spans per frame: the ring is full, evicting, by then
+    long = short + (args.frames or 10000)
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", PYTHONHASHSEED="0")  # no spinning BLAS threads
+    runs = [(name, state, n) for name in COUNTED for state in ("off", "on") for n in (short, long)]
+    print(f"metrics overhead under cachegrind: {', '.join(COUNTED)}, metrics on/off, {short} and {long} frames "
+          f"({len(runs)} runs, {C.cores()} at a time)", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        def run(key: tuple[str, str, int]) -> dict[str, int]:
+            out = Path(tmp) / "cg.{}.{}.{}".format(*key)
+            subprocess.run(["valgrind", "--tool=cachegrind", "--cache-sim=yes", f"--cachegrind-out-file={out}",
+                            sys.executable, str(Path(__file__).resolve()), "--child", *map(str, key)],
+                           env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            print(f"  {' '.join(map(str, key))} done", file=sys.stderr, flush=True)
+            return cachegrind_summary(out)
+
+        with ThreadPoolExecutor(C.cores()) as pool:
+            totals = dict(zip(runs, pool.map(run, runs)))
+    numbers: dict[str, object] = {"frames_short": short, "frames_long": long}
+    loss: dict[str, float] = {}
+    print(f"\n{'workload':10s} {'instr/frame off':>16s} {'on':>10s} {'instr loss':>11s} {'cycles loss':>12s}")
+    for name in COUNTED:
+        off, on = (per_frame(totals[(name, s, short)], totals[(name, s, long)], long - short) for s in ("off", "on"))
+        ir_loss, loss[name] = 1 - off["Ir"] / on["Ir"], 1 - off["cycles"] / on["cycles"]
+        numbers.update({f"{name}_instr_off": off["Ir"], f"{name}_instr_on": on["Ir"], f"{name}_instr_loss": ir_loss,
+                        f"{name}_cycles_off": off["cycles"], f"{name}_cycles_on": on["cycles"],
+                        f"{name}_cycles_loss": loss[name]})
+        print(f"{name:10s} {off['Ir']:16.0f} {on['Ir']:10.0f} {ir_loss:11.2%} {loss[name]:12.2%}")
+    worst = max(COUNTED, key=lambda n: loss[n])
+    headline = f"worst modelled-cycle loss with metrics on = {loss[worst]:.2%} ({worst}; goal <= {GOAL:.0%})"
+    C.record_run("metrics_overhead (valgrind)", args, argv, numbers, headline)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_common_args(parser, default_repeats=11)
     parser.add_argument("--frames", type=int, default=None,
-                        help="frames per run of tiny/thread (default 20000; quick: 500); conv runs 1/40 of it")
+                        help="frames per run of tiny/thread (default 20000; quick: 500); conv runs 1/40 of it; "
+                             "with --valgrind: N2 - N1 (default 10000)")
+    parser.add_argument("--valgrind", action="store_true", help="count work under cachegrind instead of timing")
+    parser.add_argument("--child", nargs=3, metavar=("WORKLOAD", "STATE", "FRAMES"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child:
+        child(args.child[0], args.child[1], int(args.child[2]))
+        return 0
+    if args.valgrind:
+        return counted(args, argv)
     n_frames = args.frames or (500 if args.quick else 20000)
     repeats = args.repeats or (2 if args.quick else 11)
     if repeats < 1 or n_frames < 20:

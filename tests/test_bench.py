@@ -65,3 +65,28 @@ def test_hop_overhead_device_cuda_without_cuda(monkeypatch, capsys):
         hop.main(["--device", "cuda"])
     assert exc.value.code not in (0, None) and "CUDA is not available" in str(exc.value.code)
     assert (RESULTS.read_text() if RESULTS.exists() else None) == before
+
+
+def test_metrics_overhead_valgrind_counts(tmp_path, monkeypatch):
+    """``metrics_overhead.py --valgrind``: per-frame counts are the difference of two runs'
+    cachegrind totals over the difference of their frame counts, and the modelled cycles add
+    10 per first-level and 100 per last-level miss; without valgrind it says what to install."""
+    bench = _load_benchmark("metrics_overhead")
+    events = " ".join(bench.CACHEGRIND_EVENTS)
+
+    def write(name, values):
+        path = tmp_path / name
+        path.write_text(f"desc: I1 cache: 32768 B, 64 B, 8-way associative\ncmd: python x\nevents: {events}\n"
+                        f"fl=a.c\nfn=f\n1 {' '.join(map(str, values))}\nsummary: {' '.join(map(str, values))}\n")
+        return path
+
+    short = bench.cachegrind_summary(write("short", [1000, 10, 1, 500, 20, 2, 300, 5, 1]))
+    long = bench.cachegrind_summary(write("long", [3000, 30, 1, 900, 40, 2, 500, 15, 3]))
+    assert short["Ir"] == 1000 and long["DLmw"] == 3
+    counts = bench.per_frame(short, long, frames=100)
+    assert counts["Ir"] == 20.0 and counts["D1mr"] == 0.2 and counts["DLmw"] == 0.02
+    assert counts["cycles"] == pytest.approx(20.0 + 10 * (0.2 + 0.2 + 0.1) + 100 * 0.02)
+    monkeypatch.setattr(bench.shutil, "which", lambda _: None)
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--valgrind", "--no-record"])
+    assert "needs valgrind on the PATH" in str(exc.value.code)
