@@ -1,8 +1,9 @@
 """Where the time goes: spans, per-stage statistics, and a Prometheus exposition.
 
 With ``Pipeline(..., metrics=True)`` (the default) every stage records *spans* into one
-bounded ring per run (a ``collections.deque`` of the latest :data:`SPAN_CAPACITY`; appends
-are thread-safe, so worker threads record without locks). A span is a plain tuple
+bounded ring per run (a ``collections.deque`` of the latest :data:`SPAN_CAPACITY`, or of the
+latest ``n`` with ``metrics=n``; appends are thread-safe, so worker threads record without
+locks). A span is a plain tuple
 ``(stage, kind, seq, t0, t1)`` on the library clock :func:`partime_async.frame.now`; read
 them as :class:`Span` with :meth:`Pipeline.spans`. The kinds:
 
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
     from .pipeline import Pipeline
 
 SPAN_CAPACITY = 1 << 16
-"""Spans a pipeline run keeps (the latest; about 10 MB when full)."""
+"""Spans a pipeline run keeps by default (the latest; about 10 MB when full)."""
 
 FORWARD_KINDS = frozenset({"h2d", "d2d", "compute", "d2h"})
 """Kinds on a frame's way forward through a stage (the path its trace flow follows)."""

@@ -178,9 +178,12 @@ class Pipeline:
         metrics: record spans (each stage's compute, copies, backward and step, and each
             frame's delivery; see :mod:`partime_async.metrics`) for :meth:`metrics`,
             :meth:`export_trace` and :func:`partime_async.plot.timeline`. On by default: a
-            tuple appended to a bounded ring per span (about 0.1 µs), lost in the noise for a
-            real model; for stages that do next to nothing it is a few percent of throughput
-            (``bench/metrics_overhead.py``). ``False`` leaves only the counters of :meth:`stats`.
+            tuple appended per span to a ring of the latest
+            :data:`~partime_async.metrics.SPAN_CAPACITY` (about 600 instructions), lost in
+            the noise for a real model; for stages that do next to nothing it is 2-4% of
+            throughput (``bench/metrics_overhead.py``). An int ``n`` keeps the latest ``n``
+            spans instead (longer traces; or a ring that stays in cache). ``False`` leaves
+            only the counters of :meth:`stats`.
     """
 
     def __init__(
@@ -197,7 +200,7 @@ class Pipeline:
         policy: Policy = "block",
         window: int = 2,
         learning: OnlineLearning | None = None,
-        metrics: bool = True,
+        metrics: bool | int = True,
     ) -> None:
         self.model = model
         self.layers = layers_of(model)
@@ -228,8 +231,8 @@ class Pipeline:
             raise ValueError(f"input_spec must be 'first', None or an InputSpec, got {input_spec!r}")
         if not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be an int >= 1, got {window!r}")
-        if not isinstance(metrics, bool):
-            raise ValueError(f"metrics must be True or False, got {metrics!r}")
+        if not isinstance(metrics, (bool, int)) or (not isinstance(metrics, bool) and metrics < 1):
+            raise ValueError(f"metrics must be True, False or a span capacity >= 1, got {metrics!r}")
         Channel(capacity, policy)  # validates both, with the channel's own messages
         self.input_spec = input_spec
         self.check_finite = check_finite
@@ -239,7 +242,9 @@ class Pipeline:
         self.policy: Policy = policy
         self.window = window
         self.learning = learning
-        self.metrics_enabled = metrics
+        self.metrics_enabled = metrics is not False
+        # None: the ring's capacity at start (metrics.SPAN_CAPACITY, read then).
+        self._span_capacity = None if isinstance(metrics, bool) else metrics
         self._spans: deque[tuple[int, str, int, float, float]] | None = None  # this run's span ring
         self.learners: list[StageLearner] = []
         self.checkpoint_every: int | None = None  # set by a Checkpoint sink
@@ -280,7 +285,8 @@ class Pipeline:
         self._ingress: Channel[Job] = Channel(self.capacity, self.policy, name="ingress", on_drop=_dropped("ingress"))
         self._skipped_input = 0
         self._admitted = 0
-        self._spans = deque(maxlen=_metrics.SPAN_CAPACITY) if self.metrics_enabled else None
+        self._spans = (deque(maxlen=self._span_capacity or _metrics.SPAN_CAPACITY)
+                       if self.metrics_enabled else None)
         self._t_start = now()
         started: asyncio.Future[None] = loop.create_future()
         self._delivered = 0

@@ -146,8 +146,9 @@ async def test_metrics_off_records_nothing(tmp_path):
     assert "metrics=False" in str(report)
     with pytest.raises(RuntimeError, match="metrics=False"):
         pipe.export_trace(tmp_path / "t.json")
-    with pytest.raises(ValueError, match="metrics must be True or False"):
-        pa.Pipeline(nn.Sequential(nn.Identity()), devices="cpu", metrics="yes")
+    for bad in ("yes", 0, -5, 2.5):
+        with pytest.raises(ValueError, match="metrics must be True, False or a span capacity >= 1"):
+            pa.Pipeline(nn.Sequential(nn.Identity()), devices="cpu", metrics=bad)
 
 
 async def test_the_ring_is_bounded(monkeypatch):
@@ -159,6 +160,17 @@ async def test_the_ring_is_bounded(monkeypatch):
     report = pipe.metrics()
     assert report.delivered == 100 and 0 < report.latency_frames < 50  # over the spans kept
     assert report.stages[0].frames_out == 100  # counters are not bounded
+
+
+async def test_metrics_n_keeps_the_latest_n_spans():
+    """``metrics=n``: a ring of n spans (the newest kept), whatever the default capacity."""
+    pipe = pa.Pipeline(sleepy(0, 0), devices=pa.cpu_devices(2, threads=1), balance=[1, 1], metrics=30)
+    assert pipe.metrics_enabled
+    await run_stream(pipe, xs(100))
+    spans = pipe.spans()
+    assert len(spans) == 30
+    assert max(s.seq for s in spans) == 99 and min(s.seq for s in spans) > 80  # 3 spans a frame: the last ones
+    assert pipe.metrics().stages[1].frames_out == 100
 
 
 async def test_prometheus_exposition():
