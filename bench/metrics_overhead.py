@@ -26,11 +26,15 @@ cachegrind (valgrind's cache simulator); per-frame counts are the differences be
 runs divided by N2 - N1 (start-up, import and set-up cancel out; N1 fills the span ring, so
 its evictions are included). Printed per workload: instructions per frame and their loss,
 and the loss in *modelled cycles* = instructions + 10 x first-level cache misses + 100 x
-last-level cache misses (a rough model of a modern core; the instruction count itself is
-exact and repeatable). About 10 minutes on 2 cores; needs ``valgrind`` on the PATH.
+last-level cache misses (a rough model of a modern core). The counts repeat to a few
+instructions per frame for ``tiny``; ``thread``'s also move with the threads' interleaving.
+``--ll-cache BYTES`` simulates a smaller last-level cache (a machine whose cache other work
+holds), ``--capacity N`` a span ring of N (``Pipeline(metrics=N)``), ``--workloads`` a subset.
+About 10 minutes on 2 cores for both workloads; needs ``valgrind`` on the PATH.
 
     python bench/metrics_overhead.py [--quick] [--repeats N] [--no-record | --record]
-    python bench/metrics_overhead.py --valgrind [--frames N2-N1] [--no-record | --record]
+    python bench/metrics_overhead.py --valgrind [--frames N2-N1] [--workloads tiny,thread]
+        [--ll-cache BYTES] [--capacity N] [--no-record | --record]
 """
 from __future__ import annotations
 
@@ -129,10 +133,11 @@ def per_frame(short: Mapping[str, int], long: Mapping[str, int], frames: int) ->
     return counts
 
 
-def child(name: str, state: str, frames: int) -> None:
-    """``--child``: stream ``frames`` frames of one workload once (run under cachegrind)."""
+def child(name: str, state: str, frames: int, capacity: int | None) -> None:
+    """``--child``: stream ``frames`` frames of one workload once (run under cachegrind);
+    metrics on keeps a ring of ``capacity`` spans (None: the default)."""
     make, data = workload(name, frames, None)
-    asyncio.run(C.time_stream(make(state == "on"), data))
+    asyncio.run(C.time_stream(make((capacity or True) if state == "on" else False), data))
 
 
 def counted(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
@@ -141,37 +146,71 @@ def counted(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
 
     if shutil.which("valgrind") is None:
         raise SystemExit("--valgrind needs valgrind on the PATH (e.g. `apt install valgrind`)")
-    short = SPAN_CAPACITY // 4 + 1000  # >= 4 spans per frame: the ring is full, evicting, by then
+    names = args.workloads
+    short = (args.capacity or SPAN_CAPACITY) // 4 + 1000  # >= 4 spans per frame: the ring is full, evicting
     long = short + (args.frames or 10000)
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", PYTHONHASHSEED="0")  # no spinning BLAS threads
-    runs = [(name, state, n) for name in COUNTED for state in ("off", "on") for n in (short, long)]
-    print(f"metrics overhead under cachegrind: {', '.join(COUNTED)}, metrics on/off, {short} and {long} frames "
-          f"({len(runs)} runs, {C.cores()} at a time)", flush=True)
+    tool = ["valgrind", "--tool=cachegrind", "--cache-sim=yes"]
+    if args.ll_cache:
+        tool.append(f"--LL={args.ll_cache},16,64")
+    extra = ["--capacity", str(args.capacity)] if args.capacity else []
+    runs = [(name, state, n) for name in names for state in ("off", "on") for n in (short, long)]
+    print(f"metrics overhead under cachegrind: {', '.join(names)}, metrics on/off, {short} and {long} frames "
+          f"({len(runs)} runs, {C.cores()} at a time); last-level cache {args.ll_cache or 'as this CPU'}, "
+          f"span ring {args.capacity or SPAN_CAPACITY}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         def run(key: tuple[str, str, int]) -> dict[str, int]:
-            out = Path(tmp) / "cg.{}.{}.{}".format(*key)
-            subprocess.run(["valgrind", "--tool=cachegrind", "--cache-sim=yes", f"--cachegrind-out-file={out}",
-                            sys.executable, str(Path(__file__).resolve()), "--child", *map(str, key)],
-                           env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            out, err = (Path(tmp) / "{}.{}.{}.{}".format(suffix, *key) for suffix in ("cg", "err"))
+            with open(err, "w") as stderr:
+                done = subprocess.run([*tool, f"--cachegrind-out-file={out}", sys.executable,
+                                       str(Path(__file__).resolve()), "--child", *map(str, key), *extra],
+                                      env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+            if done.returncode != 0:
+                tail = err.read_text()[-2000:]
+                raise RuntimeError(f"the cachegrind run {' '.join(map(str, key))} failed ({done.returncode}):\n{tail}")
             print(f"  {' '.join(map(str, key))} done", file=sys.stderr, flush=True)
             return cachegrind_summary(out)
 
         with ThreadPoolExecutor(C.cores()) as pool:
-            totals = dict(zip(runs, pool.map(run, runs)))
-    numbers: dict[str, object] = {"frames_short": short, "frames_long": long}
+            futures = [pool.submit(run, key) for key in runs]
+            try:
+                totals = {key: future.result() for key, future in zip(runs, futures)}
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+    numbers: dict[str, object] = {"frames_short": short, "frames_long": long, "ll_cache": args.ll_cache or "cpu",
+                                  "span_capacity": args.capacity or SPAN_CAPACITY}
     loss: dict[str, float] = {}
     print(f"\n{'workload':10s} {'instr/frame off':>16s} {'on':>10s} {'instr loss':>11s} {'cycles loss':>12s}")
-    for name in COUNTED:
+    for name in names:
         off, on = (per_frame(totals[(name, s, short)], totals[(name, s, long)], long - short) for s in ("off", "on"))
         ir_loss, loss[name] = 1 - off["Ir"] / on["Ir"], 1 - off["cycles"] / on["cycles"]
         numbers.update({f"{name}_instr_off": off["Ir"], f"{name}_instr_on": on["Ir"], f"{name}_instr_loss": ir_loss,
                         f"{name}_cycles_off": off["cycles"], f"{name}_cycles_on": on["cycles"],
                         f"{name}_cycles_loss": loss[name]})
         print(f"{name:10s} {off['Ir']:16.0f} {on['Ir']:10.0f} {ir_loss:11.2%} {loss[name]:12.2%}")
-    worst = max(COUNTED, key=lambda n: loss[n])
+    worst = max(names, key=lambda n: loss[n])
     headline = f"worst modelled-cycle loss with metrics on = {loss[worst]:.2%} ({worst}; goal <= {GOAL:.0%})"
     C.record_run("metrics_overhead (valgrind)", args, argv, numbers, headline)
     return 0
+
+
+def _ll_cache(text: str) -> int:
+    """--ll-cache: bytes whose 16-way, 64-byte-line cache has a power-of-two number of sets."""
+    size = int(text)
+    sets = size // (16 * 64)
+    if size <= 0 or size % (16 * 64) or sets & (sets - 1):
+        raise argparse.ArgumentTypeError(f"{text}: not a size cachegrind accepts (16 x 64 x a power of two bytes, "
+                                         "e.g. 2097152)")
+    return size
+
+
+def _workloads(text: str) -> list[str]:
+    names = text.split(",")
+    if not names or any(n not in COUNTED for n in names):
+        raise argparse.ArgumentTypeError(f"{text}: a comma-separated list of {', '.join(COUNTED)}")
+    return names
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -182,13 +221,30 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="frames per run of tiny/thread (default 20000; quick: 500); conv runs 1/40 of it; "
                              "with --valgrind: N2 - N1 (default 10000)")
     parser.add_argument("--valgrind", action="store_true", help="count work under cachegrind instead of timing")
+    parser.add_argument("--workloads", type=_workloads, default=list(COUNTED),
+                        help=f"with --valgrind: which of {', '.join(COUNTED)} (comma-separated; default both)")
+    parser.add_argument("--ll-cache", type=_ll_cache, default=None, metavar="BYTES",
+                        help="with --valgrind: simulate a last-level cache of BYTES (default: this CPU's)")
+    parser.add_argument("--capacity", type=int, default=None,
+                        help="with --valgrind: span ring capacity of the metrics-on runs (Pipeline(metrics=N))")
     parser.add_argument("--child", nargs=3, metavar=("WORKLOAD", "STATE", "FRAMES"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        child(args.child[0], args.child[1], int(args.child[2]))
+        name, state, frames = args.child
+        if name not in WORKLOADS or state not in ("on", "off") or not frames.isdigit():
+            parser.error(f"--child takes one of {WORKLOADS}, on|off, a frame count; got {args.child}")
+        child(name, state, int(frames), args.capacity)
         return 0
+    if args.capacity is not None and args.capacity < 1:
+        parser.error("--capacity must be >= 1")
     if args.valgrind:
+        if args.quick or args.repeats is not None:
+            parser.error("--valgrind counts (no repeats, no quick mode): drop --quick/--repeats")
+        if args.frames is not None and args.frames < 1:
+            parser.error("--frames must be >= 1")
         return counted(args, argv)
+    if args.ll_cache or args.capacity or args.workloads != list(COUNTED):
+        parser.error("--workloads, --ll-cache and --capacity go with --valgrind")
     n_frames = args.frames or (500 if args.quick else 20000)
     repeats = args.repeats or (2 if args.quick else 11)
     if repeats < 1 or n_frames < 20:
@@ -218,8 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name in WORKLOADS}
     noise = max(C.spread(v) for v in raw.values())
     cost = span_cost_s()
-    per_frame = {name: spans_per_frame(*loads[name]) for name in WORKLOADS}
-    model = {name: per_frame[name] * cost * fps[f"{name}@off"] for name in WORKLOADS}
+    spans = {name: spans_per_frame(*loads[name]) for name in WORKLOADS}
+    model = {name: spans[name] * cost * fps[f"{name}@off"] for name in WORKLOADS}
     print(f"\n{'workload':10s} {'off fps':>10s} {'on fps':>10s} {'loss':>7s} {'model':>7s}  spread off/on")
     for name in WORKLOADS:
         print(f"{name:10s} {fps[f'{name}@off']:10.1f} {fps[f'{name}@on']:10.1f} {loss[name]:7.1%} {model[name]:7.2%}"
@@ -234,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         numbers[f"{name}_off_fps"] = fps[f"{name}@off"]
         numbers[f"{name}_on_fps"] = fps[f"{name}@on"]
         numbers[f"{name}_loss"] = loss[name]
-        numbers[f"{name}_spans_per_frame"] = per_frame[name]
+        numbers[f"{name}_spans_per_frame"] = spans[name]
         numbers[f"{name}_model_loss"] = model[name]
     numbers["span_cost_ns"] = cost * 1e9
     numbers["noise"] = noise

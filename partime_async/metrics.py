@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from .devices import CpuDevice, CudaDevice
+from .devices import CpuDevice
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -116,9 +116,9 @@ def wait_intervals(spans: Sequence[tuple[int, str, int, float, float]]) -> Colum
 class StageReport:
     """One stage in a :class:`Report`.
 
-    ``busy_s``: seconds the stage computed, forward and (learning) backward, and ``busy`` that
-    as a fraction of the elapsed time (on CUDA with spans: from event timings over the spans
-    kept). ``compute_*``: forward time per frame over the spans kept (without spans, the mean
+    ``busy_s``: seconds the stage computed over the run, forward and (learning) backward, and
+    ``busy`` that as a fraction of the elapsed time (on CUDA: GPU time between timing events).
+    ``compute_*``: forward time per frame over the spans kept (without spans, the mean
     is busy time per frame over the run). ``wait_mean_s``: mean queue wait before the stage
     (derived from spans). ``frames_in``: frames that reached the stage (admitted, for
     stage 0), ``frames_out``: frames it finished; ``queued``: frames waiting for it now (in its
@@ -204,7 +204,6 @@ def report(pipe: Pipeline) -> Report:
     c = Columns.of(pipe._span_tuples())
     duration = c.t1 - c.t0
     compute, latencies = c.kind == "compute", duration[c.kind == "deliver"]
-    worked = compute | (c.kind == "backward")  # device seconds, where events time them (CUDA)
     w = wait_intervals(c)
     wait = w.t1 - w.t0
     elapsed = stats.elapsed_s
@@ -213,10 +212,7 @@ def report(pipe: Pipeline) -> Report:
     for executor, st in zip(pipe.executors, stats.stages):
         k, device = executor.index, executor.device
         times = duration[compute & (c.stage == k)]
-        if isinstance(device, CudaDevice) and len(c.stage):  # host clocks would time the launches
-            busy_s = float(duration[worked & (c.stage == k)].sum())
-        else:
-            busy_s = st.busy_s
+        busy_s = st.busy_s  # a counter (on CUDA, of event-timed GPU seconds): not limited to the ring
         mean = float(times.mean()) if len(times) else (st.mean_compute_s if st.frames else None)
         waits = wait[w.stage == k]
         queued = len(executor.inbox)

@@ -180,10 +180,10 @@ class Pipeline:
             :meth:`export_trace` and :func:`partime_async.plot.timeline`. On by default: a
             tuple appended per span to a ring of the latest
             :data:`~partime_async.metrics.SPAN_CAPACITY` (about 600 instructions), lost in
-            the noise for a real model; for stages that do next to nothing it is 2-4% of
-            throughput (``bench/metrics_overhead.py``). An int ``n`` keeps the latest ``n``
-            spans instead (longer traces; or a ring that stays in cache). ``False`` leaves
-            only the counters of :meth:`stats`.
+            the noise for a real model; for stages that do next to nothing, 2-4% more CPU
+            cycles per frame, counted under cachegrind (``bench/metrics_overhead.py``). An
+            int ``n`` keeps the latest ``n`` spans instead (longer traces; or a ring that
+            stays in cache). ``False`` leaves only the counters of :meth:`stats`.
     """
 
     def __init__(

@@ -90,3 +90,9 @@ def test_metrics_overhead_valgrind_counts(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exc:
         bench.main(["--valgrind", "--no-record"])
     assert "needs valgrind on the PATH" in str(exc.value.code)
+    for argv in (["--valgrind", "--quick"], ["--valgrind", "--frames", "0"], ["--capacity", "64"],
+                 ["--valgrind", "--ll-cache", "3000000"], ["--valgrind", "--workloads", "conv"],
+                 ["--child", "bogus", "on", "3"]):
+        with pytest.raises(SystemExit) as exc:
+            bench.main(argv)
+        assert exc.value.code == 2, argv  # argparse's usage error
