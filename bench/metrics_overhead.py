@@ -26,8 +26,9 @@ cachegrind (valgrind's cache simulator); per-frame counts are the differences be
 runs divided by N2 - N1 (start-up, import and set-up cancel out; N1 fills the span ring, so
 its evictions are included). Printed per workload: instructions per frame and their loss,
 and the loss in *modelled cycles* = instructions + 10 x first-level cache misses + 100 x
-last-level cache misses (a rough model of a modern core). The counts repeat to a few
-instructions per frame for ``tiny``; ``thread``'s also move with the threads' interleaving.
+last-level cache misses (a rough model of a modern core). From run to run the instruction
+loss repeats within about 0.2 points (timers and the loop's wake-ups still vary a little; for
+``thread``, also the threads' interleaving); modelled cycles move more, with simulated misses.
 ``--ll-cache BYTES`` simulates a smaller last-level cache (a machine whose cache other work
 holds), ``--capacity N`` a span ring of N (``Pipeline(metrics=N)``), ``--workloads`` a subset.
 About 10 minutes on 2 cores for both workloads; needs ``valgrind`` on the PATH.
