@@ -137,18 +137,20 @@ def lagged(model: nn.Module, frames: Sequence[pa.Frame], lag: int = 1) -> list[f
     optimizer = learning.optimizer(params)
     pending: collections.deque[tuple[torch.Tensor, ...]] = collections.deque()
     losses = []
+
+    def step() -> None:
+        for p, g in zip(params, pending.popleft()):
+            p.grad = g
+        optimizer.step()
+
     for f in frames:
         loss = learning.loss(model(f.data), f.target)
         losses.append(loss.item())
         pending.append(torch.autograd.grad(loss, params))
         if len(pending) > lag:
-            for p, g in zip(params, pending.popleft()):
-                p.grad = g
-            optimizer.step()
+            step()
     while pending:  # the owed updates land after the last frame, as sequential's all do
-        for p, g in zip(params, pending.popleft()):
-            p.grad = g
-        optimizer.step()
+        step()
     return losses
 
 

@@ -3,9 +3,9 @@
 With ``Pipeline(..., metrics=True)`` (the default) every stage records *spans* into one
 bounded ring per run (a ``collections.deque`` of the latest :data:`SPAN_CAPACITY`, or of the
 latest ``n`` with ``metrics=n``; appends are thread-safe, so worker threads record without
-locks). A span is a plain tuple
-``(stage, kind, seq, t0, t1)`` on the library clock :func:`partime_async.frame.now`; read
-them as :class:`Span` with :meth:`Pipeline.spans`. The kinds:
+locks). A span is a plain tuple ``(stage, kind, seq, t0, t1)`` on the library clock
+:func:`partime_async.frame.now`; read them as :class:`Span` with :meth:`Pipeline.spans`. The
+kinds:
 
 ============  ===========================================================================
 ``compute``   a stage's forward of frame ``seq`` (on CUDA: timed by events on its stream)
