@@ -7,6 +7,7 @@ its headline ratio; :func:`record` appends one dated line per run to ``bench/RES
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as _dt
 import gc
 import os
@@ -175,6 +176,27 @@ def add_common_args(parser: argparse.ArgumentParser, default_repeats: int) -> No
     parser.add_argument("--results", type=Path, default=RESULTS, help="results file (default bench/RESULTS.md)")
 
 
+def add_loop_arg(parser: argparse.ArgumentParser) -> None:
+    """``--loop``: the event loop our pipelines run on, ``auto`` by default as in ``pa.run``."""
+    parser.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+                        help="event loop for our pipelines (default auto: uvloop when installed, as pa.run "
+                             "and the CLI use)")
+
+
+def runner(kind: str) -> asyncio.Runner:
+    """An ``asyncio.Runner`` on the event loop ``kind`` (see :func:`add_loop_arg`)."""
+    from partime_async.graph import loop_factory
+
+    return asyncio.Runner(loop_factory=loop_factory(kind))  # type: ignore[arg-type]
+
+
+def loop_name(kind: str) -> str:
+    """The event loop that ``kind`` stands for here, as recorded with the numbers."""
+    from partime_async.graph import loop_factory
+
+    return "asyncio" if loop_factory(kind) is None else "uvloop"  # type: ignore[arg-type]
+
+
 def gpu_or_smoke(bench: str, requested: str | None, quick: bool, smoke: str) -> str | None:
     """The device type a GPU benchmark runs on: ``"cuda"`` when asked or available; ``"cpu"``
     (its smoke path, described by ``smoke``) when asked, or under --quick without CUDA; None
@@ -240,19 +262,19 @@ def record(name: str, machine: str, command: str, numbers: Mapping[str, object],
 
 # -- pipelines ------------------------------------------------------------------------------------
 async def time_stream(pipe, frames: Sequence[object], on_output: Callable[[object], None] | None = None, *,
-                      preroll: int = 0, on_start: Callable[[], None] | None = None) -> float:
+                      preroll: int = 0, on_start: Callable[[], None] | None = None,
+                      on_end: Callable[[], None] | None = None) -> float:
     """Seconds from the first frame in to the last frame out of ``pipe`` over ``frames``
     (``on_output`` sees each output frame, inside the timing). ``preroll``: that many of the
     frames are streamed once before the clock starts (one-off work on a first frame, such as
     a CUDA graph capture, is then not timed). ``on_start`` is called just before the clock
-    starts (to start other measurements over the same span).
+    starts and ``on_end`` just after it stops (to take other measurements over the same span,
+    e.g. the loop thread's CPU time).
 
     The pipeline is started and built on the first frame, and every device's worker thread is
     up and idle, before the clock starts: no set-up is timed, and no thread start-up competes
     for the GIL with the first frames. The pipeline is stopped afterwards (cancelled on error).
     """
-    import asyncio
-
     await pipe.start(frames[0])
     await asyncio.gather(*(d.submit(_identity, None) for d in pipe.devices))
     try:
@@ -268,6 +290,8 @@ async def time_stream(pipe, frames: Sequence[object], on_output: Callable[[objec
                 on_output(out)
             n += 1
         seconds = time.perf_counter() - t0
+        if on_end is not None:
+            on_end()
     except BaseException:
         await pipe.cancel()
         raise

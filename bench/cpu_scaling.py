@@ -17,6 +17,11 @@ For each model, in the same run with interleaved repeats (order alternating), me
                   thread's time bounds what any two-stage pipeline can reach on this machine
                   *now* (cores shared with other work, caches, memory bandwidth).
 
+Our pipeline runs on the event loop that ``pa.run`` and the CLI pick (``--loop auto``: uvloop
+when installed). Printed with it: the loop thread's CPU time per frame while streaming (waking
+up for each finished frame and moving it to the reader: CPU that the stages' threads do not
+get, on a machine with as many cores as stages).
+
 All under ``torch.no_grad()`` with ``model.eval()``; frames are generated before timing; a
 pipeline is built (profiling, balance) before its clock starts, and a fresh one is built for
 every repeat, so the balance it picks is part of what is measured (reported below).
@@ -24,7 +29,8 @@ Goals: ours / unsplit_1t >= 1.8 and ours / best unsplit >= 1.4 for conv (never <
 The last line printed is conv's ratio over the best unsplit. ``torch.set_num_threads`` is
 restored afterwards.
 
-    python bench/cpu_scaling.py [--quick] [--repeats N] [--frames N] [--no-record | --record]
+    python bench/cpu_scaling.py [--quick] [--repeats N] [--frames N] [--loop auto|uvloop|asyncio]
+        [--no-record | --record]
 """
 from __future__ import annotations
 
@@ -92,6 +98,7 @@ class Ours:
         self.inline: Counter[str] = Counter()
         self.first_outputs: list[torch.Tensor] = []
         self.busy: list[list[float]] = []  # per run: each stage's busy fraction while streaming
+        self.loop_cpu: list[float] = []  # per run: the loop thread's CPU seconds per frame while streaming
 
     def __call__(self, frames: Sequence[torch.Tensor]) -> float:
         return self.runner.run(self._run(frames))
@@ -104,7 +111,13 @@ class Ours:
             if len(self.first_outputs) < 3:
                 self.first_outputs.append(out.data)
 
-        dt = await C.time_stream(pipe, frames, keep if keep_first else None)  # set-up is not timed
+        cpu: list[float] = []  # the loop thread's CPU clock when the stream starts and ends
+
+        def mark() -> None:
+            cpu.append(time.thread_time())
+
+        dt = await C.time_stream(pipe, frames, keep if keep_first else None, on_start=mark, on_end=mark)
+        self.loop_cpu.append((cpu[1] - cpu[0]) / len(frames))
         stats = pipe.stats()
         self.busy.append([s.busy_s / dt for s in stats.stages])
         self.balances[str(stats.balance)] += 1
@@ -116,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_common_args(parser, default_repeats=5)
+    C.add_loop_arg(parser)
     parser.add_argument("--frames", type=int, default=None, help="frames per run and model (default 600; quick: 40)")
     args = parser.parse_args(argv)
     n_frames = args.frames or (40 if args.quick else 600)
@@ -130,7 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.manual_seed(0)
         models = {name: make().eval() for name, (make, _) in MODELS.items()}
         frames = {name: [torch.randn(shape) for _ in range(n_frames)] for name, (_, shape) in MODELS.items()}
-        with asyncio.Runner() as runner:
+        loop_name = C.loop_name(args.loop)
+        with C.runner(args.loop) as runner:
             ours = {name: Ours(models[name], runner) for name in MODELS}
             runs: dict[str, Callable[[Sequence[torch.Tensor]], float]] = {}
             for name in MODELS:
@@ -158,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(threads_before)
 
     fps = {key: C.throughput(n_frames, C.median(v)) for key, v in raw.items()}
-    numbers: dict[str, object] = {"frames": n_frames, "repeats": repeats}
+    numbers: dict[str, object] = {"frames": n_frames, "repeats": repeats, "loop": loop_name}
     lines = []
     ratios = {}
     print(f"\n{'model':6s} {'unsplit 1 thread':>17s} {'unsplit 2 threads':>18s} {'ours 2 stages':>14s} "
@@ -175,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"{name}_ceiling_fps": fc, f"{name}_ours_over_1t": r1, f"{name}_ours_over_best": rb,
                         f"{name}_ours_over_ceiling": fo / fc,
                         f"{name}_stage_busy": "/".join(f"{b:.2f}" for b in busy),
+                        f"{name}_loop_cpu_us": 1e6 * C.median(ours[name].loop_cpu),
                         f"{name}_balance": " ".join(f"{b}x{c}" for b, c in ours[name].balances.items()),
                         f"{name}_exact": exact[name]})
         goal_best = ">= 1.4" if name == "conv" else ">= 1.0"
@@ -184,7 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in MODELS:
         busy = "/".join(f"{C.median([run[k] for run in ours[name].busy]):.2f}" for k in range(2))
         print(f"{name}: ours / ceiling = {fps[f'{name}/ours'] / fps[f'{name}/ceiling']:.2f}; stage busy fractions "
-              f"while streaming {busy}; balances chosen {dict(ours[name].balances)}; stages inline "
+              f"while streaming {busy}; event loop ({loop_name}) thread CPU "
+              f"{1e6 * C.median(ours[name].loop_cpu):.0f} us per frame; balances chosen {dict(ours[name].balances)}; stages inline "
               f"{dict(ours[name].inline)}; first outputs bit-exact: {exact[name]}")
     print("(spread: (max - min) / median of a variant's repeats; large spreads mean a busy machine: rerun)")
     for line in lines:

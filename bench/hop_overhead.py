@@ -324,7 +324,7 @@ def main_cuda(args: argparse.Namespace, argv: Sequence[str] | None, parser: argp
           f"(medians)", flush=True)
 
     s_lo, s_hi = STAGE_COUNTS
-    with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
+    with C.runner(args.loop) as runner:
         def run_once(fn):
             result = fn()
             return runner.run(result) if asyncio.iscoroutine(result) else result
@@ -403,19 +403,6 @@ def main_cuda(args: argparse.Namespace, argv: Sequence[str] | None, parser: argp
     return 0
 
 
-
-def loop_factory(kind: str):
-    if kind == "asyncio":
-        return None
-    if kind == "uvloop":
-        try:
-            import uvloop
-        except ImportError as exc:  # pragma: no cover - uvloop is a dependency off Windows
-            raise SystemExit(f"--loop uvloop needs uvloop installed ({exc})")
-        return uvloop.new_event_loop
-    raise SystemExit(f"unknown loop {kind!r}")
-
-
 # -- main ---------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -442,7 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"hop overhead: {n_frames} frames of (1, 16), identity stages, capacity {args.capacity}, "
           f"window {args.window}, loop {args.loop}, {repeats} interleaved repeats (medians)", flush=True)
 
-    with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
+    with C.runner(args.loop) as runner:
         def timed(factory):
             return lambda: runner.run(factory())
 

@@ -12,7 +12,8 @@ Variants, in the same run with interleaved repeats (medians):
   step per frame) with ``torch.set_num_threads(1)`` — PARTIME's baseline;
 * ``sequential_2t``: the same with 2 intra-op threads;
 * ``partime`` / ``stashed``: ``Pipeline(model, devices=cpu_devices(2, threads=1),
-  learning=OnlineLearning(mode=...))``, built (profiled, balanced) before the clock starts.
+  learning=OnlineLearning(mode=...))``, built (profiled, balanced) before the clock starts, on
+  the event loop ``pa.run`` picks (``--loop auto``: uvloop when installed).
 
 * ``ceiling`` (a reference, not a competitor): the two stages' learning work (forward,
   backward, Adam step per frame; the second stage on the first's outputs computed beforehand,
@@ -43,7 +44,8 @@ each mode's final weights relative to sequential's, and a PNG of loss against fr
 (``bench/learning_loss.png``). Last line: the better pipelined mode's throughput over the best
 sequential.
 
-    python bench/learning.py [--quick] [--repeats N] [--frames N] [--no-record | --record]
+    python bench/learning.py [--quick] [--repeats N] [--frames N] [--loop auto|uvloop|asyncio]
+        [--no-record | --record]
 """
 from __future__ import annotations
 
@@ -86,9 +88,9 @@ def sequential(model: nn.Module, frames: Sequence[pa.Frame], threads: int) -> tu
     return run_unsplit(model, frames, threads, demo_learning("sequential"), warmup=False)
 
 
-def pipelined(model: nn.Module, frames: Sequence[pa.Frame], mode: str,
-              delay_lr: float | None = None) -> tuple[float, list[float], list[int]]:
-    """Our pipeline with two CPU stages: seconds, per-frame losses, balance."""
+def pipelined(model: nn.Module, frames: Sequence[pa.Frame], mode: str, delay_lr: float | None = None,
+              loop: str = "auto") -> tuple[float, list[float], list[int]]:
+    """Our pipeline with two CPU stages, on the event loop ``loop``: seconds, per-frame losses, balance."""
     learning = dataclasses.replace(demo_learning(mode), delay_lr=delay_lr)
 
     async def go() -> tuple[float, list[float], list[int]]:
@@ -104,7 +106,8 @@ def pipelined(model: nn.Module, frames: Sequence[pa.Frame], mode: str,
             await pipe.stop()
         return seconds, losses, list(pipe.balance)
 
-    return asyncio.run(go())
+    with C.runner(loop) as runner:
+        return runner.run(go())
 
 
 def ceiling(model: nn.Sequential, frames: Sequence[pa.Frame], balance: Sequence[int]) -> float:
@@ -204,6 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     C.add_common_args(parser, default_repeats=3)
     parser.add_argument("--frames", type=int, default=None, help="frames per run (default 300; quick: 24)")
     parser.add_argument("--size", type=int, default=64, help="frame height and width")
+    C.add_loop_arg(parser)
     args = parser.parse_args(argv)
     n = args.frames or (24 if args.quick else 300)
     repeats = args.repeats or (1 if args.quick else 3)
@@ -230,15 +234,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     variants = {
         "sequential_1t": variant("sequential_1t", lambda m: sequential(m, frames, 1)),
         "sequential_2t": variant("sequential_2t", lambda m: sequential(m, frames, 2)),
-        "partime": variant("partime", lambda m: pipelined(m, frames, "partime")),
-        "stashed": variant("stashed", lambda m: pipelined(m, frames, "stashed")),
+        "partime": variant("partime", lambda m: pipelined(m, frames, "partime", loop=args.loop)),
+        "stashed": variant("stashed", lambda m: pipelined(m, frames, "stashed", loop=args.loop)),
         "ceiling": lambda: ceiling(copy.deepcopy(initial), frames, ceiling_balance),
     }
     times = C.interleaved(variants, repeats)
     fps = {name: C.throughput(n, C.median(ts)) for name, ts in times.items()}
     best_seq = max(fps["sequential_1t"], fps["sequential_2t"])
     seq_loss = final_loss(curves["sequential_1t"])
-    numbers: dict[str, object] = {"frames": n, "repeats": repeats, "size": args.size}
+    numbers: dict[str, object] = {"frames": n, "repeats": repeats, "size": args.size, "loop": C.loop_name(args.loop)}
     for name in variants:
         numbers[f"{name}_fps"] = fps[name]
         loss = f"   final running loss {final_loss(curves[name]):.5f}" if name in curves else ""
@@ -260,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for mode in ("partime", "stashed"):  # delay-aware rates: losses only (same compute)
         name = f"{mode}_dlr"
         learnt[name] = copy.deepcopy(initial)
-        _, curves[name], balance = pipelined(learnt[name], frames, mode, delay_lr=DELAY_LR)
+        _, curves[name], balance = pipelined(learnt[name], frames, mode, delay_lr=DELAY_LR, loop=args.loop)
         numbers[f"{name}_loss_over_seq"] = final_loss(curves[name]) / seq_loss
         numbers[f"{name}_balance"] = balance
         print(f"{name} (delay_lr={DELAY_LR:g}): final running loss {final_loss(curves[name]):.5f}, "
