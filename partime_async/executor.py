@@ -25,7 +25,7 @@ import dataclasses
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Protocol
 
 import torch
 from torch import nn
@@ -54,6 +54,20 @@ class Job:
         self.route = route
         self.ready: Any = None  # event marking ``frame.data`` complete on its device (GPU)
         self.ticket: Any = None
+
+
+class Outbox(Protocol):
+    """Where a stage sends its finished jobs, in order: the next stage's inbox (a
+    :class:`Channel`), or, after the last stage, the pipeline's egress."""
+
+    def send_nowait(self, job: Job) -> bool:
+        """Send ``job`` if that needs no waiting; False (nothing sent) means: await :meth:`send`."""
+
+    async def send(self, job: Job) -> None:
+        """Send ``job``, waiting for room."""
+
+    def close(self) -> None:
+        """No more jobs will come."""
 
 
 @dataclass
@@ -131,7 +145,7 @@ class StageExecutor:
         module: nn.Module,
         device: Device,
         inbox: Channel[Job],
-        outbox: Channel[Job],
+        outbox: Outbox,
         *,
         window: int = 2,
         on_error: OnError = "raise",

@@ -2,11 +2,12 @@
 
 ::
 
-    ingress ──ch0──▶ stage 0 (dev0) ──ch1──▶ stage 1 (dev1) ── … ──chS──▶ egress ──▶ routes
+    ingress ──ch0──▶ stage 0 (dev0) ──ch1──▶ stage 1 (dev1) ── … ──▶ stage S-1 ──egress──▶ routes
 
 Frames enter through :meth:`Pipeline.stream` (a whole source) or :meth:`Pipeline.submit` (one
-request); each carries a route that its output goes back to, in order. The stage executors and
-the egress are tasks of one ``asyncio.TaskGroup`` owned by the pipeline: the first failure
+request); each carries a route that its output goes back to, in order: the last stage hands
+each finished frame through the :class:`Egress` straight to its route, from its own task. The
+stage executors are tasks of one ``asyncio.TaskGroup`` owned by the pipeline: the first failure
 cancels them all, every worker thread is joined, and one :class:`PipelineError` naming the
 component and the frame reaches whoever is waiting.
 
@@ -403,23 +404,21 @@ class Pipeline:
                                     component="pipeline set-up", seq=seq) from exc
             self._spec = InputSpec.like(sample) if self.input_spec == "first" else self.input_spec
             tg = self._check_running()
-            inbox = self._ingress
             last = len(self.stages) - 1
             boxes = [GradBox(f"stage {k}") for k in range(len(self.stages))]
+            between: list[Channel[Job]] = [Channel(self.capacity, name=f"after stage {k}") for k in range(last)]
+            inboxes, outboxes = [self._ingress, *between], [*between, Egress(self)]
             self.executors = []
             for k, (stage, device) in enumerate(zip(self.stages, self.devices)):
-                outbox: Channel[Job] = Channel(self.capacity, name=f"after stage {k}")
                 learner = self.learners[k] if self.learners else None
                 self.executors.append(StageExecutor(
-                    k, stage, device, inbox, outbox, window=self.window, on_error=self.on_error,
+                    k, stage, device, inboxes[k], outboxes[k], window=self.window, on_error=self.on_error,
                     download=(k == last and not isinstance(device, CpuDevice)), learner=learner,
                     grads_in=boxes[k] if learner is not None and k < last else None,
                     grads_out=boxes[k - 1] if learner is not None and k > 0 else None, spans=self._spans,
                     check_outputs=self.output_spec == "first"))
-                inbox = outbox
             for runner in _runners(self.executors):
                 tg.create_task(runner.run(), name=f"partime-{runner.name}")
-            tg.create_task(self._egress(inbox), name="partime-egress")
             self._built = True
             self._t_start = now()  # throughput counts from here, not from set-up and profiling
 
@@ -613,18 +612,6 @@ class Pipeline:
                 # the pipeline's own shutdown while the source is still closing.
                 await to_the_end(aclose())
 
-    async def _egress(self, last: Channel[Job]) -> None:
-        record = self._spans.append if self._spans is not None else None
-        async for job in last:
-            frame = job.frame
-            frame.t_done = now()
-            if record is not None:
-                record((-1, "deliver", frame.seq, frame.t_capture, frame.t_done))
-            self._delivered += 1
-            self._position = frame.seq + 1
-            if not job.route.offer(frame):
-                await job.route.deliver(frame)
-
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Weights, per-stage optimiser and scheduler state, and the stream position.
@@ -736,6 +723,40 @@ class Pipeline:
         from .trace import write_trace
 
         return write_trace(self, path)
+
+
+class Egress:
+    """After the last stage: each finished job goes straight to its route, in order, from the
+    last stage's own task (an egress task behind one more channel would cost the loop a task
+    switch per frame). It stamps ``Frame.t_done``, records the ``deliver`` span and counts the
+    delivery. The sending half of a channel (:class:`~partime_async.executor.Outbox`): a
+    reader that is behind makes the last stage wait, as a full channel would."""
+
+    def __init__(self, pipe: Pipeline) -> None:
+        self._pipe = pipe
+        self._record = pipe._spans.append if pipe._spans is not None else None
+
+    def send_nowait(self, job: Job) -> bool:
+        frame = job.frame
+        frame.t_done = now()
+        if not job.route.offer(frame):
+            return False
+        self._delivered(frame)
+        return True
+
+    async def send(self, job: Job) -> None:
+        await job.route.deliver(job.frame)
+        self._delivered(job.frame)
+
+    def close(self) -> None:
+        """Nothing to do: each route closes itself once all its frames have settled."""
+
+    def _delivered(self, frame: Frame) -> None:
+        if self._record is not None:
+            self._record((-1, "deliver", frame.seq, frame.t_capture, frame.t_done))
+        pipe = self._pipe
+        pipe._delivered += 1
+        pipe._position = frame.seq + 1
 
 
 # -- helpers ---------------------------------------------------------------------------------------
