@@ -55,6 +55,12 @@ def tree_map(fn: Callable[[Any], Any], payload: Payload) -> Payload:
     return pytree.tree_map(fn, payload)
 
 
+def clone(payload: Payload) -> Payload:
+    """A copy of a payload with every tensor leaf cloned: for work on a frame that must leave
+    the frame as it was (profiling the model on it; a layer may modify its input in place)."""
+    return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, payload)
+
+
 def to_device(payload: Payload, device: torch.device, non_blocking: bool = False) -> Payload:
     """Move every tensor leaf of a payload to ``device``."""
     return pytree.tree_map(

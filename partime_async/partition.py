@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .frame import Payload, now
+from .frame import Payload, clone, now
 
 
 class LayerFailed(RuntimeError):
@@ -113,7 +113,8 @@ def balance_by_params(layers: Sequence[nn.Module], n_stages: int) -> list[int]:
 
 def profile_layers(layers: Sequence[nn.Module], sample: Payload, *, repeats: int = 7, warmup: int = 2) -> list[float]:
     """Median seconds of each layer on ``sample``'s device, run in order (layer i sees layer
-    i-1's output).
+    i-1's output). Each pass starts from a copy of ``sample``, which is left as it was (a layer
+    may modify its input in place).
 
     Whole passes are timed layer by layer, ``warmup`` passes discarded, so that a transient
     (a cold cache, another process) spreads over all layers instead of biasing one. Runs
@@ -126,7 +127,7 @@ def profile_layers(layers: Sequence[nn.Module], sample: Payload, *, repeats: int
     try:
         with torch.no_grad():
             for rep in range(warmup + repeats):
-                x = sample
+                x = clone(sample)
                 for i, layer in enumerate(layers):
                     t0 = now()
                     try:

@@ -36,7 +36,7 @@ from .checkpoint import META_KEY as CHECKPOINT_KEY
 from .checkpoint import Snapshot
 from .executor import GradBox, Job, OnError, StageExecutor, StageFailed, StageStats, ThreadChain
 from .learning import OnlineLearning, StageLearner
-from .frame import Frame, Payload, now
+from .frame import Frame, Payload, clone, now
 from . import metrics as _metrics
 from .metrics import Report, Span, as_spans, report
 from .partition import (LayerFailed, balance_by_params, check_balance, layers_of, min_max_partition,
@@ -801,11 +801,11 @@ def _device_kind(device: Device) -> tuple[Any, ...]:
 
 
 def _time_stage(stage: nn.Module, x: Payload, repeats: int = 5) -> tuple[float, Payload]:
-    """Median seconds of one stage on ``x`` (buffers restored), and its output."""
+    """Median seconds of one stage on ``x`` (buffers restored, ``x`` left as it was), and its output."""
     times = profile_layers([stage], x, repeats=repeats)
     with torch.no_grad():
         saved = {k: b.clone() for k, b in stage.named_buffers()}
-        y = stage(x)
+        y = stage(clone(x))
         for k, b in stage.named_buffers():
             b.copy_(saved[k])
     return times[0], y

@@ -269,6 +269,27 @@ async def test_profiling_and_inline_probing_leave_buffers_untouched():
         await pipe.stop()
 
 
+class HalveInPlace(nn.Module):
+    """Normalises its input in place, as a preprocessing layer may."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mul_(0.5)
+
+
+@pytest.mark.parametrize("balance", ["time", [2, 2]])
+async def test_profiling_leaves_the_first_frame_alone(balance):
+    """Profiling (balance="time") and the inline probe run the layers on the first frame many
+    times: on copies of it, or a layer that modifies its input in place would change it."""
+    torch.manual_seed(8)
+    model = nn.Sequential(HalveInPlace(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    xs = [torch.randn(1, 8) for _ in range(4)]
+    expected = reference(model, [x.clone() for x in xs])
+    inputs = [x.clone() for x in xs]
+    pipe = pa.Pipeline(model, devices=cpu_devices(2), balance=balance)
+    assert_outputs(await run_stream(pipe, inputs), expected)
+    assert torch.equal(inputs[0], xs[0] * 0.5)  # halved once, by its own forward
+
+
 class DictMix(nn.Module):
     def __init__(self) -> None:
         super().__init__()
