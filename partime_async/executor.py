@@ -47,11 +47,14 @@ OnError = Literal["raise", "skip"]
 class Job:
     """A frame inside the pipeline, with where its output goes and its readiness on device."""
 
-    __slots__ = ("frame", "route", "ready", "ticket")
+    __slots__ = ("frame", "route", "key", "ready", "ticket")
 
-    def __init__(self, frame: Frame, route: Any) -> None:
+    def __init__(self, frame: Frame, route: Any, key: int = -1) -> None:
         self.frame = frame
         self.route = route
+        # Unique in a run, in admission order: learning matches a frame's gradients by it
+        # (seqs need not be unique: two streams, or a stream and submit(), each count from 0).
+        self.key = key
         self.ready: Any = None  # event marking ``frame.data`` complete on its device (GPU)
         self.ticket: Any = None
 
@@ -94,7 +97,7 @@ class StageStats:
 
 
 class GradBox:
-    """Gradients sent back to a stage by the next one, looked up by frame seq.
+    """Gradients sent back to a stage by the next one, looked up by the frame's job key.
 
     Bounded by the schedule, not by a capacity: a stage only ever has the few gradients it
     is owed in flight (at most 2 in steady state).
@@ -103,34 +106,37 @@ class GradBox:
     def __init__(self, name: str) -> None:
         self.name = name
         self._grads: dict[int, tuple[Any, Any]] = {}
-        self._waiters: dict[int, asyncio.Future[tuple[Any, Any]]] = {}
+        self._waiters: dict[int, tuple[asyncio.Future[tuple[Any, Any]], int]] = {}  # key: (waiter, seq)
         self._closed = False
 
-    def put(self, seq: int, grad: Any, ready: Any) -> None:
-        waiter = self._waiters.pop(seq, None)
+    def put(self, key: int, grad: Any, ready: Any) -> None:
+        waiter, _ = self._waiters.pop(key, (None, None))
         if waiter is not None and not waiter.done():
             waiter.set_result((grad, ready))
         else:
-            self._grads[seq] = (grad, ready)
+            self._grads[key] = (grad, ready)
 
-    async def get(self, seq: int) -> tuple[Any, Any]:
-        if seq in self._grads:
-            return self._grads.pop(seq)
+    async def get(self, key: int, seq: int) -> tuple[Any, Any]:
+        """The gradient for the job ``key`` (frame ``seq``, for the message if it never comes)."""
+        if key in self._grads:
+            return self._grads.pop(key)
         if self._closed:
-            raise RuntimeError(f"{self.name}: the gradient of frame {seq} never came (the next stage ended)")
+            raise RuntimeError(self._never_came(seq))
         waiter = asyncio.get_running_loop().create_future()
-        self._waiters[seq] = waiter
+        self._waiters[key] = waiter, seq
         try:
             return await waiter
         finally:
-            self._waiters.pop(seq, None)
+            self._waiters.pop(key, None)
 
     def close(self) -> None:
         self._closed = True
-        for seq, waiter in self._waiters.items():
+        for waiter, seq in self._waiters.values():
             if not waiter.done():
-                waiter.set_exception(RuntimeError(f"{self.name}: the gradient of frame {seq} never came "
-                                                  "(the next stage ended)"))
+                waiter.set_exception(RuntimeError(self._never_came(seq)))
+
+    def _never_came(self, seq: int) -> str:
+        return f"{self.name}: the gradient of frame {seq} never came (the next stage ended)"
 
     def __len__(self) -> int:
         return len(self._grads)
@@ -321,7 +327,7 @@ class StageExecutor:
     # -- learning --------------------------------------------------------------------------
     async def _run_learning(self) -> None:
         inflight: Channel[Job] = Channel(self.window, name=f"{self.name} in-flight")
-        backward: Channel[tuple[int, Any]] = Channel(self.window, name=f"{self.name} backward")
+        backward: Channel[tuple[int, int, Any]] = Channel(self.window, name=f"{self.name} backward")
         hooks = self._step_hooks()
         try:
             async with asyncio.TaskGroup() as tg:
@@ -348,7 +354,7 @@ class StageExecutor:
 
         return [optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after)]
 
-    async def _feed_learning(self, inflight: Channel[Job], backward: Channel[tuple[int, Any]]) -> None:
+    async def _feed_learning(self, inflight: Channel[Job], backward: Channel[tuple[int, int, Any]]) -> None:
         """Forward every frame, and after each forward the backward the schedule owes.
 
         Submissions to the device are strictly ordered forward(t), backward(owed at t),
@@ -361,13 +367,13 @@ class StageExecutor:
             async for job in self.inbox:
                 frame = job.frame
                 has_target = frame.target is not None
-                payload = (frame.seq, frame.data, learner.learns(has_target), frame.target if last else None)
+                payload = (job.key, frame.data, learner.learns(has_target), frame.target if last else None)
                 job.ticket = submit(forward, payload, job.ready, frame.seq)
                 if not inflight.send_nowait(job):
                     await inflight.send(job)
-                owed = learner.owes(frame.seq, has_target)
+                owed = learner.owes(job.key, frame.seq, has_target)
                 if owed is not None:
-                    await self._backward(owed, backward_step, backward)
+                    await self._backward(*owed, backward_step, backward)
                 snapshot = frame.meta.get(CHECKPOINT_KEY)
                 if snapshot is not None:  # this stage's part of a checkpoint cut at this frame
                     snapshot.add(self.index, submit(self._stage_state, None, None, -1))
@@ -376,18 +382,20 @@ class StageExecutor:
                 if learner.config.mode == "partime":
                     learner.dropped_gradients += 1  # no newer graph left to carry it
                 else:
-                    await self._backward(owed, backward_step, backward)
+                    await self._backward(*owed, backward_step, backward)
         finally:
             inflight.close()
             backward.close()
 
-    async def _backward(self, seq: int, step: Callable[[Any], Any], backward: Channel[tuple[int, Any]]) -> None:
-        grad, ready = (None, None) if self.grads_in is None else await self.grads_in.get(seq)
-        ticket = self._submit(step, (seq, grad), ready, seq, "backward")
-        await backward.send((seq, ticket))
+    async def _backward(self, key: int, seq: int, step: Callable[[Any], Any],
+                        backward: Channel[tuple[int, int, Any]]) -> None:
+        """Submit the backward owed for job ``key`` (frame ``seq``) once its gradient is in."""
+        grad, ready = (None, None) if self.grads_in is None else await self.grads_in.get(key, seq)
+        ticket = self._submit(step, (key, grad), ready, seq, "backward")
+        await backward.send((key, seq, ticket))
 
-    async def _send_gradients(self, backward: Channel[tuple[int, Any]]) -> None:
-        async for seq, ticket in backward:
+    async def _send_gradients(self, backward: Channel[tuple[int, int, Any]]) -> None:
+        async for key, seq, ticket in backward:
             try:
                 (_, grad), ready = await ticket
             except ForwardFailed:
@@ -396,17 +404,17 @@ class StageExecutor:
                 error = PipelineError(f"{type(exc).__name__}: {exc} (in the backward step)", component=self.name, seq=seq)
                 raise error from exc
             if self.grads_out is not None:
-                self.grads_out.put(seq, grad, ready)
+                self.grads_out.put(key, grad, ready)
 
     def _checked(self, forward: Callable[[Any], Any]) -> Callable[[Any], Any]:
         """A learning forward whose output goes through the stage's output check."""
-        check = self._check_output
+        check, device = self._check_output, self.device
         if check is None:
             return forward
 
         def checked(payload: Any) -> Any:
             y, loss = forward(payload)
-            check(y, payload[0])
+            check(y, device.seq)  # the frame's seq (the payload carries its job key)
             return y, loss
 
         return checked

@@ -116,7 +116,7 @@ class OnlineLearning:
 class _Saved:
     """What a stage keeps of one frame's forward until its gradient comes back."""
 
-    seq: int
+    key: int                           # the frame's job key (unique in a run, in admission order)
     learns: bool                       # had a target (or the loss needs none)
     x: Payload = None                  # stage input (requires grad where upstream wants it)
     out: Payload = None                # stage output, with its graph
@@ -150,7 +150,7 @@ class StageLearner:
         self.scheduler = config.scheduler(self.optimizer) if config.scheduler and self.optimizer else None
         self.pending: deque[_Saved] = deque()  # device thread: kept forwards, oldest first
         self.forward_failed = False  # device thread: the latest forward raised
-        self._order: deque[tuple[int, bool]] = deque()  # loop thread: (seq, learns) in forward order
+        self._order: deque[tuple[int, int, bool]] = deque()  # loop thread: (key, seq, learns) in forward order
         self.steps = 0
         self.dropped_gradients = 0
         self._stash = config.mode == "stashed" and not config.recompute and self.delay > 0
@@ -167,22 +167,24 @@ class StageLearner:
         return self.config.mode != "stashed" or self.delay == 0
 
     # -- the schedule (loop thread) ------------------------------------------------------------
-    def owes(self, seq: int, has_target: bool) -> int | None:
-        """Record that frame ``seq`` was forwarded; the seq whose gradient is now owed, if any.
+    def owes(self, key: int, seq: int, has_target: bool) -> tuple[int, int] | None:
+        """Record that the frame of job ``key`` (seq ``seq``) was forwarded; the job key and
+        frame seq whose gradient is now owed, if any.
 
         Runs on the loop thread in the same order as the forwards; it only decides, from
-        positions and targets, never from timing.
+        positions and targets, never from timing. Gradients are matched by job key: seqs
+        need not be unique (two streams, or a stream and ``submit()``, each count from 0).
         """
         learns = self.learns(has_target)
-        self._order.append((seq, learns))
+        self._order.append((key, seq, learns))
         if len(self._order) <= self.delay:
             return None
-        owed_seq, owed_learns = self._order.popleft()
-        return owed_seq if owed_learns else None
+        owed_key, owed_seq, owed_learns = self._order.popleft()
+        return (owed_key, owed_seq) if owed_learns else None
 
-    def remaining(self) -> list[int]:
-        """At end of stream: the seqs still owed a gradient, oldest first."""
-        owed = [seq for seq, learns in self._order if learns]
+    def remaining(self) -> list[tuple[int, int]]:
+        """At end of stream: the job keys and seqs still owed a gradient, oldest first."""
+        owed = [(key, seq) for key, seq, learns in self._order if learns]
         self._order.clear()
         return owed
 
@@ -192,7 +194,7 @@ class StageLearner:
         return has_target or not self.config.needs_target
 
     def forward(self, payload: tuple[int, Payload, bool, Payload | None]) -> tuple[Payload, torch.Tensor | None]:
-        """Forward one frame ``(seq, x, learns, target)`` with autograd on where it will be
+        """Forward one frame ``(key, x, learns, target)`` with autograd on where it will be
         needed; returns the detached output and, on the last stage, the frame's loss. Only
         the last stage is given the target."""
         self.forward_failed = False
@@ -205,7 +207,7 @@ class StageLearner:
             raise
 
     def _forward(self, payload: tuple[int, Payload, bool, Payload | None]) -> tuple[Payload, torch.Tensor | None]:
-        seq, x, learns, target = payload
+        key, x, learns, target = payload
         mode = self.config.mode
         # partime carries an older frame's gradient through this frame's graph, so it keeps
         # every graph (once past warm-up); the other modes keep only frames that will learn.
@@ -215,7 +217,7 @@ class StageLearner:
         with torch.enable_grad():
             if self.stage > 0:
                 x = pytree.tree_map(_leaf_requiring_grad, x)
-            saved = _Saved(seq, learns, x=x)
+            saved = _Saved(key, learns, x=x)
             if mode == "stashed" and self.config.recompute and self.delay > 0:
                 with torch.no_grad():
                     out = self.module(x)
@@ -236,20 +238,20 @@ class StageLearner:
         return pytree.tree_map(_detach, out), (loss.detach() if loss is not None else None)
 
     def backward(self, payload: tuple[int, Payload | None]) -> tuple[int, Payload | None]:
-        """Apply the gradient owed for frame ``seq`` (``grad`` w.r.t. this stage's output; None
-        on the last stage, whose gradient comes from the loss), step, and return the
-        gradient w.r.t. this stage's input, labelled with ``seq``, for the stage before."""
-        seq, grad = payload
+        """Apply the gradient owed for the frame of job ``key`` (``grad`` w.r.t. this stage's
+        output; None on the last stage, whose gradient comes from the loss), step, and return
+        the gradient w.r.t. this stage's input, labelled with ``key``, for the stage before."""
+        key, grad = payload
         if self.forward_failed:
-            raise ForwardFailed(f"stage {self.stage}: no gradient for frame {seq}, the forward before it failed")
+            raise ForwardFailed(f"stage {self.stage}: no gradient for job {key}, the forward before it failed")
         mode = self.config.mode
         if mode == "partime":
             saved = self.pending[-1]           # the graph of the newest frame
         else:
-            saved = self.pending.popleft()     # the graph of frame ``seq`` itself
-            if saved.seq != seq:
-                raise RuntimeError(f"stage {self.stage}: gradient for frame {seq} but the oldest kept frame is "
-                                   f"{saved.seq}; the learning schedule is out of step")
+            saved = self.pending.popleft()     # the graph of that frame itself
+            if saved.key != key:
+                raise RuntimeError(f"stage {self.stage}: gradient for job {key} but the oldest kept frame is job "
+                                   f"{saved.key}'s; the learning schedule is out of step")
         with torch.enable_grad():
             if mode == "stashed" and self.config.recompute and self.delay > 0:
                 saved.out = self.module(saved.x)
@@ -268,11 +270,11 @@ class StageLearner:
         if mode == "partime":
             saved.out = saved.loss = None      # the graph is spent; frees its activations
         if self.stage == 0:
-            return seq, None
+            return key, None
         it = iter(input_grads)
         grad_in = pytree.tree_map(
             lambda t: _zeros_if_none(next(it), t) if isinstance(t, torch.Tensor) and t.requires_grad else None, saved.x)
-        return seq, grad_in
+        return key, grad_in
 
     def _step(self, grads: Iterable[torch.Tensor | None]) -> None:
         if self.optimizer is None:

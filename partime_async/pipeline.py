@@ -42,7 +42,7 @@ from .metrics import Report, Span, as_spans, report
 from .partition import (LayerFailed, balance_by_params, check_balance, layers_of, min_max_partition,
                         profile_layers, split)
 from .routes import FutureRoute, Route, StreamRoute
-from .threads import to_the_end
+from .threads import in_thread, to_the_end
 from .validation import InputSpec, check_tensors
 
 Balance = Sequence[int] | Literal["time", "params"]
@@ -286,6 +286,7 @@ class Pipeline:
         self._ingress: Channel[Job] = Channel(self.capacity, self.policy, name="ingress", on_drop=_dropped("ingress"))
         self._skipped_input = 0
         self._admitted = 0
+        self._keys = itertools.count()  # job keys, unique in this run
         self._spans = (deque(maxlen=self._span_capacity or _metrics.SPAN_CAPACITY)
                        if self.metrics_enabled else None)
         self._t_start = now()
@@ -432,8 +433,11 @@ class Pipeline:
             stage.to(device.torch_device)
         if self.learning is not None:
             if not self.learners:  # a restarted pipeline keeps its optimisers' state
-                n = len(self.stages)
-                self.learners = [StageLearner(self.learning, stage, k, n) for k, stage in enumerate(self.stages)]
+                n, learning = len(self.stages), self.learning
+                # Off the loop: the first optimiser a process makes imports torch._dynamo
+                # (1-2 s, during which the loop would serve nothing else).
+                self.learners = await in_thread(
+                    lambda: [StageLearner(learning, stage, k, n) for k, stage in enumerate(self.stages)])
             if self._pending_state is not None:
                 self._load_learners(self._pending_state)
                 self._pending_state = None
@@ -505,7 +509,7 @@ class Pipeline:
         self._admitted += 1
         if self.checkpoint_every and self._admitted % self.checkpoint_every == 0:
             frame.meta[CHECKPOINT_KEY] = Snapshot(frame.seq, len(self.stages)) if self.learners else True
-        return Job(frame, route)
+        return Job(frame, route, next(self._keys))
 
     async def _first(self, frame: Frame, route: Route) -> bool:
         """Split the model on the first good frame; False if ``frame`` was skipped as bad."""

@@ -136,6 +136,44 @@ async def test_pipelined_learning_equals_reference(mode, balance):
 
 
 @pytest.mark.parametrize("mode", ["partime", "stashed"])
+async def test_learning_matches_gradients_by_admission_not_by_seq(mode):
+    """Seqs need not be unique (two streams, or a stream and submit(), each count from 0):
+    a stream whose seqs repeat learns exactly as the same frames numbered 0, 1, 2, …"""
+    model, frames = make_model(), make_frames(30)
+    expected = reference(copy.deepcopy(model), frames, mode, [3, 3])
+    repeated = [pa.Frame(t // 3, f.data, f.target) for t, f in enumerate(frames)]  # 0, 0, 0, 1, 1, 1, …
+    pipe, outputs = await learn(model, repeated, mode, [3, 3])
+    assert [f.seq for f in outputs] == [t // 3 for t in range(30)]
+    for k, (ours, ref) in enumerate(zip(stage_params(model, [3, 3]), expected)):
+        for p, q in zip(ours, ref.parameters()):
+            assert torch.equal(p, q), f"stage {k} differs from the reference"
+
+
+async def test_two_streams_and_submits_learn_from_one_pipeline():
+    """Concurrent feeds of one learning pipeline, each numbering its frames from 0: every
+    frame is delivered to its own reader and learnt from (stashed: one step per frame)."""
+    frames = make_frames(20)
+    learning = pa.OnlineLearning(loss=nn.MSELoss(), optimizer=sgd(), mode="stashed")
+    pipe = pa.Pipeline(make_model(), devices=pa.cpu_devices(2, threads=1), balance=[3, 3], learning=learning)
+
+    async def paced():
+        for f in frames:
+            await asyncio.sleep(0)
+            yield f
+
+    async def read():
+        return [f.seq async for f in pipe.stream(paced())]
+
+    async def submits():
+        return [await pipe.submit(f.data, target=f.target) for f in frames]
+
+    async with pipe:
+        a, b, c = await asyncio.wait_for(asyncio.gather(read(), read(), submits()), 120)  # a hang fails, not a time
+    assert a == b == list(range(20)) and len(c) == 20
+    assert [learner.steps for learner in pipe.learners] == [60, 60]
+
+
+@pytest.mark.parametrize("mode", ["partime", "stashed"])
 async def test_frames_without_targets_learn_nothing_but_flow(mode):
     model, frames = make_model(), make_frames(24, every_target=3)
     expected = reference(copy.deepcopy(model), frames, mode, [2, 2, 2])
