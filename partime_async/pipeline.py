@@ -302,9 +302,11 @@ class Pipeline:
             raise
 
     async def _serve(self, started: asyncio.Future[None]) -> None:
+        mine: list[Device] = []  # the devices this run started: those it closes (one may serve another pipeline)
         try:
             for device in self.devices:
                 device.start(asyncio.get_running_loop())
+                mine.append(device)
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 started.set_result(None)
@@ -320,7 +322,7 @@ class Pipeline:
             self._ingress.abort(self._error or closed)
             for route in list(self._routes):
                 route.fail(self._error or closed)
-            for device in self.devices:
+            for device in mine:
                 device.close()
 
     async def stop(self) -> None:

@@ -106,6 +106,22 @@ async def test_start_twice_is_an_error():
         device.close()
 
 
+async def test_a_pipeline_that_cannot_start_leaves_anothers_devices_running():
+    """Devices are given to a second pipeline while a first one runs on them: the second
+    fails to start, and closes only what it started (here: nothing)."""
+    shared = [pa.CpuDevice(0, threads=1, inline=False), pa.CpuDevice(1, threads=1, inline=False)]
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    xs = [torch.randn(1, 4) for _ in range(5)]
+    async with pa.Pipeline(model, devices=shared, balance=[2, 1]) as first:
+        with pytest.raises(pa.PipelineError, match="already started"):
+            await pa.Pipeline(model, devices=[pa.CpuDevice(2, threads=1, inline=False), shared[1]],
+                              balance=[2, 1]).start()
+        outputs = [f.data async for f in first.stream(xs)]
+    with torch.no_grad():
+        assert all(torch.equal(y, model(x)) for x, y in zip(xs, outputs))
+    await assert_clean()
+
+
 async def test_device_can_be_restarted_after_close():
     device = started(pa.CpuDevice(0, threads=1))
     device.close()
