@@ -11,10 +11,14 @@ from .base import Source, iterate_frames
 
 
 class NextFrameTargets(Source):
-    """Next-frame prediction: frame t carries frame t + ``horizon``'s payload as its target.
+    """Next-frame prediction: frame t carries frame t + ``horizon``'s payload as its target,
+    joined by seq.
 
     Frame t is emitted once frame t + horizon has arrived (the target exists only then), so
-    the stream is ``horizon`` frames shorter and each frame is ``horizon`` frames late.
+    each frame is ``horizon`` frames late. A frame whose target never comes (the last
+    ``horizon`` frames of the stream; frames before a gap in the seqs, as a real-time source
+    that drops frames leaves; the frames before a seq that goes back, as when a source starts
+    over) is not emitted, and counted in :attr:`unpaired`. Seqs are expected to increase.
     """
 
     def __init__(self, source: AsyncIterable[Any] | Any, *, horizon: int = 1) -> None:
@@ -23,16 +27,27 @@ class NextFrameTargets(Source):
             raise ValueError(f"horizon must be >= 1, got {horizon}")
         self.source = source
         self.horizon = horizon
+        self.unpaired = 0  # frames left without a target (not emitted), over every iteration
 
     async def frames(self) -> AsyncIterator[Frame]:
-        waiting: deque[Frame] = deque()
+        waiting: deque[Frame] = deque()  # frames whose target may still come, in seq order
         # Closed with this generator (not left to the garbage collector's finaliser).
-        async with contextlib.aclosing(iterate_frames(self.source)) as frames:
-            async for frame in frames:
-                waiting.append(frame)
-                if len(waiting) > self.horizon:
-                    early = waiting.popleft()
-                    yield Frame(early.seq, early.data, frame.data, dict(early.meta), early.t_capture)
+        try:
+            async with contextlib.aclosing(iterate_frames(self.source)) as frames:
+                async for frame in frames:
+                    if waiting and frame.seq <= waiting[-1].seq:  # the seqs went back: a new sequence
+                        self.unpaired += len(waiting)
+                        waiting.clear()
+                    wanted = frame.seq - self.horizon
+                    while waiting and waiting[0].seq < wanted:  # its target's seq was skipped
+                        waiting.popleft()
+                        self.unpaired += 1
+                    if waiting and waiting[0].seq == wanted:
+                        early = waiting.popleft()
+                        yield Frame(early.seq, early.data, frame.data, dict(early.meta), early.t_capture)
+                    waiting.append(frame)
+        finally:
+            self.unpaired += len(waiting)
 
 
 def next_frame_targets(source: AsyncIterable[Any] | Any, *, horizon: int = 1) -> NextFrameTargets:

@@ -339,6 +339,20 @@ async def test_next_frame_prediction_targets_join_by_seq():
                for f in frames)
 
 
+async def test_next_frame_targets_pair_by_seq_across_gaps_and_restarts():
+    """A frame is joined only to the frame ``horizon`` seqs later; a frame whose target was
+    skipped (a gap) or never comes (the end, or seqs going back) is counted, not emitted."""
+    from partime_async.sources import from_iterable, next_frame_targets
+
+    seqs = [0, 1, 5, 6, 7, 9, 10, 2, 3]  # gaps after 1 and 7; back to 2 (a new sequence) after 10
+    joined = next_frame_targets(from_iterable([pa.Frame(s, torch.tensor([float(s)])) for s in seqs]))
+    pairs = [(f.seq, int(f.target.item())) async for f in joined]
+    assert pairs == [(0, 1), (5, 6), (6, 7), (9, 10), (2, 3)]
+    assert joined.unpaired == 4  # 1 and 7 (gaps), 10 (seqs went back), 3 (the end)
+    two_ahead = next_frame_targets(from_iterable([pa.Frame(s, torch.tensor([float(s)])) for s in seqs]), horizon=2)
+    assert [(f.seq, int(f.target.item())) async for f in two_ahead] == [(5, 7), (7, 9)]
+
+
 async def test_checkpoint_is_the_cut_at_its_frame_and_resumes(tmp_path):
     from partime_async.checkpoint import load
     from partime_async.sinks import Checkpoint
