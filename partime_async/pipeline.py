@@ -551,10 +551,18 @@ class Pipeline:
 
         Safe to call from many tasks at once (e.g. web handlers): requests are pipelined
         and each caller gets its own output. A bad input raises :class:`FrameError` to this
-        caller only; the pipeline keeps running.
+        caller only; the pipeline keeps running. ``x`` may be a :class:`Frame` (its capture
+        time, target and meta travel with it; ``target`` and ``meta`` given here replace its
+        target and add to its meta); its seq is replaced by the pipeline's own count.
         """
         self._check_running()
-        frame = _own_frame(x, next(self._seq)) if isinstance(x, Frame) else Frame(next(self._seq), x, target, meta or {})
+        if isinstance(x, Frame):
+            frame = _own_frame(x, next(self._seq))
+            if target is not None:
+                frame.target = target
+            frame.meta.update(meta or {})
+        else:
+            frame = Frame(next(self._seq), x, target, dict(meta or {}))
         future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
         route = FutureRoute(future)
         self._routes.add(route)

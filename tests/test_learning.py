@@ -173,6 +173,17 @@ async def test_two_streams_and_submits_learn_from_one_pipeline():
     assert [learner.steps for learner in pipe.learners] == [60, 60]
 
 
+async def test_submit_takes_a_frame_with_its_target_or_one_given_beside_it():
+    frames = make_frames(3)
+    learning = pa.OnlineLearning(loss=nn.MSELoss(), optimizer=sgd(), mode="sequential")
+    pipe = pa.Pipeline(make_model(), devices=pa.cpu_devices(1, threads=1), learning=learning)
+    async with pipe:
+        await pipe.submit(frames[0])  # its own target
+        await pipe.submit(pa.Frame(7, frames[1].data), target=frames[1].target)  # the target given beside it
+        await pipe.submit(pa.Frame(8, frames[2].data))  # no target: flows, learns nothing
+    assert pipe.learners[0].steps == 2
+
+
 @pytest.mark.parametrize("mode", ["partime", "stashed"])
 async def test_frames_without_targets_learn_nothing_but_flow(mode):
     model, frames = make_model(), make_frames(24, every_target=3)
