@@ -14,8 +14,11 @@ class PipelineError(RuntimeError):
         self.component = component
         self.seq = seq
         self.detail = message
-        where = f"{component} failed" if seq is None else f"{component} failed on frame {seq}"
-        super().__init__(f"{where}: {message}")
+        super().__init__(self._headline(message))
+
+    def _headline(self, message: str) -> str:
+        where = f"{self.component} failed" if self.seq is None else f"{self.component} failed on frame {self.seq}"
+        return f"{where}: {message}"
 
 
 class FrameError(PipelineError, ValueError):
@@ -23,7 +26,11 @@ class FrameError(PipelineError, ValueError):
 
 
 class FrameDropped(PipelineError):
-    """A submitted frame was dropped by a channel policy before it produced an output."""
+    """A submitted frame was dropped by a channel policy before it produced an output
+    (nothing failed: the pipeline was full and its policy drops)."""
+
+    def _headline(self, message: str) -> str:
+        return f"frame {self.seq} was not run: {message}"
 
 
 class PipelineClosed(RuntimeError):

@@ -54,7 +54,8 @@ class PipelineStats:
 
     Once the pipeline has drained, every admitted frame is accounted for:
     ``admitted == delivered + dropped + sum(stage.skipped)``; frames rejected at the door
-    (bad input with ``on_error="skip"``) are counted in ``skipped_input`` instead.
+    (with ``on_error="skip"``: bad input, or a first frame that the model failed on while
+    the pipeline split it) are counted in ``skipped_input`` instead.
     """
 
     balance: list[int] | None
@@ -394,14 +395,18 @@ class Pipeline:
                 return
             try:
                 await self._split(sample)
-            except LayerFailed as exc:  # profiling: the split is not known yet, the layer is
-                cause = exc.__cause__
-                raise PipelineError(f"{type(cause).__name__}: {cause} (while profiling the model on its first frame)",
-                                    component=str(exc), seq=seq) from cause
-            except StageFailed as exc:
-                cause = exc.error
-                raise PipelineError(f"{type(cause).__name__}: {cause} (while timing the stage on its first frame)",
-                                    component=f"stage {exc.stage} ({self.devices[exc.stage].name})", seq=seq) from cause
+            except (LayerFailed, StageFailed) as exc:  # the model raised on this frame
+                if isinstance(exc, LayerFailed):  # profiling: the split is not known yet, the layer is
+                    cause, what, component = exc.__cause__, "profiling the model", str(exc)
+                else:
+                    cause, what = exc.error, "timing the stage"
+                    component = f"stage {exc.stage} ({self.devices[exc.stage].name})"
+                error = PipelineError(f"{type(cause).__name__}: {cause} (while {what} on its first frame)",
+                                      component=component, seq=seq)
+                error.__cause__ = cause
+                if self.on_error == "skip" and seq is not None:  # a streamed frame: skipped like any other
+                    raise _SkipFrame(error) from cause
+                raise error from cause
             except Exception as exc:
                 raise PipelineError(f"{type(exc).__name__}: {exc} (while splitting the model on its first frame)",
                                     component="pipeline set-up", seq=seq) from exc
@@ -522,10 +527,14 @@ class Pipeline:
                 raise
             self._skip_input(frame, route, error)
             return False
-        await self._build(frame.data, frame.seq)
+        try:
+            await self._build(frame.data, frame.seq)
+        except _SkipFrame as skip:  # the model failed on it; the next frame tries the split again
+            self._skip_input(frame, route, skip.error)
+            return False
         return True
 
-    def _skip_input(self, frame: Frame, route: Route, error: FrameError) -> None:
+    def _skip_input(self, frame: Frame, route: Route, error: PipelineError) -> None:
         self._skipped_input += 1
         route.admitted += 1
         route.skip(frame, error)
@@ -774,6 +783,15 @@ class Egress:
 
 
 # -- helpers ---------------------------------------------------------------------------------------
+class _SkipFrame(Exception):
+    """Raised by the build, with ``on_error="skip"``, when the model failed on the streamed
+    frame it was splitting on: that frame is skipped (``error`` says why), not the pipeline."""
+
+    def __init__(self, error: PipelineError) -> None:
+        super().__init__(error)
+        self.error = error
+
+
 def _runners(executors: list[StageExecutor]) -> list[StageExecutor | ThreadChain]:
     """What runs the stages: runs of consecutive threaded CPU inference stages become one
     :class:`ThreadChain` (worker-to-worker hand-off); every other stage runs on its own."""

@@ -158,6 +158,25 @@ async def test_skip_stage_failure_raises_to_that_submitter_only():
     assert pipe.stats().stages[1].skipped == 1
 
 
+@pytest.mark.parametrize("balance", ["time", [1, 1]])
+async def test_skip_applies_to_the_first_frame_too(balance):
+    """The first frame is the one the model is split on (profiled, stages timed): when the
+    model fails on it, on_error="skip" skips it like any other, and the next frame splits."""
+    pipe = pa.Pipeline([nn.Identity(), FailOn(0, 1)], devices=pa.cpu_devices(2), balance=balance, on_error="skip")
+    xs = [marked(i) for i in range(6)]
+    out = await run_stream(pipe, xs)
+    assert [f.seq for f in out] == [2, 3, 4, 5]
+    assert all(torch.equal(f.data, xs[f.seq]) for f in out)
+    stats = pipe.stats()
+    assert stats.skipped_input == 2 and stats.skipped == 2 and stats.delivered == 4
+    async with pipe:  # submit: the error goes to that caller only
+        with pytest.raises(pa.PipelineError, match="on its first frame") as failed:
+            await pipe.submit(marked(1))
+        assert isinstance(failed.value.__cause__, ValueError)
+        assert mark_of(await pipe.submit(marked(9))) == 9
+    await assert_clean()
+
+
 # -- a source fails ---------------------------------------------------------------------------------
 class CameraUnplugged(OSError):
     pass
