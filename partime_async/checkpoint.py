@@ -4,8 +4,12 @@ A checkpoint "at frame t" is a cut through the schedule: every stage contributes
 as it is right after its work for frame t (its forward of t and the optimiser step that
 follows it), captured on the stage's own device thread, in order with its other work, so no
 update is half-applied and no stage waits. The frame that closes the cut carries a
-:class:`Snapshot` in ``frame.meta["checkpoint"]``; the checkpoint sink awaits it and writes it
-atomically.
+:class:`Snapshot` as ``frame.checkpoint``; the checkpoint sink awaits it and writes it
+atomically. Without learning the weights do not change while frames flow, and the snapshot
+is the model and the position.
+
+Cuts are taken every ``every`` admitted frames for each :class:`~partime_async.sinks.Checkpoint`
+sink that is open (several sinks, several periods; a sink that is not running asks for none).
 
 Resuming from a checkpoint restores exactly those weights and optimiser states, and the
 stream goes on at ``state["position"]`` (t + 1). What the cut leaves out: gradients that were
@@ -25,14 +29,14 @@ import torch
 
 from .threads import in_thread
 
-META_KEY = "checkpoint"
-
-
 class Snapshot:
-    """The per-stage states of one cut, filled in by the stage executors as they pass it."""
+    """One cut at frame ``seq``, the ``index``-th frame admitted in the run (1-based; the
+    sinks' periods count these). With learning, filled in by the stage executors as they pass
+    it (``n_stages`` parts); without, ``n_stages`` is 0."""
 
-    def __init__(self, seq: int, n_stages: int) -> None:
+    def __init__(self, seq: int, index: int, n_stages: int) -> None:
         self.seq = seq
+        self.index = index
         self._parts: list[Awaitable[Any] | None] = [None] * n_stages
 
     def add(self, stage: int, part: Awaitable[Any]) -> None:
@@ -40,6 +44,10 @@ class Snapshot:
 
     async def state(self, pipe: Any) -> dict[str, Any]:
         """The pipeline's state at this cut, shaped like :meth:`Pipeline.state_dict`."""
+        if not self._parts:  # no learning: the weights do not change while streaming
+            state = pipe.state_dict()
+            state["position"] = self.seq + 1
+            return state
         model: dict[str, torch.Tensor] = {}
         learners = []
         offset = 0

@@ -34,7 +34,6 @@ from .channel import Channel
 from .devices import CpuDevice, CudaDevice, Device, WorkerDied, _host_input
 from .errors import FrameError, PipelineError
 from .frame import Frame, Payload, now
-from .checkpoint import META_KEY as CHECKPOINT_KEY
 from .checkpoint import stage_state
 from .cuda_graphs import GraphedLearningStage, GraphedStage
 from .learning import ForwardFailed, StageLearner
@@ -374,7 +373,7 @@ class StageExecutor:
                 owed = learner.owes(job.key, frame.seq, has_target)
                 if owed is not None:
                     await self._backward(*owed, backward_step, backward)
-                snapshot = frame.meta.get(CHECKPOINT_KEY)
+                snapshot = frame.checkpoint
                 if snapshot is not None:  # this stage's part of a checkpoint cut at this frame
                     snapshot.add(self.index, submit(self._stage_state, None, None, -1))
             inflight.close()

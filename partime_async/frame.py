@@ -30,6 +30,8 @@ class Frame:
     ``seq`` orders the stream; ``t_capture`` is when the source produced the frame (``now()``
     clock), ``t_done`` when the pipeline delivered its output. ``target`` and ``meta`` travel
     with the frame unchanged, so a delayed output is never paired with another frame's target.
+    ``checkpoint``: set by the pipeline on the frames that close a checkpoint cut that a
+    :class:`~partime_async.sinks.Checkpoint` sink asked for (see :mod:`partime_async.checkpoint`).
     """
 
     seq: int
@@ -38,6 +40,7 @@ class Frame:
     meta: dict[str, Any] = field(default_factory=dict)
     t_capture: float = field(default_factory=now)
     t_done: float | None = None
+    checkpoint: Any = field(default=None, repr=False)
 
     @property
     def latency(self) -> float | None:

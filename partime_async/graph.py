@@ -57,13 +57,18 @@ async def run(graph: Graph) -> PipelineStats:
     pipe = graph.pipeline
     try:
         async with pipe, asyncio.TaskGroup() as tg:
-            channels = []
+            channels, opened = [], []
             for sink in graph.sinks:
                 channel: Channel[Frame] = Channel(sink.capacity, sink.policy, name=f"sink {sink.name}",
                                                   on_drop=sink.count_drop)
                 channels.append(channel)
-                tg.create_task(_drive(sink, channel), name=f"partime-sink-{sink.name}")
+                opened.append(asyncio.get_running_loop().create_future())
+                tg.create_task(_drive(sink, channel, opened[-1]), name=f"partime-sink-{sink.name}")
             try:
+                # Every sink is open before the first frame is read (a checkpoint sink asks
+                # the pipeline for its cuts when it opens). A sink that fails to open fails
+                # its task, and the task group cancels this wait.
+                await asyncio.gather(*opened)
                 async for frame in pipe.stream(graph.source):
                     for channel in channels:
                         await channel.send(frame)
@@ -78,11 +83,12 @@ async def run(graph: Graph) -> PipelineStats:
     return pipe.stats()
 
 
-async def _drive(sink: Sink, channel: Channel[Frame]) -> None:
+async def _drive(sink: Sink, channel: Channel[Frame], opened: asyncio.Future[None]) -> None:
     try:
         await sink.open()
     except Exception as exc:
         raise PipelineError(f"{type(exc).__name__}: {exc}", component=f"sink {sink.name}") from exc
+    opened.set_result(None)
     try:
         async for frame in channel:
             try:

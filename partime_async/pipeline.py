@@ -21,7 +21,7 @@ import copy
 import itertools
 import statistics
 import weakref
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterable, Iterable, Literal, Sequence
@@ -32,7 +32,6 @@ from torch import nn
 from .channel import Channel, ChannelClosed, Policy
 from .devices import CpuDevice, CudaDevice, Device, resolve_devices
 from .errors import FrameError, PipelineClosed, PipelineError, primary_error
-from .checkpoint import META_KEY as CHECKPOINT_KEY
 from .checkpoint import Snapshot
 from .executor import GradBox, Job, OnError, StageExecutor, StageFailed, StageStats, ThreadChain
 from .learning import OnlineLearning, StageLearner
@@ -249,7 +248,7 @@ class Pipeline:
         self._span_capacity = None if isinstance(metrics, bool) else metrics
         self._spans: deque[tuple[int, str, int, float, float]] | None = None  # this run's span ring
         self.learners: list[StageLearner] = []
-        self.checkpoint_every: int | None = None  # set by a Checkpoint sink
+        self._checkpoint_periods: Counter[int] = Counter()  # of the open Checkpoint sinks
         self._pending_state: dict[str, Any] | None = None
         self.stages: list[nn.Sequential] = []
         self.executors: list[StageExecutor] = []
@@ -514,8 +513,8 @@ class Pipeline:
             return None
         route.admitted += 1
         self._admitted += 1
-        if self.checkpoint_every and self._admitted % self.checkpoint_every == 0:
-            frame.meta[CHECKPOINT_KEY] = Snapshot(frame.seq, len(self.stages)) if self.learners else True
+        if self._checkpoint_periods and any(self._admitted % every == 0 for every in self._checkpoint_periods):
+            frame.checkpoint = Snapshot(frame.seq, self._admitted, len(self.stages) if self.learners else 0)
         return Job(frame, route, next(self._keys))
 
     async def _first(self, frame: Frame, route: Route) -> bool:
@@ -673,6 +672,16 @@ class Pipeline:
             self._load_learners(state)
         else:
             self._pending_state = state  # optimisers are made when the stages are
+
+    def _ask_checkpoints(self, every: int) -> None:
+        """A :class:`~partime_async.sinks.Checkpoint` sink opened: cut every ``every`` admitted frames."""
+        self._checkpoint_periods[every] += 1
+
+    def _stop_checkpoints(self, every: int) -> None:
+        """That sink closed."""
+        self._checkpoint_periods[every] -= 1
+        if self._checkpoint_periods[every] <= 0:
+            del self._checkpoint_periods[every]
 
     def _check_quiet(self, what: str) -> None:
         if self.running and self.learning is not None and self._admitted > 0:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from partime_async.checkpoint import META_KEY, save_atomic_async
+from partime_async.checkpoint import save_atomic_async
 from partime_async.frame import Frame
 
 from .base import Sink
@@ -21,6 +21,9 @@ class Checkpoint(Sink):
 
     With learning, each checkpoint is a consistent cut taken by the stages as frame t passes
     them (see :mod:`partime_async.checkpoint`); without, it is the model and the position.
+    The pipeline takes cuts for this sink from when it is opened (a graph opens its sinks
+    before the first frame) until it is closed; several sinks may checkpoint one pipeline,
+    each at its own period.
     """
 
     name = "checkpoint"
@@ -33,15 +36,20 @@ class Checkpoint(Sink):
         self.path = str(path)
         self.every = every
         self.saved: list[Path] = []
-        pipe.checkpoint_every = every
+        self._asked = False
+
+    async def open(self) -> None:
+        self.pipe._ask_checkpoints(self.every)
+        self._asked = True
 
     async def write(self, frame: Frame) -> None:
-        snapshot = frame.meta.get(META_KEY)
-        if snapshot is None:
+        snapshot = frame.checkpoint
+        if snapshot is None or snapshot.index % self.every:  # none, or another sink's cut
             return
-        if snapshot is True:  # no learning: the weights do not change while streaming
-            state = self.pipe.state_dict()
-            state["position"] = frame.seq + 1
-        else:
-            state = await snapshot.state(self.pipe)
+        state = await snapshot.state(self.pipe)
         self.saved.append(await save_atomic_async(state, self.path.format(seq=frame.seq)))
+
+    async def close(self) -> None:
+        if self._asked:
+            self.pipe._stop_checkpoints(self.every)
+            self._asked = False

@@ -419,6 +419,30 @@ async def test_checkpoint_without_learning_saves_model_and_position(tmp_path):
     assert all(torch.equal(state["model"][k], v) for k, v in nn.Sequential(*model).state_dict().items())
 
 
+@pytest.mark.parametrize("mode", [None, "stashed"])
+async def test_checkpoint_sinks_each_keep_their_own_period(tmp_path, mode):
+    """Two checkpoint sinks on one pipeline cut at their own periods; a sink that is not in
+    the running graph asks for no cuts; the cuts travel as frame.checkpoint, not in meta."""
+    from partime_async.checkpoint import load
+    from partime_async.sinks import Checkpoint, Collect
+
+    learning = pa.OnlineLearning(loss=nn.MSELoss(), optimizer=sgd(), mode=mode) if mode else None
+    pipe = pa.Pipeline(make_model(), devices=pa.cpu_devices(2, threads=1), balance=[3, 3], learning=learning)
+    every4 = Checkpoint(pipe, tmp_path / "a_{seq}.pt", every=4)
+    every6 = Checkpoint(pipe, tmp_path / "b_{seq}.pt", every=6)
+    Checkpoint(pipe, tmp_path / "unused.pt", every=1)  # made, never run
+    outputs = Collect()
+    await pa.run(make_frames(13) >> pipe >> [every4, every6, outputs])
+    assert [p.name for p in every4.saved] == ["a_3.pt", "a_7.pt", "a_11.pt"]
+    assert [p.name for p in every6.saved] == ["b_5.pt", "b_11.pt"]
+    assert load(tmp_path / "a_11.pt")["position"] == load(tmp_path / "b_11.pt")["position"] == 12
+    assert not (tmp_path / "unused.pt").exists()
+    assert [f.seq for f in outputs.frames if f.checkpoint is not None] == [3, 5, 7, 11]
+    assert all(set(f.meta) <= {"loss"} for f in outputs.frames)  # learning adds the frame's loss, nothing else
+    await pa.run(make_frames(5) >> pipe >> outputs)  # the sinks closed: no more cuts
+    assert all(f.checkpoint is None for f in outputs.frames[13:])
+
+
 async def test_state_dict_refuses_while_a_learning_pipeline_streams():
     """Updates are applied on the stages' threads after a frame's output has left: a copy
     taken while frames flow would be torn, so it raises and says what to do instead."""
