@@ -19,7 +19,7 @@ import statistics
 import sys
 import threading
 from pathlib import Path
-from typing import Any, AsyncIterator, Sequence, TextIO
+from typing import Any, AsyncIterator, Callable, Sequence, TextIO
 
 import torch
 from torch import nn
@@ -257,9 +257,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="event loop (auto: uvloop when installed)")
     commands = parser.add_subparsers(dest="command", required=True)
     p_demo = commands.add_parser("demo", help="stream the built-in video through a split conv net")
-    p_demo.add_argument("--frames", type=int, default=600)
-    p_demo.add_argument("--size", type=int, default=64, help="frame height and width")
-    p_demo.add_argument("--stages", type=int, default=None, help="CPU stages (default: one per core, at most 4)")
+    p_demo.add_argument("--frames", type=_at_least(1), default=600)
+    p_demo.add_argument("--size", type=_at_least(8), default=64, help="frame height and width")
+    p_demo.add_argument("--stages", type=_at_least(1), default=None, help="CPU stages (default: one per core, at most 4)")
     p_demo.add_argument("--mode", choices=MODES, default="partime", help="online learning mode")
     p_demo.add_argument("--no-learn", dest="learn", action="store_false", help="inference only")
     p_demo.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace of the run (JSON)")
@@ -279,6 +279,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\ninterrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an int >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 async def _cancelled_by_sigint(job: Any) -> Any:

@@ -39,7 +39,7 @@ import queue
 import threading
 from abc import ABC, abstractmethod
 from collections import deque
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, Iterable, Sequence
 
 import torch
 
@@ -668,6 +668,9 @@ def resolve_devices(devices: str | Sequence[Device | str | torch.device], n_laye
             devices = cpu_devices(max(1, min(available_cores(), n_layers)))
     elif isinstance(devices, (str, torch.device, Device)):
         devices = [devices]
+    elif not isinstance(devices, Iterable):
+        raise TypeError(f"devices must be 'auto', a device or a list of devices, got {devices!r}; for n CPU stages "
+                        "pass devices=pa.cpu_devices(n), for GPUs e.g. devices=['cuda:0', 'cuda:1']")
     result = [as_device(d) for d in devices]
     if not result:
         raise ValueError("a pipeline needs at least one device")

@@ -662,6 +662,13 @@ class Pipeline:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output (when :meth:`state_dict` may be taken)."""
         self._check_quiet("load_state_dict()")
+        saved = state.get("balance")
+        if state.get("learners") is not None and saved is not None and self.balance is not None \
+                and list(saved) != list(self.balance):
+            # Optimiser states are per stage: they fit only the stages they were saved from.
+            raise ValueError(f"the state was saved from stages split {list(saved)} but this pipeline splits "
+                             f"{list(self.balance)}; create it with balance={list(saved)} (or balance='time', "
+                             "which takes the saved split)")
         state = copy.deepcopy(state)  # ours from here on: the caller's dict is never aliased
         nn.Sequential(*self.layers).load_state_dict(state["model"])
         if state.get("balance") is not None and self.balance is None:

@@ -21,18 +21,25 @@ from .frame import Payload
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """What one tensor leaf must be. ``None`` fields are not checked."""
+    """What one tensor leaf must be. ``None`` fields are not checked. ``other``: the leaf is
+    not a tensor but a value of this Python type (a stage's output may carry such leaves,
+    e.g. a label as an int)."""
 
     shape: tuple[int | None, ...] | None = None
     dtype: torch.dtype | None = None
     device_type: str | None = None
+    other: type | None = None
 
     @classmethod
-    def like(cls, t: torch.Tensor) -> TensorSpec:
+    def like(cls, t: Any) -> TensorSpec:
+        if not isinstance(t, torch.Tensor):
+            return cls(other=type(t))
         return cls(tuple(t.shape), t.dtype, t.device.type)
 
     def mismatch(self, t: Any) -> str | None:
         """Why ``t`` does not match, or None."""
+        if self.other is not None:
+            return None if isinstance(t, self.other) else f"expected {self.other.__name__}, got {type(t).__name__}"
         if not isinstance(t, torch.Tensor):
             return f"expected a tensor, got {type(t).__name__}"
         if self.dtype is not None and t.dtype != self.dtype:
@@ -69,7 +76,7 @@ class InputSpec:
     def like(cls, payload: Payload) -> InputSpec:
         """The spec that ``payload`` satisfies exactly."""
         values, structure = pytree.tree_flatten(payload)
-        return cls(structure, [TensorSpec.like(v) if isinstance(v, torch.Tensor) else TensorSpec() for v in values])
+        return cls(structure, [TensorSpec.like(v) for v in values])
 
     def mismatch(self, payload: Payload) -> str | None:
         """Why ``payload`` does not match, or None."""

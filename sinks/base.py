@@ -23,6 +23,8 @@ class Sink:
     def __init__(self, *, capacity: int = 8, policy: Policy = "block", name: str | None = None) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown sink policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
+            raise ValueError(f"sink capacity must be an int >= 1 (frames queued for this sink), got {capacity!r}")
         self.capacity = capacity
         self.policy: Policy = policy
         if name is not None:

@@ -29,3 +29,12 @@ def test_cli_entry_point_demo_on_uvloop():
 def test_cli_rejects_unknown_benchmark():
     with pytest.raises(SystemExit, match="unknown benchmark"):
         cli.main(["bench", "no_such_benchmark"])
+
+
+@pytest.mark.parametrize("args, words", [(["--frames", "0"], "--frames: must be >= 1, got 0"),
+                                         (["--stages", "-3"], "--stages: must be >= 1, got -3"),
+                                         (["--size", "x"], "--size: expected an integer, got 'x'")])
+def test_demo_rejects_bad_numbers(args, words, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["demo", *args])
+    assert words in capsys.readouterr().err

@@ -326,6 +326,10 @@ async def test_state_dict_round_trip_resumes_identically():
     for la, lb in zip(pipe_a.learners, pipe_b.learners):
         sa, sb = la.optimizer.state_dict()["state"], lb.optimizer.state_dict()["state"]
         assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
+    # Optimiser states fit only the stages they were saved from: another split is refused at once.
+    pipe_c = pa.Pipeline(make_model(), devices=pa.cpu_devices(2, threads=1), balance=[4, 2], learning=learning)
+    with pytest.raises(ValueError, match=r"saved from stages split \[3, 3\] but this pipeline splits \[4, 2\]"):
+        pipe_c.load_state_dict(state)
 
 
 def test_learning_configuration_errors():

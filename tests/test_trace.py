@@ -130,6 +130,13 @@ async def test_timeline_png_from_a_pipeline_and_from_spans(tmp_path):
     assert is_png(timeline(spans, tmp_path / "spans.png", title="from spans"))
     with pytest.raises(ValueError, match="no spans"):
         timeline([], tmp_path / "empty.png")
+    idle = pa.Pipeline(sleepy(0.001, 0.002), devices=pa.cpu_devices(2, threads=1), balance=[1, 1])
+    with pytest.raises(ValueError, match="stream some frames through the pipeline first"):
+        timeline(idle, tmp_path / "idle.png")
+    quiet = pa.Pipeline(sleepy(0.001, 0.002), devices=pa.cpu_devices(2, threads=1), balance=[1, 1], metrics=False)
+    await run_stream(quiet, xs(3))
+    with pytest.raises(ValueError, match="metrics=False"):
+        timeline(quiet, tmp_path / "quiet.png")
 
 
 def test_demo_writes_trace_and_plot(tmp_path):

@@ -250,3 +250,31 @@ def test_check_tensors_messages():
 def test_pipeline_rejects_bad_arguments(kwargs, words):
     with pytest.raises(ValueError, match=words):
         pa.Pipeline([nn.Identity(), nn.Identity()], devices=pa.cpu_devices(2), **kwargs)
+
+
+def test_devices_must_be_a_list_and_sink_capacities_positive():
+    from partime_async.sinks import Collect
+
+    with pytest.raises(TypeError, match=r"pa.cpu_devices\(n\)"):
+        pa.Pipeline([nn.Identity(), nn.Identity()], devices=2)
+    with pytest.raises(ValueError, match="sink capacity must be an int >= 1"):
+        Collect(capacity=0)
+
+
+class LabelOf(nn.Module):
+    """Ends the model with a Python int (a class label), not a tensor."""
+
+    def forward(self, x: torch.Tensor) -> int:
+        return int(x.argmax())
+
+
+async def test_a_stage_may_output_non_tensor_leaves_of_a_steady_type():
+    model = nn.Sequential(nn.Linear(4, 3), LabelOf())
+    xs = [torch.randn(1, 4) for _ in range(5)]
+    with torch.no_grad():
+        expected = [model(x) for x in xs]
+    frames = await run_stream(pa.Pipeline(model, devices=pa.cpu_devices(2), balance=[1, 1]), xs)
+    assert [f.data for f in frames] == expected
+    spec = pa.InputSpec.like((torch.zeros(2), 3))
+    assert spec.mismatch((torch.ones(2), 5)) is None
+    assert spec.mismatch((torch.ones(2), "5")) == "leaf 1: expected int, got str"
