@@ -332,12 +332,15 @@ class Pipeline:
             return
         for pump in list(self._pumps):
             pump.cancel()
-        # A stream whose reader is the task stopping here (it broke out of ``async for``
-        # without closing the stream) is read no more: closed, or stop would wait for it.
+        # A stream whose reader is the task stopping here, or a task that has ended (it broke
+        # out of ``async for`` without closing the stream, which lives on) is read no more:
+        # closed, or stop would wait for it forever.
         me = asyncio.current_task()
         for stream in list(self._streams):
-            if stream._reader is not None and stream._reader() is me:
-                stream._close()
+            if stream._reader is not None:
+                reader = stream._reader()
+                if reader is None or reader is me or reader.done():
+                    stream._close()
         self._ingress.close()
         if not self._stop_requested.done():
             self._stop_requested.set_result(None)
@@ -589,8 +592,8 @@ class Pipeline:
         stop reading early, close the stream (``async with pipe.stream(src) as outputs:``
         or ``await outputs.aclose()``): the source is closed and the frames still in flight
         are discarded without blocking the pipeline. A stream left unclosed is closed when it
-        is garbage-collected, or by :meth:`stop` when the task stopping is the one that read
-        it (``break`` out of ``async for``, then leave ``async with pipe:``).
+        is garbage-collected, or by :meth:`stop` when the task that read it last is the one
+        stopping (``break`` out of ``async for``, then leave ``async with pipe:``) or has ended.
         """
         return OutputStream(self, source)
 

@@ -248,6 +248,26 @@ async def test_closing_a_stream_early_with_contextlib_aclosing():
     await assert_clean()
 
 
+async def test_stop_closes_a_stream_kept_by_a_reader_task_that_has_ended():
+    """A task breaks out of ``async for`` without closing the stream, keeps the stream object
+    and ends; another task stops the pipeline: stop does not wait for that stream forever."""
+    pipe = pa.Pipeline([nn.Identity(), nn.Identity()], devices=pa.cpu_devices(2, inline=False),
+                       balance=[1, 1], capacity=2)
+    kept = []
+
+    async def reader():
+        kept.append(pipe.stream(endless()))
+        async for frame in kept[0]:
+            if frame.seq == 3:
+                break
+
+    await pipe.start()
+    await asyncio.create_task(reader())
+    await asyncio.wait_for(pipe.stop(), 60)  # a hang fails the test, not a time
+    assert pipe.stats().delivered >= 4
+    await assert_clean()
+
+
 async def test_stats_account_for_every_admitted_frame_after_an_early_close():
     """PipelineStats promises admitted == delivered + dropped + stage skips once drained."""
     pipe = pa.Pipeline([nn.Identity(), nn.Identity()], devices=pa.cpu_devices(2, inline=False),
