@@ -109,6 +109,13 @@ def run_sync(graph: Graph, *, loop: LoopKind = "auto") -> PipelineStats:
 
     ``loop="uvloop"`` requires uvloop; ``"auto"`` uses it when it is installed.
     """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # no loop running in this thread: as it should be
+        pass
+    else:
+        raise RuntimeError("run_sync() starts its own event loop, and one is already running in this thread; "
+                           "inside a coroutine, use `await pa.run(graph)`")
     with asyncio.Runner(loop_factory=loop_factory(loop)) as runner:
         return runner.run(run(graph))
 

@@ -718,6 +718,10 @@ class Pipeline:
         return value
 
     # -- composition and introspection -----------------------------------------------------------
+    # ``array >> pipe``: numpy would otherwise apply ``>>`` element by element (an array of
+    # graphs); with this, it leaves the operator to __rrshift__ and the array is the source.
+    __array_ufunc__ = None
+
     def __rrshift__(self, source: Any) -> Any:
         from .graph import Graph
 

@@ -90,6 +90,20 @@ async def test_graph_composition_forms():
     assert_outputs(c.frames, expected)
 
 
+def test_a_numpy_array_is_a_source_not_an_array_of_graphs():
+    import numpy as np
+
+    pipe = pa.Pipeline([nn.Identity()], devices=pa.cpu_devices(1))
+    graph = np.zeros((3, 4), dtype=np.float32) >> pipe
+    assert isinstance(graph, pa.Graph) and graph.source.shape == (3, 4)
+
+
+async def test_run_sync_inside_a_running_loop_says_to_await_run():
+    graph = [torch.zeros(1)] >> pa.Pipeline([nn.Identity()], devices=pa.cpu_devices(1)) >> Collect()
+    with pytest.raises(RuntimeError, match=r"await pa.run\(graph\)"):
+        pa.run_sync(graph)
+
+
 def test_graph_composition_errors():
     pipe = pa.Pipeline([nn.Identity()], devices=pa.cpu_devices(1))
     with pytest.raises(TypeError, match="not a Sink"):
