@@ -170,7 +170,7 @@ class StageExecutor:
         self.on_error = on_error
         self.download = download  # last stage: hand host tensors to the sinks
         self.learner = learner      # learning: this stage's optimiser and schedule
-        self.grads_in = grads_in    # gradients from the next stage, by seq (None on the last)
+        self.grads_in = grads_in    # gradients from the next stage, by job key (None on the last)
         self.grads_out = grads_out  # the previous stage's box (None on the first)
         self.name = f"stage {index} ({device.name})"
         self.stats = StageStats(self.name, device.name, len(module),

@@ -167,6 +167,13 @@ class StageLearner:
         return self.config.mode != "stashed" or self.delay == 0
 
     # -- the schedule (loop thread) ------------------------------------------------------------
+    def new_run(self) -> None:
+        """Start a run's schedule afresh (weights and optimiser state are kept): what a run
+        that was cancelled or failed left owed or kept belongs to that run's frames."""
+        self._order.clear()
+        self.pending.clear()
+        self.forward_failed = False
+
     def owes(self, key: int, seq: int, has_target: bool) -> tuple[int, int] | None:
         """Record that the frame of job ``key`` (seq ``seq``) was forwarded; the job key and
         frame seq whose gradient is now owed, if any.

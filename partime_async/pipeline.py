@@ -332,15 +332,14 @@ class Pipeline:
             return
         for pump in list(self._pumps):
             pump.cancel()
-        # A stream whose reader is the task stopping here, or a task that has ended (it broke
-        # out of ``async for`` without closing the stream, which lives on) is read no more:
-        # closed, or stop would wait for it forever.
+        # A stream whose reader is the task stopping here (it broke out of ``async for``
+        # without closing the stream) is read no more: closed, or stop would wait for it.
+        # (Not one whose last reader task has ended: ``wait_for(anext(stream), t)`` reads
+        # each frame from a task of its own, and that reader is not done with the stream.)
         me = asyncio.current_task()
         for stream in list(self._streams):
-            if stream._reader is not None:
-                reader = stream._reader()
-                if reader is None or reader is me or reader.done():
-                    stream._close()
+            if stream._reader is not None and stream._reader() is me:
+                stream._close()
         self._ingress.close()
         if not self._stop_requested.done():
             self._stop_requested.set_result(None)
@@ -421,6 +420,8 @@ class Pipeline:
             self.executors = []
             for k, (stage, device) in enumerate(zip(self.stages, self.devices)):
                 learner = self.learners[k] if self.learners else None
+                if learner is not None:
+                    learner.new_run()
                 self.executors.append(StageExecutor(
                     k, stage, device, inboxes[k], outboxes[k], window=self.window, on_error=self.on_error,
                     download=(k == last and not isinstance(device, CpuDevice)), learner=learner,
@@ -592,8 +593,10 @@ class Pipeline:
         stop reading early, close the stream (``async with pipe.stream(src) as outputs:``
         or ``await outputs.aclose()``): the source is closed and the frames still in flight
         are discarded without blocking the pipeline. A stream left unclosed is closed when it
-        is garbage-collected, or by :meth:`stop` when the task that read it last is the one
-        stopping (``break`` out of ``async for``, then leave ``async with pipe:``) or has ended.
+        is garbage-collected, or by :meth:`stop` when the task stopping is the one that read
+        it (``break`` out of ``async for``, then leave ``async with pipe:``). A stream object
+        kept alive after its reader stopped reading must be closed: :meth:`stop` finishes
+        every frame in flight and would wait for that stream's reader.
         """
         return OutputStream(self, source)
 
@@ -666,12 +669,12 @@ class Pipeline:
         """Restore :meth:`state_dict`'s output (when :meth:`state_dict` may be taken)."""
         self._check_quiet("load_state_dict()")
         saved = state.get("balance")
-        if state.get("learners") is not None and saved is not None and self.balance is not None \
-                and list(saved) != list(self.balance):
+        if self.learning is not None and state.get("learners") is not None and saved is not None \
+                and self.balance is not None and list(saved) != list(self.balance):
             # Optimiser states are per stage: they fit only the stages they were saved from.
             raise ValueError(f"the state was saved from stages split {list(saved)} but this pipeline splits "
-                             f"{list(self.balance)}; create it with balance={list(saved)} (or balance='time', "
-                             "which takes the saved split)")
+                             f"{list(self.balance)}: its optimiser states fit only that split; create the "
+                             f"pipeline with balance={list(saved)} on {len(saved)} devices")
         state = copy.deepcopy(state)  # ours from here on: the caller's dict is never aliased
         nn.Sequential(*self.layers).load_state_dict(state["model"])
         if state.get("balance") is not None and self.balance is None:

@@ -39,10 +39,15 @@ class Checkpoint(Sink):
         self._asked = False
 
     async def open(self) -> None:
-        self.pipe._ask_checkpoints(self.every)
-        self._asked = True
+        if not self._asked:
+            self.pipe._ask_checkpoints(self.every)
+            self._asked = True
 
     async def write(self, frame: Frame) -> None:
+        if not self._asked:
+            raise RuntimeError("this Checkpoint sink is not open: the pipeline takes cuts only for open checkpoint "
+                               "sinks; run it in a graph (pa.run(source >> pipe >> sink)) or `await sink.open()` "
+                               "before the frames flow")
         snapshot = frame.checkpoint
         if snapshot is None or snapshot.index % self.every:  # none, or another sink's cut
             return

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections import deque
 from typing import Any, AsyncIterable, AsyncIterator
 
@@ -18,7 +19,9 @@ class NextFrameTargets(Source):
     each frame is ``horizon`` frames late. A frame whose target never comes (the last
     ``horizon`` frames of the stream; frames before a gap in the seqs, as a real-time source
     that drops frames leaves; the frames before a seq that goes back, as when a source starts
-    over) is not emitted, and counted in :attr:`unpaired`. Seqs are expected to increase.
+    over) is not emitted, and counted in :attr:`unpaired`; the first such gap in a stream
+    raises a ``RuntimeWarning``. Seqs are expected to count 0, 1, 2, … (a source whose seqs
+    step by k pairs frames k seqs apart with ``horizon=k``).
     """
 
     def __init__(self, source: AsyncIterable[Any] | Any, *, horizon: int = 1) -> None:
@@ -31,6 +34,7 @@ class NextFrameTargets(Source):
 
     async def frames(self) -> AsyncIterator[Frame]:
         waiting: deque[Frame] = deque()  # frames whose target may still come, in seq order
+        warned = False
         # Closed with this generator (not left to the garbage collector's finaliser).
         try:
             async with contextlib.aclosing(iterate_frames(self.source)) as frames:
@@ -40,8 +44,14 @@ class NextFrameTargets(Source):
                         waiting.clear()
                     wanted = frame.seq - self.horizon
                     while waiting and waiting[0].seq < wanted:  # its target's seq was skipped
-                        waiting.popleft()
+                        early = waiting.popleft()
                         self.unpaired += 1
+                        if not warned:  # once per stream: a source that drops frames would repeat it
+                            warned = True
+                            warnings.warn(f"{self.name}: frame {early.seq} gets no target, frame "
+                                          f"{early.seq + self.horizon} never came (targets are joined by seq; "
+                                          "frames without one are not emitted and are counted in .unpaired)",
+                                          RuntimeWarning, stacklevel=2)
                     if waiting and waiting[0].seq == wanted:
                         early = waiting.popleft()
                         yield Frame(early.seq, early.data, frame.data, dict(early.meta), early.t_capture)

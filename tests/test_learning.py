@@ -173,6 +173,32 @@ async def test_two_streams_and_submits_learn_from_one_pipeline():
     assert [learner.steps for learner in pipe.learners] == [60, 60]
 
 
+async def test_a_run_after_a_failed_one_starts_its_schedule_afresh():
+    """A run that fails mid-stream leaves gradients owed and graphs kept for its frames; the
+    next run (same pipeline, same optimisers) must not wait for or apply those."""
+    frames = make_frames(12)
+
+    def failing():
+        yield from frames[:7]
+        raise OSError("camera unplugged")
+
+    learning = pa.OnlineLearning(loss=nn.MSELoss(), optimizer=sgd(), mode="stashed")
+    pipe = pa.Pipeline(make_model(), devices=pa.cpu_devices(2, threads=1), balance=[3, 3], learning=learning)
+    with pytest.raises(pa.PipelineError, match="camera unplugged"):
+        async with pipe:
+            async for _ in pipe.stream(failing()):
+                pass
+    before = [learner.steps for learner in pipe.learners]
+    async with pipe:
+        out = await asyncio.wait_for(asyncio.ensure_future(_read_all(pipe, frames)), 120)  # a hang fails
+    assert [f.seq for f in out] == list(range(12))
+    assert [learner.steps - b for learner, b in zip(pipe.learners, before)] == [12, 12]
+
+
+async def _read_all(pipe: pa.Pipeline, frames: list[pa.Frame]) -> list[pa.Frame]:
+    return [f async for f in pipe.stream(frames)]
+
+
 async def test_submit_takes_a_frame_with_its_target_or_one_given_beside_it():
     frames = make_frames(3)
     learning = pa.OnlineLearning(loss=nn.MSELoss(), optimizer=sgd(), mode="sequential")
@@ -330,6 +356,9 @@ async def test_state_dict_round_trip_resumes_identically():
     pipe_c = pa.Pipeline(make_model(), devices=pa.cpu_devices(2, threads=1), balance=[4, 2], learning=learning)
     with pytest.raises(ValueError, match=r"saved from stages split \[3, 3\] but this pipeline splits \[4, 2\]"):
         pipe_c.load_state_dict(state)
+    inference = pa.Pipeline(make_model(), devices=pa.cpu_devices(3, threads=1), balance=[2, 2, 2])
+    inference.load_state_dict(state)  # no optimisers to fit: the weights are what it needs
+    assert all(torch.equal(v, state["model"][k]) for k, v in inference.model.state_dict().items())
 
 
 def test_learning_configuration_errors():
@@ -361,11 +390,14 @@ async def test_next_frame_targets_pair_by_seq_across_gaps_and_restarts():
 
     seqs = [0, 1, 5, 6, 7, 9, 10, 2, 3]  # gaps after 1 and 7; back to 2 (a new sequence) after 10
     joined = next_frame_targets(from_iterable([pa.Frame(s, torch.tensor([float(s)])) for s in seqs]))
-    pairs = [(f.seq, int(f.target.item())) async for f in joined]
+    with pytest.warns(RuntimeWarning, match="frame 1 gets no target, frame 2 never came") as warned:
+        pairs = [(f.seq, int(f.target.item())) async for f in joined]
+    assert len(warned) == 1  # once per stream
     assert pairs == [(0, 1), (5, 6), (6, 7), (9, 10), (2, 3)]
     assert joined.unpaired == 4  # 1 and 7 (gaps), 10 (seqs went back), 3 (the end)
     two_ahead = next_frame_targets(from_iterable([pa.Frame(s, torch.tensor([float(s)])) for s in seqs]), horizon=2)
-    assert [(f.seq, int(f.target.item())) async for f in two_ahead] == [(5, 7), (7, 9)]
+    with pytest.warns(RuntimeWarning):
+        assert [(f.seq, int(f.target.item())) async for f in two_ahead] == [(5, 7), (7, 9)]
 
 
 async def test_checkpoint_is_the_cut_at_its_frame_and_resumes(tmp_path):
@@ -445,6 +477,19 @@ async def test_checkpoint_sinks_each_keep_their_own_period(tmp_path, mode):
     assert all(set(f.meta) <= {"loss"} for f in outputs.frames)  # learning adds the frame's loss, nothing else
     await pa.run(make_frames(5) >> pipe >> outputs)  # the sinks closed: no more cuts
     assert all(f.checkpoint is None for f in outputs.frames[13:])
+
+
+async def test_a_checkpoint_sink_writes_only_once_opened_and_opening_twice_asks_once(tmp_path):
+    from partime_async.sinks import Checkpoint
+
+    pipe = pa.Pipeline(make_model(), devices=pa.cpu_devices(2, threads=1), balance=[3, 3])
+    sink = Checkpoint(pipe, tmp_path / "c.pt", every=2)
+    with pytest.raises(RuntimeError, match="not open"):
+        await sink.write(make_frames(1)[0])
+    await sink.open()
+    await pa.run(make_frames(4) >> pipe >> sink)  # run() opens it again, and closes it
+    assert [p.name for p in sink.saved] == ["c.pt", "c.pt"]
+    assert not pipe._checkpoint_periods  # no cuts asked for any more
 
 
 async def test_state_dict_refuses_while_a_learning_pipeline_streams():

@@ -248,23 +248,23 @@ async def test_closing_a_stream_early_with_contextlib_aclosing():
     await assert_clean()
 
 
-async def test_stop_closes_a_stream_kept_by_a_reader_task_that_has_ended():
-    """A task breaks out of ``async for`` without closing the stream, keeps the stream object
-    and ends; another task stops the pipeline: stop does not wait for that stream forever."""
-    pipe = pa.Pipeline([nn.Identity(), nn.Identity()], devices=pa.cpu_devices(2, inline=False),
+async def test_stop_finishes_frames_for_a_reader_that_reads_each_frame_in_a_task_of_its_own():
+    """``wait_for(anext(stream), t)`` reads each frame from a short task of its own: a stop()
+    from another task still finishes every frame in flight, and this reader gets them all."""
+    pipe = pa.Pipeline([Sleep(0.002), nn.Identity()], devices=pa.cpu_devices(2, inline=False),
                        balance=[1, 1], capacity=2)
-    kept = []
-
-    async def reader():
-        kept.append(pipe.stream(endless()))
-        async for frame in kept[0]:
-            if frame.seq == 3:
-                break
-
     await pipe.start()
-    await asyncio.create_task(reader())
-    await asyncio.wait_for(pipe.stop(), 60)  # a hang fails the test, not a time
-    assert pipe.stats().delivered >= 4
+    outputs = pipe.stream(endless())
+    got = [(await asyncio.wait_for(anext(outputs), 60)).seq for _ in range(3)]
+    stopping = asyncio.create_task(pipe.stop())
+    while True:
+        try:
+            got.append((await asyncio.wait_for(anext(outputs), 60)).seq)
+        except StopAsyncIteration:
+            break
+    await stopping
+    stats = pipe.stats()
+    assert got == list(range(len(got))) and stats.delivered == stats.admitted == len(got)
     await assert_clean()
 
 
