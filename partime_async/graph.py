@@ -88,7 +88,8 @@ async def _drive(sink: Sink, channel: Channel[Frame], opened: asyncio.Future[Non
         await sink.open()
     except Exception as exc:
         raise PipelineError(f"{type(exc).__name__}: {exc}", component=f"sink {sink.name}") from exc
-    opened.set_result(None)
+    if not opened.done():  # (cancelled with the run's wait for it)
+        opened.set_result(None)
     try:
         async for frame in channel:
             try:

@@ -104,6 +104,40 @@ async def test_run_sync_inside_a_running_loop_says_to_await_run():
         pa.run_sync(graph)
 
 
+class OpensToTheEnd(Collect):
+    """A sink whose open() finishes even when cancelled (as an open that must not be
+    abandoned half-way does, see partime_async.threads.to_the_end)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opening = asyncio.Event()
+        self.closed = False
+
+    async def open(self) -> None:
+        self.opening.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            pass  # swallowed on purpose: the open completes
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def test_cancelling_a_run_while_a_sink_opens():
+    """run() waits for every sink to open before reading frames; cancelled during that wait,
+    it ends cancelled and closes the sink, whichever way the sink's open() ends."""
+    sink = OpensToTheEnd()
+    run = asyncio.create_task(pa.run([marked(i) for i in range(5)] >> pa.Pipeline(
+        [nn.Identity()], devices=pa.cpu_devices(1)) >> sink))
+    await sink.opening.wait()
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    assert sink.closed
+    await assert_clean()
+
+
 def test_graph_composition_errors():
     pipe = pa.Pipeline([nn.Identity()], devices=pa.cpu_devices(1))
     with pytest.raises(TypeError, match="not a Sink"):
