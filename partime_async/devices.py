@@ -63,6 +63,10 @@ class Device(ABC):
 
     torch_device: torch.device
     inline: bool = False
+    died: BaseException | None = None
+    """What ended one of this device's threads while it served (None: nothing did). A frame
+    that finds the thread gone fails the run; if none did (it died after the last one), the
+    pipeline warns when it stops."""
 
     @abstractmethod
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -157,6 +161,7 @@ class CpuDevice(Device):
         self._loop = loop
         self._notifier = LoopNotifier(loop)
         self._closing = self._dead = False
+        self.died = None
         self._queue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._work, name=f"partime-{self.name}", daemon=True)
         self._thread.start()
@@ -234,6 +239,10 @@ class CpuDevice(Device):
                 item = None
         except RuntimeError:
             pass  # the loop is closed: nobody is waiting any more
+        except BaseException as exc:
+            if not self._closing:
+                self.died = WorkerDied(self, f"died after frame {self.seq} ({type(exc).__name__}: {exc})")
+            raise
         finally:
             # The thread is leaving (stopped, or dying from an error in itself): fail whatever
             # is still queued so that no stage waits forever.

@@ -20,6 +20,7 @@ import asyncio
 import copy
 import itertools
 import statistics
+import warnings
 import weakref
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -324,6 +325,13 @@ class Pipeline:
                 route.fail(self._error or closed)
             for device in mine:
                 device.close()
+            if self._error is None:
+                # A worker that died with no frame left to find it dead (after the last one):
+                # every output is complete, so the run stands, but not in silence.
+                for k, device in enumerate(self.devices):
+                    if device in mine and device.died is not None:
+                        warnings.warn(f"stage {k} ({device.name}): {device.died}; every frame had been "
+                                      "delivered", RuntimeWarning, stacklevel=2)
 
     async def stop(self) -> None:
         """Admit no more frames, finish those in flight, stop. Re-raises a failure, once."""
