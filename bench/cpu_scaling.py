@@ -201,8 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         busy = "/".join(f"{C.median([run[k] for run in ours[name].busy]):.2f}" for k in range(2))
         print(f"{name}: ours / ceiling = {fps[f'{name}/ours'] / fps[f'{name}/ceiling']:.2f}; stage busy fractions "
               f"while streaming {busy}; event loop ({loop_name}) thread CPU "
-              f"{1e6 * C.median(ours[name].loop_cpu):.0f} us per frame; balances chosen {dict(ours[name].balances)}; stages inline "
-              f"{dict(ours[name].inline)}; first outputs bit-exact: {exact[name]}")
+              f"{numbers[f'{name}_loop_cpu_us']:.0f} us per frame; balances chosen {dict(ours[name].balances)}; "
+              f"stages inline {dict(ours[name].inline)}; first outputs bit-exact: {exact[name]}")
     print("(spread: (max - min) / median of a variant's repeats; large spreads mean a busy machine: rerun)")
     for line in lines:
         print(line)

@@ -259,7 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_demo = commands.add_parser("demo", help="stream the built-in video through a split conv net")
     p_demo.add_argument("--frames", type=_at_least(1), default=600)
     p_demo.add_argument("--size", type=_at_least(8), default=64, help="frame height and width")
-    p_demo.add_argument("--stages", type=_at_least(1), default=None, help="CPU stages (default: one per core, at most 4)")
+    p_demo.add_argument("--stages", type=_at_least(1), default=None,
+                        help="CPU stages (default: one per core, at most 4)")
     p_demo.add_argument("--mode", choices=MODES, default="partime", help="online learning mode")
     p_demo.add_argument("--no-learn", dest="learn", action="store_false", help="inference only")
     p_demo.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace of the run (JSON)")

@@ -43,7 +43,8 @@ def timeline(source: Pipeline | Iterable[Span | tuple[int, str, int, float, floa
         spans = as_spans(source)
     if not spans:
         if isinstance(source, Pipeline) and not source.metrics_enabled:
-            raise ValueError("no spans to draw: this pipeline records none (metrics=False); create it with metrics=True")
+            raise ValueError("no spans to draw: this pipeline records none (metrics=False); "
+                             "create it with metrics=True")
         raise ValueError("no spans to draw: stream some frames through the pipeline first")
     work = [s for s in spans if s.kind != "deliver"]
     delivered = sorted((s for s in spans if s.kind == "deliver"), key=lambda s: s.t1)
