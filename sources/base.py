@@ -15,7 +15,9 @@ class Source:
 
     Subclasses implement :meth:`frames`. Iterating a source twice starts the stream again
     (deterministic sources give the same frames). ``fps`` paces the frames to a wall clock
-    (None: as fast as the consumer takes them).
+    (None: as fast as the consumer takes them): frame ``seq`` is due ``(seq - first) / fps``
+    seconds after the stream's first frame, whatever seq the stream starts at (a stream
+    resumed at a checkpoint's position starts at once).
     """
 
     name = "source"
@@ -31,13 +33,15 @@ class Source:
         raise NotImplementedError
 
     async def __aiter__(self) -> AsyncIterator[Frame]:
-        start = now()
+        start, first = now(), None
         # aclosing: a consumer that stops early closes frames() at once (its finally blocks run
         # now, on this task), not whenever the garbage collector finalises the generator.
         async with contextlib.aclosing(self.frames()) as frames:
             async for frame in frames:
                 if self.fps is not None:
-                    delay = start + frame.seq / self.fps - now()
+                    if first is None:
+                        first = frame.seq
+                    delay = start + (frame.seq - first) / self.fps - now()
                     if delay > 0:
                         await asyncio.sleep(delay)
                     frame.t_capture = now()

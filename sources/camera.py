@@ -48,6 +48,8 @@ class PanZoomCamera(Source):
         speed: path speed, about the fraction of a cycle per frame.
         dtype: ``torch.float32`` in [0, 1] or ``torch.uint8``.
         fps: pace to a wall clock (None: as fast as consumed).
+        start: the first frame's seq (to resume a stream at a checkpoint's ``state["position"]``;
+            it yields frames ``start`` … ``frames - 1``).
     """
 
     name = "pan-zoom camera"

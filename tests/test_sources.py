@@ -434,3 +434,21 @@ def test_sensor_backoff_doubles_up_to_its_maximum_and_arguments_are_checked():
         FlakyDevice(backoff=1.0, backoff_max=0.5)
     with pytest.raises(NotImplementedError, match="must implement"):
         asyncio.run(collect(SensorSource(attempts=1)))
+
+
+async def test_a_paced_source_resumed_at_a_later_seq_starts_at_once(monkeypatch):
+    # Pacing is relative to the stream's first frame: a camera resumed at frame 300 must not
+    # wait 300 / fps seconds before its first frame. The waits it asks for are recorded.
+    import partime_async.sources.base as base
+
+    waits: list[float] = []
+
+    async def sleep(delay: float) -> None:
+        waits.append(delay)
+
+    monkeypatch.setattr(base.asyncio, "sleep", sleep)
+    frames = await collect(PanZoomCamera(305, height=8, width=8, fps=1, start=300))
+    assert [f.seq for f in frames] == [300, 301, 302, 303, 304]
+    # frames 301..304 are due 1..4 s after the first (this sleep does not move the clock);
+    # paced by absolute seq they were due 301..304 s after it
+    assert len(waits) == 4 and max(waits) <= 4
