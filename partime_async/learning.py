@@ -12,7 +12,9 @@ t itself: it computes the loss). What each mode does with it:
 ``stashed``     back-propagate it through the graph *of frame t - d_k*, kept since its forward,
                 at the weights that forward used (weight stashing, PipeDream-style): exact
                 per-frame gradients, delayed weights. ``recompute=True`` keeps only the input
-                and recomputes the graph at the current weights (less memory).
+                and recomputes the graph at the current weights (less memory); the recompute
+                replays the random numbers of the frame's forward (its dropout mask) and leaves
+                buffers (BatchNorm's running statistics) as that one forward left them.
 
 The schedule fixes the delays, so learning is deterministic: the same stream and seeds give
 the same weights on CPU whatever the stage speeds — for models without random layers (dropout
@@ -20,7 +22,9 @@ draws from PyTorch's process-wide generator, in whatever order the stages' threa
 Warm-up: a gradient owed for a frame that does not exist (t - d_k < 0) or that had no
 target is skipped. End of stream: ``stashed`` applies every owed gradient; ``partime`` has no
 newer graph to carry its last owed gradients, drops them and counts them in
-:attr:`StageLearner.dropped_gradients`.
+:attr:`StageLearner.dropped_gradients`. ``partime`` needs frame t's output to have frame
+t - d_k's shapes (the gradient of one meets the graph of the other); a stage whose shapes
+change within d_k frames raises a ValueError that says so.
 
 Everything in :class:`StageLearner` runs on the stage's device thread (its worker thread on
 CPU): :meth:`~StageLearner.forward` and :meth:`~StageLearner.backward` calls for one stage
@@ -57,6 +61,12 @@ class OnlineLearning:
             ``lambda params: torch.optim.Adam(params, 1e-3)``.
         mode: ``"sequential"``, ``"partime"`` or ``"stashed"`` (see the module docstring).
         recompute: ``stashed`` only: keep inputs and recompute, instead of stashing weights.
+            The recompute draws the random numbers the frame's forward drew (the CPU
+            generator's state and, on CUDA, the input's devices', saved at the forward and
+            replayed, as ``torch.utils.checkpoint``'s ``preserve_rng_state``) and restores the
+            generators afterwards; it runs on copies of the module's buffers, so BatchNorm's
+            running statistics count each frame once. CPU stages share one generator: the
+            replay is exact when no other stage draws random numbers meanwhile.
         clip_grad_norm: clip each stage's gradient to this norm before its step (per stage).
         scheduler: a factory ``scheduler(optimizer)``; stepped after every optimiser step.
         needs_target: see ``loss``.
@@ -73,7 +83,9 @@ class OnlineLearning:
             delay-tolerant rule of asynchronous SGD (step ~ 1/delay; PipeMare's per-stage
             rates). It slows those stages' learning: a trade-off to measure, not a free fix.
             The factor scales the optimiser's ``lr`` once, before ``scheduler`` is built, so
-            schedulers scale the reduced rate.
+            schedulers scale the reduced rate. A loaded state (checkpoint) records the factor
+            it was saved with: loading divides it out and applies this configuration's
+            factor, so a resumed run may change ``delay_lr``.
     """
 
     loss: Callable[..., torch.Tensor]
@@ -112,6 +124,9 @@ class OnlineLearning:
         return 2 * (n_stages - 1 - stage)
 
 
+_RngState = tuple[torch.Tensor, dict[int, torch.Tensor]]  # CPU generator state, CUDA device -> its state
+
+
 @dataclass
 class _Saved:
     """What a stage keeps of one frame's forward until its gradient comes back."""
@@ -121,6 +136,7 @@ class _Saved:
     x: Payload = None                  # stage input (requires grad where upstream wants it)
     out: Payload = None                # stage output, with its graph
     weights: dict[str, torch.Tensor] | None = None  # stashed weight version
+    rng: _RngState | None = None       # recompute: the generators' states at the forward
     loss: torch.Tensor | None = None   # last stage: this frame's loss
 
 
@@ -143,10 +159,7 @@ class StageLearner:
         self.optimizer = config.optimizer(self.params) if self.params else None
         self.lr_factor = config.lr_factor(self.delay)
         if self.optimizer is not None and self.lr_factor != 1.0:
-            for group in self.optimizer.param_groups:
-                group["lr"] = group["lr"] * self.lr_factor
-                if "initial_lr" in group:
-                    group["initial_lr"] = group["initial_lr"] * self.lr_factor
+            _scale_lrs(self.optimizer, self.lr_factor)
         self.scheduler = config.scheduler(self.optimizer) if config.scheduler and self.optimizer else None
         self.pending: deque[_Saved] = deque()  # device thread: kept forwards, oldest first
         self.forward_failed = False  # device thread: the latest forward raised
@@ -226,6 +239,7 @@ class StageLearner:
                 x = pytree.tree_map(_leaf_requiring_grad, x)
             saved = _Saved(key, learns, x=x)
             if mode == "stashed" and self.config.recompute and self.delay > 0:
+                saved.rng = _rng_state(x)
                 with torch.no_grad():
                     out = self.module(x)
             elif self._stash:
@@ -261,7 +275,9 @@ class StageLearner:
                                    f"{saved.key}'s; the learning schedule is out of step")
         with torch.enable_grad():
             if mode == "stashed" and self.config.recompute and self.delay > 0:
-                saved.out = self.module(saved.x)
+                saved.out = self._recompute(saved)
+            elif mode == "partime" and not self.last:
+                _check_carried(grad, saved.out, self.delay)
             if self.last:
                 outputs, grads = [saved.loss], [None]
             else:
@@ -283,6 +299,19 @@ class StageLearner:
             lambda t: _zeros_if_none(next(it), t) if isinstance(t, torch.Tensor) and t.requires_grad else None, saved.x)
         return key, grad_in
 
+    def _recompute(self, saved: _Saved) -> Payload:
+        """The forward of ``saved``'s frame again, with autograd, at the current weights. It
+        draws the random numbers that frame's forward drew (its dropout mask) and changes no
+        state: the generators are restored afterwards (later draws are as if it had not run)
+        and it updates copies of the buffers, so a BatchNorm counts the frame once."""
+        cpu_state, cuda_states = saved.rng
+        buffers = {name: b.clone() for name, b in self.module.named_buffers()}
+        with torch.random.fork_rng(devices=list(cuda_states), device_type="cuda"):
+            torch.set_rng_state(cpu_state)
+            for device, state in cuda_states.items():
+                torch.cuda.set_rng_state(state, device)
+            return functional_call(self.module, buffers, (saved.x,))
+
     def _step(self, grads: Iterable[torch.Tensor | None]) -> None:
         if self.optimizer is None:
             return
@@ -297,18 +326,68 @@ class StageLearner:
         self.steps += 1
 
     def state_dict(self) -> dict[str, Any]:
+        """Optimiser and scheduler state, step count, and the ``delay_lr`` factor their
+        learning rates carry."""
         return {
             "optimizer": self.optimizer.state_dict() if self.optimizer else None,
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "steps": self.steps,
+            "lr_factor": self.lr_factor,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output. The learning rates loaded (the optimiser's,
+        and the scheduler's base rates) are divided by the saved ``lr_factor`` (1 in states
+        saved before it was recorded: taken as unscaled) and multiplied by this stage's, so
+        ``delay_lr`` is the loading configuration's."""
+        ratio = self.lr_factor / state.get("lr_factor", 1.0)
         if self.optimizer is not None and state.get("optimizer") is not None:
             self.optimizer.load_state_dict(state["optimizer"])
+            if ratio != 1.0:
+                _scale_lrs(self.optimizer, ratio)
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+            if ratio != 1.0 and hasattr(self.scheduler, "base_lrs"):  # an LRScheduler (not ReduceLROnPlateau)
+                # its base rates came from the groups' initial_lr, scaled above: keep them equal
+                self.scheduler.base_lrs = [lr * ratio for lr in self.scheduler.base_lrs]
+                self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # get_last_lr()
         self.steps = state.get("steps", 0)
+
+
+def _scale_lrs(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Multiply an optimiser's learning rates by ``factor``: ``lr``, and ``initial_lr``, from
+    which a scheduler takes its base rates."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * factor
+        if "initial_lr" in group:
+            group["initial_lr"] = group["initial_lr"] * factor
+
+
+def _rng_state(x: Payload) -> _RngState:
+    """The generators a forward of ``x`` draws from: the CPU one, and those of the CUDA
+    devices ``x`` is on (where a CUDA stage computes)."""
+    devices = sorted({t.device.index for t in pytree.tree_leaves(x) if isinstance(t, torch.Tensor) and t.is_cuda})
+    return torch.get_rng_state(), {d: torch.cuda.get_rng_state(d) for d in devices}
+
+
+def _check_carried(grad: Payload, out: Payload, delay: int) -> None:
+    """``partime``: the gradient of frame t - ``delay`` (``grad``, shaped like that frame's
+    output) must fit frame t's output ``out``, whose graph carries it; a ValueError that says
+    why, instead of autograd's shape mismatch."""
+    grads, outs = pytree.tree_leaves(grad), pytree.tree_leaves(out)
+    if len(grads) == len(outs) and all(
+            not (isinstance(g, torch.Tensor) and isinstance(o, torch.Tensor)) or g.shape == o.shape
+            for g, o in zip(grads, outs)):
+        return
+    raise ValueError(
+        f"mode='partime' carries the gradient of frame t-{delay} through the graph of frame t, so this stage's "
+        f"output shapes must not change within {delay} frames: the gradient owed here (frame t-{delay}) has shape "
+        f"{_shapes(grad)} but the output of frame t has shape {_shapes(out)}; use mode='stashed' for streams whose "
+        "frame shapes change (each gradient goes through its own frame's graph)")
+
+
+def _shapes(tree: Payload) -> Any:
+    return pytree.tree_map(lambda t: tuple(t.shape) if isinstance(t, torch.Tensor) else t, tree)
 
 
 def _leaf_requiring_grad(t: Any) -> Any:

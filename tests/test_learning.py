@@ -276,6 +276,58 @@ async def test_stashed_recompute_learns_every_frame_at_current_weights():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def batch_frames(n: int, batch: int = 4, width: int = 6, seed: int = 1) -> list[pa.Frame]:
+    """Frames of several rows each (a BatchNorm in train mode needs more than one)."""
+    g = torch.Generator().manual_seed(seed)
+    return [pa.Frame(t, torch.randn(batch, width, generator=g), target=torch.randn(batch, width, generator=g))
+            for t in range(n)]
+
+
+async def test_stashed_recompute_updates_batchnorm_statistics_once_per_frame():
+    """The recompute runs at the current weights but must not change module state: a
+    BatchNorm's running statistics are those of one forward per frame, as without recompute."""
+    frames, norms = batch_frames(20), {}
+    for recompute in (False, True):
+        # first in the model: its statistics depend on the frames only, not on the weights learnt
+        model = nn.Sequential(nn.BatchNorm1d(6), *make_model())
+        await learn(model, frames, "stashed", [2, 5], recompute=recompute)
+        norms[recompute] = model[0]
+    assert int(norms[True].num_batches_tracked) == int(norms[False].num_batches_tracked) == 20
+    assert torch.equal(norms[True].running_mean, norms[False].running_mean)
+    assert torch.equal(norms[True].running_var, norms[False].running_var)
+
+
+class RecordedDropout(nn.Module):
+    """Dropout that records each call's input and mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, x):
+        mask = nn.functional.dropout(torch.ones_like(x), 0.5, self.training)
+        self.calls.append((x.detach().clone(), mask))
+        return x * mask
+
+
+async def test_stashed_recompute_replays_the_forwards_dropout_mask():
+    """The recompute of a frame meets the dropout mask its forward drew, and leaves the
+    generator as it found it: the forwards draw the masks they draw without recompute. (The
+    weights differ from plain stashed's anyway: the recompute is at the current weights.)"""
+    frames = batch_frames(20)
+    masks = {}
+    for recompute in (False, True):
+        dropout = RecordedDropout()
+        model = nn.Sequential(dropout, *make_model())
+        torch.manual_seed(7)
+        await learn(model, frames, "stashed", [2, 5], recompute=recompute)
+        calls = [[m for x, m in dropout.calls if torch.equal(x, f.data)] for f in frames]
+        assert [len(c) for c in calls] == [2 if recompute else 1] * 20  # forward (and recompute) once each
+        assert all(torch.equal(c[0], c[-1]) for c in calls)             # the recompute replays the forward's
+        masks[recompute] = [c[0] for c in calls]
+    assert all(torch.equal(a, b) for a, b in zip(masks[False], masks[True]))
+
+
 class Jitter(nn.Module):
     """Sleeps a seeded random time per call: stage speeds vary, results must not."""
 
@@ -359,6 +411,77 @@ async def test_state_dict_round_trip_resumes_identically():
     inference = pa.Pipeline(make_model(), devices=pa.cpu_devices(3, threads=1), balance=[2, 2, 2])
     inference.load_state_dict(state)  # no optimisers to fit: the weights are what it needs
     assert all(torch.equal(v, state["model"][k]) for k, v in inference.model.state_dict().items())
+
+
+@pytest.mark.parametrize("scheduler", [
+    None,
+    lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5),     # steps from the current rate
+    lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.9 ** step),  # from its base rates
+])
+async def test_a_loaded_state_takes_the_loading_pipelines_delay_lr(scheduler):
+    """A state saved at one delay_lr and loaded into a pipeline with another continues at
+    the other's rates: as if that pipeline had learnt from the start (rates only: the weights
+    learnt differ); a state saved without the factor counts as unscaled."""
+    frames = make_frames(20)
+
+    def pipeline(delay_lr):
+        learning = pa.OnlineLearning(loss=nn.MSELoss(), optimizer=sgd(), mode="partime", delay_lr=delay_lr,
+                                     scheduler=scheduler)
+        return pa.Pipeline(make_model(), devices=pa.cpu_devices(2, threads=1), balance=[3, 3], learning=learning)
+
+    async def stream(pipe, part):
+        async with pipe:
+            async for _ in pipe.stream(part):
+                pass
+
+    def rates(pipe):
+        lrs = [g["lr"] for learner in pipe.learners for g in learner.optimizer.param_groups]
+        base = [lr for learner in pipe.learners for lr in learner.scheduler.base_lrs] if scheduler else []
+        return lrs + base
+
+    plain, reduced = pipeline(None), pipeline(20.0)  # stage 0's delay is 2: its factor 1/41
+    await stream(plain, frames[:10])
+    await stream(reduced, frames[:10])
+    assert rates(reduced)[0] == pytest.approx(rates(plain)[0] / 41)
+    states = {"plain": plain.state_dict(), "reduced": reduced.state_dict()}
+    states["old"] = copy.deepcopy(states["plain"])  # saved before the factor was recorded
+    for learner_state in states["old"]["learners"]:
+        del learner_state["lr_factor"]
+    for pipe in (plain, reduced):  # the runs that resumed pipelines must match
+        await stream(pipe, frames[10:])
+    for saved, into, like in [("plain", 20.0, reduced), ("old", 20.0, reduced), ("reduced", None, plain),
+                              ("reduced", 20.0, reduced), ("plain", None, plain)]:
+        resumed = pipeline(into)
+        resumed.load_state_dict(states[saved])
+        await stream(resumed, frames[10:])  # the learners are made, and the state loaded, on the first frame
+        assert [learner.steps for learner in resumed.learners] == [learner.steps for learner in like.learners]
+        if (saved, into) in (("reduced", 20.0), ("plain", None)):  # the same factor: restored exactly
+            assert rates(resumed) == rates(like)
+        assert rates(resumed) == pytest.approx(rates(like), rel=1e-12)
+
+
+async def test_partime_says_why_frame_shapes_must_not_change_within_the_delay():
+    """partime carries frame t-d's gradient through frame t's graph: when the shapes change
+    between them it fails with an error that says so (not autograd's), and stashed, which
+    takes each gradient through its own frame's graph, learns from the same stream."""
+    frames = [pa.Frame(t, torch.randn(1 if t < 6 else 2, 6), target=torch.randn(1 if t < 6 else 2, 6))
+              for t in range(12)]
+    learning = pa.OnlineLearning(loss=nn.MSELoss(), optimizer=sgd(), mode="partime")
+    pipe = pa.Pipeline(make_model(), devices=pa.cpu_devices(2, threads=1), balance=[3, 3], learning=learning,
+                       input_spec=None, output_spec=None)
+    with pytest.raises(pa.PipelineError) as failed:
+        async with pipe:
+            async for _ in pipe.stream(frames):
+                pass
+    # stage 0 owes frame 4's gradient after its forward of frame 6, the first with 2 rows
+    assert failed.value.seq == 4 and isinstance(failed.value.__cause__, ValueError)
+    message = str(failed.value)
+    assert "gradient of frame t-2 through the graph of frame t" in message and "mode='stashed'" in message
+    assert "has shape (1, 6) but the output of frame t has shape (2, 6)" in message
+    pipe = pa.Pipeline(make_model(), devices=pa.cpu_devices(2, threads=1), balance=[3, 3], input_spec=None,
+                       output_spec=None, learning=pa.OnlineLearning(loss=nn.MSELoss(), optimizer=sgd(), mode="stashed"))
+    async with pipe:
+        assert len(await _read_all(pipe, frames)) == 12
 
 
 def test_learning_configuration_errors():
