@@ -19,8 +19,10 @@ fresh warm-up, as at the start of a stream.
 from __future__ import annotations
 
 import copy
+import errno
 import io
 import os
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Any, Awaitable
@@ -71,14 +73,36 @@ def stage_state(module: torch.nn.Module, learner: Any) -> tuple[dict[str, Any], 
     return copy.deepcopy((module.state_dict(), learner.state_dict()))
 
 
+# Flags of a new file for writing that is surely ours: never an existing one, never a link.
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+
+
+def create_temporary(path: Path) -> tuple[int, Path]:
+    """Create a new, empty hidden file ``.NAME.XXXXXXXX.tmp`` in ``path``'s folder (which must
+    exist), open for writing; returns its descriptor and its path.
+
+    The file gets the mode a plain ``open(path, "w")`` would give a new ``path``: 0o666 less
+    the umask (not :func:`tempfile.mkstemp`'s 0o600, which the rename would carry over to
+    ``path``). The OS applies the umask as it creates the file, so the umask is never read or
+    changed here (``os.umask`` is process-wide: changing it races with other threads)."""
+    for _ in range(tempfile.TMP_MAX):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, _NEW_FILE, 0o666), tmp
+        except FileExistsError:  # another writer's temporary file: draw another name
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", str(path.parent))
+
+
 def save_atomic(obj: Any, path: str | Path) -> Path:
     """``torch.save`` to ``path`` so that a crash never leaves a partial file: write a
-    temporary file in the same folder, flush it to disk, then rename it over ``path``."""
+    temporary file in the same folder, flush it to disk, then rename it over ``path``. A new
+    file gets the same mode as with ``torch.save`` (0o666 less the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = create_temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(buffer.getbuffer())
@@ -86,7 +110,7 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 

@@ -164,19 +164,53 @@ class Progress(Sink):
         self.out.flush()
 
 
+def check_demo_options(stages: int | None, learn: bool, mode: str | None, trace: str | Path | None,
+                       plot: str | Path | None) -> None:
+    """Raise ``ValueError`` (naming the command-line flags) for options that :func:`demo`
+    could not honour: more stages than the model has layers, ``--stages`` with the one-stage
+    ``sequential`` mode, a ``--mode`` with ``--no-learn``, or a ``--trace`` / ``--plot`` file
+    whose folder does not exist. Checked before anything runs, so that a mistake does not
+    surface only after the baseline and the whole stream."""
+    if stages is not None:
+        layers = len(demo_model())
+        if stages > layers:
+            raise ValueError(f"--stages: the demo's conv net has {layers} layers, so at most {layers} stages, "
+                             f"got {stages}")
+    if mode is not None and not learn:
+        raise ValueError(f"--mode {mode} sets how the demo learns, but --no-learn turns learning off; "
+                         "drop one of them")
+    if learn and mode == "sequential" and stages not in (None, 1):
+        raise ValueError(f"--mode sequential runs the whole model as one stage, so --stages {stages} cannot "
+                         "apply; drop --stages, or pick --mode partime or stashed to split the model")
+    for flag, path in (("--trace", trace), ("--plot", plot)):
+        if path is None:
+            continue
+        folder = Path(path).parent
+        if not folder.is_dir():
+            raise ValueError(f"{flag}: the folder {str(folder)!r} of {str(path)!r} does not exist; create it first")
+        if Path(path).is_dir():
+            raise ValueError(f"{flag}: {str(path)!r} is a folder; give a file name in it")
+
+
 async def demo(frames: int = 600, size: int = 64, stages: int | None = None, learn: bool = True,
-               mode: str = "partime", out: TextIO = sys.stdout, trace: str | Path | None = None,
+               mode: str | None = None, out: TextIO = sys.stdout, trace: str | Path | None = None,
                plot: str | Path | None = None) -> dict[str, float]:
-    """The main job; returns the summary numbers (also printed). ``trace``: write the run's
-    Chrome/Perfetto trace there; ``plot``: draw its timeline there (PNG)."""
+    """The main job; returns the summary numbers (also printed). ``mode``: how it learns
+    (None: ``partime``; must be None with ``learn=False``). ``stages``: CPU stages (None: one
+    per core, at most 4; GPUs: every GPU). ``trace``: write the run's Chrome/Perfetto trace
+    there; ``plot``: draw its timeline there (PNG). Raises ``ValueError`` up front for options
+    it cannot honour (:func:`check_demo_options`)."""
+    check_demo_options(stages, learn, mode, trace, plot)
+    mode = mode or "partime"
+    sequential = learn and mode == "sequential"  # the whole model on one device
     torch.manual_seed(0)
     model = demo_model()
     camera, source = demo_source(frames, size, learn=learn)
     if torch.cuda.is_available():
-        devices: list[Device] | str = "auto"
-        n = torch.cuda.device_count()
+        devices: list[Device] | str = ["cuda:0"] if sequential else "auto"
+        n = 1 if sequential else torch.cuda.device_count()
     else:
-        n = 1 if mode == "sequential" else stages or max(1, min(available_cores(), 4))
+        n = 1 if sequential else stages or max(1, min(available_cores(), 4))
         devices = cpu_devices(n)
     learning = demo_learning(mode) if learn else None
     job = f"learning next-frame prediction online ({mode} mode)" if learn else "inference"
@@ -261,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_demo.add_argument("--size", type=_at_least(8), default=64, help="frame height and width")
     p_demo.add_argument("--stages", type=_at_least(1), default=None,
                         help="CPU stages (default: one per core, at most 4)")
-    p_demo.add_argument("--mode", choices=MODES, default="partime", help="online learning mode")
+    p_demo.add_argument("--mode", choices=MODES, default=None, help="online learning mode (default: partime)")
     p_demo.add_argument("--no-learn", dest="learn", action="store_false", help="inference only")
     p_demo.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace of the run (JSON)")
     p_demo.add_argument("--plot", metavar="FILE", help="draw a timeline of the run (PNG)")
@@ -271,6 +305,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "bench":
         return bench(args.names, ["--quick"] if args.quick else [])
+    try:  # a usage error (exit 2), reported before anything runs
+        check_demo_options(args.stages, args.learn, args.mode, args.trace, args.plot)
+    except ValueError as exc:
+        p_demo.error(str(exc))
     factory = loop_factory(args.loop)
     try:
         with asyncio.Runner(loop_factory=factory) as runner:

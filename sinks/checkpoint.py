@@ -13,8 +13,7 @@ from .base import Sink
 class Checkpoint(Sink):
     """Writes ``pipe``'s state (weights, per-stage optimiser state, stream position) every
     ``every`` frames, atomically (temporary file + rename: a crash never leaves a partial
-    file). ``path`` may contain ``{seq}`` to keep one file per checkpoint; otherwise the file
-    is replaced each time. Resume with::
+    file). Resume with::
 
         state = partime_async.checkpoint.load(path)
         pipe.load_state_dict(state)           # then stream from state["position"]
@@ -24,6 +23,13 @@ class Checkpoint(Sink):
     The pipeline takes cuts for this sink from when it is opened (a graph opens its sinks
     before the first frame) until it is closed; several sinks may checkpoint one pipeline,
     each at its own period.
+
+    ``path``'s file name may hold ``{seq}``, the frame of the cut (``str.format`` syntax, a
+    format spec allowed: ``ckpt-{seq:06d}.pt``), to keep one file per checkpoint; without it
+    the file is replaced each time. Only the file name is a template, ``{seq}`` its one field
+    and ``{{`` / ``}}`` its literal braces; the folders are used as written (a folder named
+    ``exp{1}`` is fine). A file name that is not such a template raises ``ValueError`` here,
+    not at the first cut.
     """
 
     name = "checkpoint"
@@ -34,9 +40,15 @@ class Checkpoint(Sink):
             raise ValueError(f"every must be a positive int, got {every!r}")
         self.pipe = pipe
         self.path = str(path)
+        self._folder = Path(path).parent
+        self._name = _file_name_template(Path(path))
         self.every = every
         self.saved: list[Path] = []
         self._asked = False
+
+    def path_of(self, seq: int) -> Path:
+        """The file of the checkpoint cut at frame ``seq``."""
+        return self._folder / self._name.format(seq=seq)
 
     async def open(self) -> None:
         if not self._asked:
@@ -52,9 +64,22 @@ class Checkpoint(Sink):
         if snapshot is None or snapshot.index % self.every:  # none, or another sink's cut
             return
         state = await snapshot.state(self.pipe)
-        self.saved.append(await save_atomic_async(state, self.path.format(seq=frame.seq)))
+        self.saved.append(await save_atomic_async(state, self.path_of(frame.seq)))
 
     async def close(self) -> None:
         if self._asked:
             self.pipe._stop_checkpoints(self.every)
             self._asked = False
+
+
+def _file_name_template(path: Path) -> str:
+    """``path``'s file name, checked to be a template whose only field is ``{seq}``."""
+    name = path.name
+    try:
+        name.format(seq=0)
+    except (KeyError, IndexError, AttributeError, TypeError, ValueError) as exc:
+        raise ValueError(f"Checkpoint path {str(path)!r}: its file name {name!r} is not a valid template "
+                         f"({type(exc).__name__}: {exc}); its only field is {{seq}}, the frame of the cut "
+                         f"(e.g. 'ckpt-{{seq}}.pt' or 'ckpt-{{seq:06d}}.pt'); write a literal brace as '{{{{' or "
+                         f"'}}}}'") from None
+    return name

@@ -16,7 +16,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,6 +24,7 @@ import aiofiles.os
 import numpy as np
 import torch
 
+from partime_async.checkpoint import create_temporary
 from partime_async.frame import Frame, Payload, tree_map
 from partime_async.threads import to_the_end
 
@@ -36,7 +36,8 @@ _fsync = aiofiles.os.wrap(os.fsync)
 class AtomicFile:
     """A binary file that appears at ``path`` complete, or not at all.
 
-    :meth:`open` creates a hidden temporary file (``.NAME.XXXX.tmp``) in ``path``'s folder;
+    :meth:`open` creates a hidden temporary file (``.NAME.XXXX.tmp``) in ``path``'s folder,
+    with the mode a plain ``open()`` would give ``path`` (0o666 less the umask);
     :meth:`write` appends to it; :meth:`commit` flushes it, fsyncs it (``fsync=True``) and
     renames it over ``path`` (an atomic replace on POSIX and Windows); :meth:`discard` removes
     it. As an async context manager it commits on success and discards on any exception,
@@ -54,9 +55,9 @@ class AtomicFile:
         if self.tmp is not None:
             raise RuntimeError(f"{self.path} is already open")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        fd, tmp = create_temporary(self.path)
         os.close(fd)
-        self.tmp = Path(tmp)
+        self.tmp = tmp
 
         async def open_tmp() -> None:
             self._file = await aiofiles.open(tmp, "wb")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 from typing import Any, AsyncIterable, AsyncIterator, Iterable
 
@@ -30,13 +29,14 @@ class Source:
             self.name = name
 
     def frames(self) -> AsyncIterator[Frame]:
+        """The stream: an async generator or any async iterator; if it has ``aclose``, it is
+        closed when the stream ends or its consumer stops."""
         raise NotImplementedError
 
     async def __aiter__(self) -> AsyncIterator[Frame]:
         start, first = now(), None
-        # aclosing: a consumer that stops early closes frames() at once (its finally blocks run
-        # now, on this task), not whenever the garbage collector finalises the generator.
-        async with contextlib.aclosing(self.frames()) as frames:
+        frames = self.frames()
+        try:
             async for frame in frames:
                 if self.fps is not None:
                     if first is None:
@@ -46,6 +46,12 @@ class Source:
                         await asyncio.sleep(delay)
                     frame.t_capture = now()
                 yield frame
+        finally:
+            # A consumer that stops early closes frames() at once (its finally blocks run now,
+            # on this task), not whenever the garbage collector finalises the generator.
+            aclose = getattr(frames, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"

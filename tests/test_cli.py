@@ -38,3 +38,33 @@ def test_demo_rejects_bad_numbers(args, words, capsys):
     with pytest.raises(SystemExit):
         cli.main(["demo", *args])
     assert words in capsys.readouterr().err
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("the demo ran before its options were checked")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--stages", "20"], "--stages: the demo's conv net has 9 layers, so at most 9 stages, got 20"),
+    (["--mode", "sequential", "--stages", "2"], "--mode sequential runs the whole model as one stage"),
+    (["--no-learn", "--mode", "stashed"], "--mode stashed sets how the demo learns, but --no-learn turns learning off"),
+    (["--trace", "{missing}/t.json"], "--trace: the folder '{missing}' of '{missing}/t.json' does not exist"),
+    (["--plot", "{missing}/t.png"], "--plot: the folder '{missing}' of '{missing}/t.png' does not exist"),
+    (["--plot", "{tmp}"], "--plot: '{tmp}' is a folder"),
+], ids=["too-many-stages", "sequential-split", "mode-without-learning", "no-trace-folder", "no-plot-folder",
+        "plot-is-a-folder"])
+def test_demo_rejects_options_it_cannot_honour_before_running(args, words, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "demo", _must_not_run)
+    where = {"missing": tmp_path / "missing", "tmp": tmp_path}
+    with pytest.raises(SystemExit) as info:
+        cli.main(["demo", *(a.format(**where) for a in args)])
+    assert info.value.code == 2
+    assert words.format(**where) in capsys.readouterr().err
+
+
+async def test_demo_function_checks_its_options_up_front(monkeypatch):
+    monkeypatch.setattr(cli, "best_unsplit_throughput", _must_not_run)
+    with pytest.raises(ValueError, match="at most 9 stages"):
+        await cli.demo(stages=20, out=io.StringIO())
+    with pytest.raises(ValueError, match="--no-learn"):
+        await cli.demo(learn=False, mode="stashed", out=io.StringIO())

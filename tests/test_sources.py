@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from torch import nn
 import partime_async as pa
 from partime_async.sinks import Collect
 from partime_async.sources import (END, NpyDirectory, NpzVideo, PanZoomCamera, QueueSource, RealTime, SensorSource,
-                                   SyntheticVideo, from_async_iterable, from_iterable, from_queue)
+                                   Source, SyntheticVideo, from_async_iterable, from_iterable, from_queue)
 
 
 def identity_pipe() -> pa.Pipeline:
@@ -81,6 +82,33 @@ async def test_a_consumer_that_stops_early_closes_the_async_generator_at_once():
                     break
         await asyncio.sleep(0)
     assert closed == [True]
+
+
+async def test_a_source_whose_frames_is_a_plain_async_iterator():
+    """frames() may return any AsyncIterator (no aclose): the stream ends, or stops early, cleanly."""
+    class Counter:
+        def __init__(self, n: int) -> None:
+            self.i, self.n = 0, n
+
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self) -> pa.Frame:
+            if self.i >= self.n:
+                raise StopAsyncIteration
+            self.i += 1
+            return pa.Frame(self.i - 1, torch.zeros(2))
+
+    class Counting(Source):
+        def frames(self):
+            return Counter(4)
+
+    assert [f.seq for f in await collect(Counting())] == [0, 1, 2, 3]
+    async with contextlib.aclosing(aiter(Counting())) as frames:
+        assert (await anext(frames)).seq == 0  # then closed before its end
+    sink = Collect()
+    stats = await pa.run(Counting() >> identity_pipe() >> sink)
+    assert stats.delivered == 4 and [f.seq for f in sink.frames] == [0, 1, 2, 3]
 
 
 # -- files -----------------------------------------------------------------------------------------------
