@@ -50,56 +50,95 @@ async def run(graph: Graph) -> PipelineStats:
     """Run ``graph`` until its source ends and every sink has written every frame.
 
     Returns the pipeline's final statistics. Raises one :class:`PipelineError` on failure,
-    after every task is cancelled and every worker thread joined.
+    after every task is cancelled and every worker thread joined. The sinks are closed last,
+    together, once the whole graph has ended: on success, or while the failure or
+    cancellation propagates (so a file sink commits only when the whole graph succeeded).
     """
     if graph.source is None:
         raise ValueError("the graph has no source: write `source >> pipeline >> sinks`")
     pipe = graph.pipeline
+    opened: list[Sink] = []  # in the order they opened: each is closed exactly once
+    me = asyncio.current_task()
+    cancelling = me.cancelling() if me is not None else 0
     try:
         async with pipe, asyncio.TaskGroup() as tg:
-            channels, opened = [], []
+            channels, ready = [], []
             for sink in graph.sinks:
                 channel: Channel[Frame] = Channel(sink.capacity, sink.policy, name=f"sink {sink.name}",
                                                   on_drop=sink.count_drop)
                 channels.append(channel)
-                opened.append(asyncio.get_running_loop().create_future())
-                tg.create_task(_drive(sink, channel, opened[-1]), name=f"partime-sink-{sink.name}")
+                ready.append(asyncio.get_running_loop().create_future())
+                tg.create_task(_drive(sink, channel, ready[-1], opened), name=f"partime-sink-{sink.name}")
             try:
                 # Every sink is open before the first frame is read (a checkpoint sink asks
                 # the pipeline for its cuts when it opens). A sink that fails to open fails
                 # its task, and the task group cancels this wait.
-                await asyncio.gather(*opened)
+                await asyncio.gather(*ready)
                 async for frame in pipe.stream(graph.source):
                     for channel in channels:
                         await channel.send(frame)
             finally:
                 for channel in channels:
                     channel.close()
-    except BaseExceptionGroup as group:
-        error = primary_error(group)
-        if error is None:
+    except BaseException as exc:
+        error = primary_error(exc) if isinstance(exc, BaseExceptionGroup) else None
+        if error is not None and me is not None:
+            # Python 3.11's TaskGroup cancels this task when a sink fails after the group's
+            # body has ended, and never takes that back (uncancel): this task would stay
+            # "being cancelled" (asyncio.timeout() and file sinks later in it misbehave).
+            while me.cancelling() > cancelling:
+                me.uncancel()
+        # Closed while the failure propagates: a file sink sees it and discards its file.
+        errors = await _close(opened)
+        if error is None:  # cancelled, or an error raised as it is (say, a pipeline that could not start)
+            for also in errors:
+                exc.add_note(f"also, while closing: {also}")
             raise
+        for also in errors:
+            error.add_note(f"also, while closing: {also}")
         raise error from error.__cause__  # one error, still chained to what really failed
+    errors = await _close(opened)
+    if errors:
+        raise errors[0]
     return pipe.stats()
 
 
-async def _drive(sink: Sink, channel: Channel[Frame], opened: asyncio.Future[None]) -> None:
+async def _drive(sink: Sink, channel: Channel[Frame], ready: asyncio.Future[None], opened: list[Sink]) -> None:
     try:
         await sink.open()
     except Exception as exc:
         raise PipelineError(f"{type(exc).__name__}: {exc}", component=f"sink {sink.name}") from exc
-    if not opened.done():  # (cancelled with the run's wait for it)
-        opened.set_result(None)
-    try:
-        async for frame in channel:
-            try:
-                await sink.write(frame)
-            except Exception as exc:
-                raise PipelineError(f"{type(exc).__name__}: {exc}", component=f"sink {sink.name}",
-                                    seq=frame.seq) from exc
-            sink.written += 1
-    finally:
-        await sink.close()
+    opened.append(sink)
+    if not ready.done():  # (cancelled with the run's wait for it)
+        ready.set_result(None)
+    async for frame in channel:
+        try:
+            await sink.write(frame)
+        except Exception as exc:
+            raise PipelineError(f"{type(exc).__name__}: {exc}", component=f"sink {sink.name}",
+                                seq=frame.seq) from exc
+        except asyncio.CancelledError as exc:
+            if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                raise  # the graph is being cancelled
+            # The sink's own (say, a future it awaited was cancelled): ending quietly here
+            # would leave this sink's channel undrained and the graph waiting for it.
+            raise PipelineError("CancelledError raised by the sink itself (not a cancellation of the graph)",
+                                component=f"sink {sink.name}", seq=frame.seq) from exc
+        sink.written += 1
+
+
+async def _close(sinks: list[Sink]) -> list[PipelineError]:
+    """Close every sink (each once, all of them whatever fails); their errors, named."""
+    errors: list[PipelineError] = []
+    for sink in sinks:
+        try:
+            await sink.close()
+        except Exception as exc:
+            error = PipelineError(f"{type(exc).__name__} in close(): {exc}", component=f"sink {sink.name}")
+            error.__cause__ = exc
+            errors.append(error)
+    sinks.clear()
+    return errors
 
 
 LoopKind = Literal["auto", "uvloop", "asyncio"]

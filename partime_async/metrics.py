@@ -146,8 +146,10 @@ class Report:
     """What a pipeline did: counts, throughput, latency percentiles, and per-stage numbers.
 
     Latency is capture to delivery (``Frame.t_capture`` to ``Frame.t_done``) over the frames
-    whose ``deliver`` span is still in the ring; ``None`` without spans (``metrics=False``).
-    ``spans``: how many spans the statistics came from. ``str(report)`` is a readable table.
+    whose ``deliver`` span is still in the ring; ``None`` without spans (``metrics=False``, or
+    no frame delivered yet). ``latency_sum_s`` is the sum over every frame delivered since
+    start (a counter, spans or not). ``spans``: how many spans the statistics came from.
+    ``str(report)`` is a readable table.
     """
 
     elapsed_s: float
@@ -163,6 +165,9 @@ class Report:
     latency_frames: int
     stages: list[StageReport] = field(default_factory=list)
     spans: int = 0
+    discarded: int = 0
+    latency_sum_s: float = 0.0
+    metrics: bool = True  # whether the pipeline records spans
 
     @property
     def bottleneck(self) -> str | None:
@@ -171,11 +176,14 @@ class Report:
         return busiest.name if busiest is not None and busiest.busy > 0 else None
 
     def __str__(self) -> str:
+        discarded = f", discarded {self.discarded} (reader gone)" if self.discarded else ""
         lines = [f"{self.delivered} delivered of {self.admitted} admitted in {self.elapsed_s:.3f} s: "
-                 f"{self.throughput:.1f} frames/s; dropped {self.dropped}, skipped {self.skipped}"]
+                 f"{self.throughput:.1f} frames/s; dropped {self.dropped}, skipped {self.skipped}{discarded}"]
         if self.latency_p50_s is not None:
             lines.append(f"latency capture->delivery over {self.latency_frames} frames: "
                          f"p50 {_ms(self.latency_p50_s)}, p95 {_ms(self.latency_p95_s)}, p99 {_ms(self.latency_p99_s)}")
+        elif self.metrics:
+            lines.append("latency: no frame delivered yet (or the span ring holds none)")
         else:
             lines.append("latency: no spans recorded (metrics=False)")
         rows = [("stage", "busy", "compute mean", "median", "wait mean", "in", "out", "dropped", "skipped", "queued")]
@@ -233,20 +241,23 @@ def report(pipe: Pipeline) -> Report:
     return Report(elapsed_s=elapsed, admitted=stats.admitted, delivered=stats.delivered, dropped=stats.dropped,
                   skipped=stats.skipped, throughput=stats.throughput, latency_mean_s=mean, latency_p50_s=p50,
                   latency_p95_s=p95, latency_p99_s=p99, latency_frames=len(latencies), stages=stages,
-                  spans=len(c.stage))
+                  spans=len(c.stage), discarded=stats.discarded, latency_sum_s=pipe._latency_sum_s,
+                  metrics=pipe.metrics_enabled)
 
 
 # -- Prometheus ------------------------------------------------------------------------------------
 def prometheus_text(pipe: Pipeline) -> str:
     """``pipe``'s metrics now, in Prometheus' text exposition format (for a ``/metrics`` endpoint).
 
-    Counters: ``partime_frames_{admitted,delivered,dropped,skipped}_total``; per stage (labels
+    Counters: ``partime_frames_{admitted,delivered,discarded,dropped,skipped}_total``; per stage (labels
     ``stage``, ``device``) ``partime_stage_frames_total``, ``partime_stage_skipped_total``,
     ``partime_stage_busy_seconds_total``. Gauges: ``partime_throughput_fps``, per stage
     ``partime_stage_busy_ratio``, ``partime_stage_queued_frames``,
     ``partime_stage_compute_median_seconds``, ``partime_stage_wait_mean_seconds`` (the last two
-    only where spans give them). Summary: ``partime_latency_seconds``, capture to delivery
-    (quantiles 0.5, 0.95, 0.99, sum and count over the frames kept in the span ring). The
+    only where spans give them). Summary: ``partime_latency_seconds``, capture to delivery:
+    quantiles 0.5, 0.95, 0.99 over the frames kept in the span ring (a sliding window), and
+    ``_sum`` / ``_count`` over every frame delivered since start (counters, as Prometheus'
+    ``rate(_sum) / rate(_count)`` needs them). The
     numbers are those of :meth:`Pipeline.metrics`. Each call builds its own registry, so any
     number of pipelines can be exposed, each with its own call.
     """
@@ -269,6 +280,7 @@ class _Collector:
         rep = report(self.pipe)
         for name, value, doc in (("admitted", rep.admitted, "Frames admitted into the pipeline."),
                                  ("delivered", rep.delivered, "Frames delivered by the pipeline."),
+                                 ("discarded", rep.discarded, "Frames finished after their reader had gone."),
                                  ("dropped", rep.dropped, "Frames dropped by the ingress policy."),
                                  ("skipped", rep.skipped, "Frames skipped as bad input or failed (on_error='skip').")):
             yield CounterMetricFamily(f"partime_frames_{name}", doc, value=value)
@@ -296,11 +308,11 @@ class _Collector:
             if s.wait_mean_s is not None:
                 wait.add_metric(values, s.wait_mean_s)
         yield from (frames, skipped, busy, busy_s, queued, median, wait)
-        latency = Metric("partime_latency_seconds", "Capture to delivery, over the frames kept in the span ring.",
-                         "summary")
+        latency = Metric("partime_latency_seconds", "Capture to delivery (quantiles over the frames kept in the "
+                         "span ring; sum and count over every delivered frame).", "summary")
         if rep.latency_mean_s is not None:
             for q, v in (("0.5", rep.latency_p50_s), ("0.95", rep.latency_p95_s), ("0.99", rep.latency_p99_s)):
                 latency.add_sample("partime_latency_seconds", {"quantile": q}, v)
-            latency.add_sample("partime_latency_seconds_sum", {}, rep.latency_mean_s * rep.latency_frames)
-            latency.add_sample("partime_latency_seconds_count", {}, rep.latency_frames)
+        latency.add_sample("partime_latency_seconds_sum", {}, rep.latency_sum_s)
+        latency.add_sample("partime_latency_seconds_count", {}, rep.delivered)
         yield latency

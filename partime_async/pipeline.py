@@ -20,6 +20,7 @@ import asyncio
 import copy
 import itertools
 import statistics
+import sys
 import warnings
 import weakref
 from collections import Counter, deque
@@ -53,7 +54,9 @@ class PipelineStats:
     """A snapshot of what the pipeline did so far.
 
     Once the pipeline has drained, every admitted frame is accounted for:
-    ``admitted == delivered + dropped + sum(stage.skipped)``; frames rejected at the door
+    ``admitted == delivered + discarded + dropped + sum(stage.skipped)``, where
+    ``discarded`` frames finished after their reader had gone (a stream closed early, a
+    cancelled ``submit()``); frames rejected at the door
     (with ``on_error="skip"``: bad input, or a first frame that the model failed on while
     the pipeline split it) are counted in ``skipped_input`` instead.
     """
@@ -61,6 +64,7 @@ class PipelineStats:
     balance: list[int] | None
     admitted: int = 0
     delivered: int = 0
+    discarded: int = 0
     skipped_input: int = 0
     dropped: int = 0
     stages: list[StageStats] = field(default_factory=list)
@@ -100,9 +104,23 @@ class OutputStream:
         self._reader = weakref.ref(asyncio.current_task())
         try:
             return await route.out.__anext__()
-        except BaseException:  # the end, a failure, or the reader was cancelled
+        except asyncio.CancelledError:
+            # A cancelled read takes no frame, and the stream stays open, as a channel's does
+            # (``wait_for(anext(stream), t)`` timing out reads on). But a reader task that was
+            # cancelled for good reads no more: once it has ended, its stream is closed. (Not
+            # when the read ran as a task of its own, as ``wait_for`` runs it on Python 3.11:
+            # that task ends with every read.)
+            task = asyncio.current_task()
+            if task is not None and getattr(task.get_coro(), "cr_frame", None) is not sys._getframe(0):
+                task.add_done_callback(self._reader_ended)
+            raise
+        except BaseException:  # the end, or a failure
             self._close()
             raise
+
+    def _reader_ended(self, task: asyncio.Task[Any]) -> None:
+        if self._reader is not None and self._reader() is task:  # no other task read it since
+            self._close()
 
     def _open(self) -> StreamRoute:
         pipe = self._pipe
@@ -258,7 +276,8 @@ class Pipeline:
         self._error: PipelineError | None = None
         self._seq = itertools.count()
         self._t_start = self._t_end = 0.0
-        self._delivered = 0
+        self._delivered = self._discarded = 0
+        self._latency_sum_s = 0.0  # over the delivered frames, since start (Prometheus' summary sum)
         self._position = 0
 
     def __repr__(self) -> str:
@@ -292,7 +311,8 @@ class Pipeline:
                        if self.metrics_enabled else None)
         self._t_start = now()
         started: asyncio.Future[None] = loop.create_future()
-        self._delivered = 0
+        self._delivered = self._discarded = 0
+        self._latency_sum_s = 0.0
         self._task = loop.create_task(self._serve(started), name="partime-pipeline")
         try:
             await started
@@ -589,8 +609,12 @@ class Pipeline:
         try:
             await self._admit(frame, route)
             return (await future).data
+        except ChannelClosed:  # stop() closed the ingress while this caller waited for room
+            raise PipelineClosed("the pipeline stopped before this frame was admitted") from None
         finally:
             self._routes.discard(route)
+            if future.done() and not future.cancelled():
+                future.exception()  # this caller learnt its outcome already (say, from the ingress)
 
     def stream(self, source: Iterable[Any] | AsyncIterable[Any]) -> OutputStream:
         """Feed ``source`` through the pipeline; iterate the result for its outputs, in order.
@@ -604,21 +628,18 @@ class Pipeline:
         is garbage-collected, or by :meth:`stop` when the task stopping is the one that read
         it (``break`` out of ``async for``, then leave ``async with pipe:``). A stream object
         kept alive after its reader stopped reading must be closed: :meth:`stop` finishes
-        every frame in flight and would wait for that stream's reader.
+        every frame in flight and would wait for that stream's reader. A read that is
+        cancelled (say by ``asyncio.wait_for``'s timeout) takes no frame: the next read gets it.
         """
+        if not _is_source(source):
+            raise TypeError(f"a source must be an iterable or async iterable of frames or tensors, got "
+                            f"{type(source).__name__} (for one tensor, use `await pipe.submit(x)`)")
         return OutputStream(self, source)
 
     async def _pump(self, source: Iterable[Any] | AsyncIterable[Any], route: StreamRoute) -> None:
         name = getattr(source, "name", type(source).__name__)
-        if hasattr(source, "__aiter__"):
-            items, is_async = aiter(source), True  # type: ignore[arg-type]
-        elif hasattr(source, "__iter__") and not isinstance(source, torch.Tensor):
-            items, is_async = iter(source), False  # type: ignore[arg-type]
-        else:
-            error = TypeError(f"a source must be an iterable or async iterable of frames or tensors, got "
-                              f"{type(source).__name__} (for one tensor, use `await pipe.submit(x)`)")
-            route.fail(error)
-            raise error
+        is_async = hasattr(source, "__aiter__")
+        items = aiter(source) if is_async else iter(source)  # type: ignore[arg-type]
         seq = 0
         try:
             while True:
@@ -628,11 +649,19 @@ class Pipeline:
                     break
                 except Exception as exc:
                     raise PipelineError(f"{type(exc).__name__}: {exc}", component=f"source {name}", seq=seq) from exc
+                except asyncio.CancelledError as exc:
+                    if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                        raise  # this pump was cancelled (stop(), or the reader went away)
+                    # The source's own: ending here would pass for the end of the stream.
+                    raise PipelineError("CancelledError raised by the source itself (not a cancellation of "
+                                        "the pipeline)", component=f"source {name}", seq=seq) from exc
                 frame = _own_frame(item) if isinstance(item, Frame) else Frame(seq, item)
                 seq = frame.seq + 1
                 await self._admit(frame, route)
-                if self.policy != "block" and not is_async:
-                    await asyncio.sleep(0)  # a drop policy never blocks: let the loop run between frames
+                if self.policy != "block":
+                    # A drop policy never blocks, and a source (sync, or async without a real
+                    # wait) may never suspend either: let the stages run between frames.
+                    await asyncio.sleep(0)
         except (asyncio.CancelledError, ChannelClosed):
             pass  # stop() or the reader went away: admission ends, not an error of the graph
         except BaseException as exc:
@@ -752,6 +781,7 @@ class Pipeline:
             balance=list(self.balance) if self.balance is not None else None,
             admitted=getattr(self, "_admitted", 0),
             delivered=self._delivered,
+            discarded=self._discarded,
             skipped_input=getattr(self, "_skipped_input", 0),
             dropped=ingress.dropped if ingress is not None else 0,
             stages=[e.stats.snapshot() for e in self.executors],
@@ -786,7 +816,7 @@ class Egress:
     """After the last stage: each finished job goes straight to its route, in order, from the
     last stage's own task (an egress task behind one more channel would cost the loop a task
     switch per frame). It stamps ``Frame.t_done``, records the ``deliver`` span and counts the
-    delivery. The sending half of a channel (:class:`~partime_async.executor.Outbox`): a
+    delivery (or the discarding of a frame whose reader went away). The sending half of a channel (:class:`~partime_async.executor.Outbox`): a
     reader that is behind makes the last stage wait, as a full channel would."""
 
     def __init__(self, pipe: Pipeline) -> None:
@@ -794,29 +824,39 @@ class Egress:
         self._record = pipe._spans.append if pipe._spans is not None else None
 
     def send_nowait(self, job: Job) -> bool:
-        frame = job.frame
+        frame, route = job.frame, job.route
         frame.t_done = now()
-        if not job.route.offer(frame):
+        gone = route.gone
+        if not route.offer(frame):
             return False
-        self._delivered(frame)
+        self._settled(frame, gone)
         return True
 
     async def send(self, job: Job) -> None:
+        gone = job.route.gone
         await job.route.deliver(job.frame)
-        self._delivered(job.frame)
+        self._settled(job.frame, gone)
 
     def close(self) -> None:
         """Nothing to do: each route closes itself once all its frames have settled."""
 
-    def _delivered(self, frame: Frame) -> None:
+    def _settled(self, frame: Frame, gone: bool) -> None:
         if self._record is not None:
             self._record((-1, "deliver", frame.seq, frame.t_capture, frame.t_done))
         pipe = self._pipe
-        pipe._delivered += 1
+        if gone:  # its reader went away: not delivered to anyone
+            pipe._discarded += 1
+        else:
+            pipe._delivered += 1
+            pipe._latency_sum_s += frame.t_done - frame.t_capture
         pipe._position = frame.seq + 1
 
 
 # -- helpers ---------------------------------------------------------------------------------------
+def _is_source(source: object) -> bool:
+    return hasattr(source, "__aiter__") or (hasattr(source, "__iter__") and not isinstance(source, torch.Tensor))
+
+
 class _SkipFrame(Exception):
     """Raised by the build, with ``on_error="skip"``, when the model failed on the streamed
     frame it was splitting on: that frame is skipped (``error`` says why), not the pipeline."""

@@ -19,9 +19,14 @@ class Route:
 
     def __init__(self) -> None:
         self.admitted = 0
-        self.delivered = 0
+        self.delivered = 0  # or discarded, when the reader had gone (see :attr:`gone`)
         self.skipped = 0
         self.dropped = 0
+
+    @property
+    def gone(self) -> bool:
+        """Whether the reader went away: a frame settled now is discarded, not delivered."""
+        return False
 
     def offer(self, frame: Frame) -> bool:
         """Deliver ``frame`` if that needs no waiting; False means: await :meth:`deliver`."""
@@ -47,6 +52,10 @@ class FutureRoute(Route):
     def __init__(self, future: asyncio.Future[Frame]) -> None:
         super().__init__()
         self.future = future
+
+    @property
+    def gone(self) -> bool:
+        return self.future.cancelled()
 
     def offer(self, frame: Frame) -> bool:
         self.delivered += 1
@@ -79,6 +88,10 @@ class StreamRoute(Route):
         self.out: Channel[Frame] = Channel(capacity, name="stream output")
         self.admitting = True
         self.detached = False  # the reader went away: settle quietly, never block the egress
+
+    @property
+    def gone(self) -> bool:
+        return self.detached
 
     def offer(self, frame: Frame) -> bool:
         if not self.detached and not self.out.send_nowait(frame):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 
 import pytest
 import torch
@@ -238,10 +239,89 @@ async def test_source_failure_in_run(inline):
     await assert_clean()
 
 
-async def test_a_source_that_is_not_iterable_is_reported():
+async def test_a_source_that_is_not_iterable_is_refused_to_its_caller_alone():
+    """``stream(tensor)`` raises at once, to that caller: the pipeline others use goes on."""
     pipe = pa.Pipeline([nn.Identity()], devices=pa.cpu_devices(1))
-    with pytest.raises((TypeError, pa.PipelineError), match="source must be an iterable"):
-        await run_stream(pipe, torch.zeros(3))
+    async with pipe:
+        with pytest.raises(TypeError, match="source must be an iterable.*pipe.submit"):
+            pipe.stream(torch.zeros(3))
+        assert torch.equal(await pipe.submit(torch.ones(3)), torch.ones(3))
+    await assert_clean()
+
+
+async def test_a_cancelled_error_raised_by_the_source_itself_fails_the_run():
+    """A source that raises CancelledError of its own (not a cancellation of the run) must
+    not pass for the end of the stream."""
+    async def source():
+        for i in range(10):
+            if i == 5:
+                raise asyncio.CancelledError("a future the source awaited was cancelled")
+            yield marked(i)
+
+    pipe = pa.Pipeline([nn.Identity()], devices=pa.cpu_devices(1))
+    with pytest.raises(pa.PipelineError, match="CancelledError raised by the source") as info:
+        await pa.run(source() >> pipe >> Collect())
+    assert info.value.component.startswith("source") and info.value.seq == 5
+    await assert_clean()
+
+
+async def test_a_cancelled_error_raised_by_a_sink_itself_fails_the_run_instead_of_hanging():
+    async def write(frame: pa.Frame) -> None:
+        if frame.seq == 3:
+            raise asyncio.CancelledError("an upload the sink awaited was cancelled")
+
+    pipe = pa.Pipeline([nn.Identity()], devices=pa.cpu_devices(1))
+    run = pa.run(from_iterable(marked(i) for i in range(20)) >> pipe >> CallbackSink(write, capacity=1, name="up"))
+    with pytest.raises(pa.PipelineError, match="CancelledError raised by the sink") as info:
+        await asyncio.wait_for(run, 60)  # a guard: before, the run waited for this sink forever
+    assert info.value.component == "sink up" and info.value.seq == 3
+    await assert_clean()
+
+
+class _CloseFails(Collect):
+    def __init__(self, *, fail_write_at: int | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.fail_write_at = fail_write_at
+
+    async def write(self, frame: pa.Frame) -> None:
+        if frame.seq == self.fail_write_at:
+            raise ValueError(f"server rejected frame {frame.seq}")
+        await super().write(frame)
+
+    async def close(self) -> None:
+        raise ConnectionError("flush to server failed")
+
+
+async def test_a_sink_whose_close_fails_is_named_and_does_not_hide_an_earlier_failure():
+    pipe = pa.Pipeline([nn.Identity()], devices=pa.cpu_devices(1))
+    with pytest.raises(pa.PipelineError, match=r"ConnectionError in close\(\)") as info:
+        await pa.run(from_iterable(marked(i) for i in range(5)) >> pipe >> _CloseFails(name="uploader"))
+    assert info.value.component == "sink uploader" and isinstance(info.value.__cause__, ConnectionError)
+
+    pipe = pa.Pipeline([nn.Identity()], devices=pa.cpu_devices(1))
+    with pytest.raises(pa.PipelineError, match="server rejected frame 3") as info:
+        await pa.run(from_iterable(marked(i) for i in range(5)) >> pipe >> _CloseFails(fail_write_at=3, name="uploader"))
+    assert info.value.component == "sink uploader" and info.value.seq == 3
+    assert any("ConnectionError in close()" in note for note in info.value.__notes__)
+    await assert_clean()
+
+
+async def test_submit_waiting_for_room_when_the_pipeline_stops_gets_pipeline_closed(caplog):
+    """A caller waiting for room in the ingress when stop() closes it gets PipelineClosed
+    (not the channel's internal error), and no future is left with an unretrieved error."""
+    pipe = pa.Pipeline([Sleep(0.01)], devices=pa.cpu_devices(1, inline=False), capacity=1)
+    for stop in (pipe.stop, pipe.cancel):
+        await pipe.start(marked(0))  # split now: the callers below wait for room in the ingress
+        calls = [asyncio.create_task(pipe.submit(marked(i))) for i in range(12)]
+        await asyncio.sleep(0.02)
+        await stop()
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        errors = [o for o in outcomes if isinstance(o, BaseException)]
+        assert errors and all(isinstance(e, pa.PipelineClosed) for e in errors), errors
+        assert len(errors) + sum(isinstance(o, torch.Tensor) for o in outcomes) == 12
+    del calls, outcomes, errors
+    gc.collect()  # an unretrieved future exception is logged when the future is freed
+    assert "never retrieved" not in caplog.text
     await assert_clean()
 
 

@@ -229,3 +229,27 @@ async def test_set_up_does_not_rewind_the_random_numbers_others_draw():
         await pipe.submit(torch.zeros(1, 4))  # the first frame: profiling, then the frame
     drawing.cancel()
     assert len(drawn) > 20 and len(set(drawn)) == len(drawn)
+
+
+async def test_prometheus_latency_sum_and_count_are_counters_beyond_the_ring():
+    """A summary's ``_sum`` and ``_count`` only grow (``rate(_sum) / rate(_count)`` needs it):
+    they cover every delivered frame, not the frames whose spans the ring still holds."""
+    pipe = pa.Pipeline(sleepy(0, 0), devices=pa.cpu_devices(2, threads=1), balance=[1, 1], metrics=16)
+    seen = []
+    async with pipe:
+        for n in (10, 40, 100):
+            async for _ in pipe.stream(xs(n)):
+                pass
+            families = {f.name: f for f in text_string_to_metric_families(prometheus_text(pipe))}
+            samples = {s.name: s.value for s in families["partime_latency_seconds"].samples}
+            seen.append((samples["partime_latency_seconds_count"], samples["partime_latency_seconds_sum"]))
+    assert [count for count, _ in seen] == [10, 50, 150]
+    assert 0 < seen[0][1] < seen[1][1] < seen[2][1]
+
+
+async def test_the_report_tells_no_frame_yet_from_metrics_off():
+    on = pa.Pipeline(sleepy(0), devices=pa.cpu_devices(1, threads=1))
+    off = pa.Pipeline(sleepy(0), devices=pa.cpu_devices(1, threads=1), metrics=False)
+    async with on, off:
+        assert "no frame delivered yet" in str(on.metrics())
+        assert "metrics=False" in str(off.metrics())

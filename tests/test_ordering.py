@@ -269,7 +269,9 @@ async def test_stop_finishes_frames_for_a_reader_that_reads_each_frame_in_a_task
 
 
 async def test_stats_account_for_every_admitted_frame_after_an_early_close():
-    """PipelineStats promises admitted == delivered + dropped + stage skips once drained."""
+    """PipelineStats promises admitted == delivered + discarded + dropped + stage skips once
+    drained; the frames that finished after the reader had closed its stream are discarded,
+    not delivered."""
     pipe = pa.Pipeline([nn.Identity(), nn.Identity()], devices=pa.cpu_devices(2, inline=False),
                        balance=[1, 1], capacity=2)
     async with pipe:
@@ -279,7 +281,8 @@ async def test_stats_account_for_every_admitted_frame_after_an_early_close():
                 if frame.seq == 3:
                     break
     stats = pipe.stats()
-    assert stats.admitted == stats.delivered + stats.dropped + sum(s.skipped for s in stats.stages)
+    assert stats.admitted == stats.delivered + stats.discarded + stats.dropped + sum(s.skipped for s in stats.stages)
+    assert stats.discarded > 0 and stats.delivered >= 4  # the reader had 4; some more may have waited unread
 
 
 async def test_stop_while_a_reader_is_active_ends_its_stream_cleanly():
@@ -316,3 +319,80 @@ async def test_drop_policy_with_a_list_source_lets_the_loop_run():
     stats = pipe.stats()
     assert len(outs) > 1 and outs == sorted(outs)
     assert stats.delivered + stats.dropped == 2000
+
+
+async def test_a_read_that_times_out_leaves_the_stream_open_and_takes_no_frame():
+    """A cancelled read takes nothing: ``wait_for(anext(stream), t)`` timing out while the
+    source is held up, then reading on, gets every frame, in order."""
+    release = asyncio.Event()
+
+    async def held_up():
+        for i in range(6):
+            if i == 3:
+                await release.wait()
+            yield torch.tensor([float(i)])
+
+    pipe = pa.Pipeline([nn.Identity(), nn.Identity()], devices=pa.cpu_devices(2), balance=[1, 1])
+    async with pipe:
+        outputs = pipe.stream(held_up())
+        got = [(await anext(outputs)).seq for _ in range(3)]
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(anext(outputs), 0.05)
+        release.set()
+        got += [frame.seq async for frame in outputs]
+    assert got == list(range(6))
+    stats = pipe.stats()
+    assert stats.delivered == stats.admitted == 6 and stats.discarded == 0
+    await assert_clean()
+
+
+async def test_a_reader_task_cancelled_for_good_lets_stop_finish_though_its_task_is_kept():
+    """A task cancelled while it waits for the next frame reads no more: once it has ended its
+    stream is closed, even while something (here: a variable) keeps the task, its traceback
+    and so the stream alive; stop() then returns instead of waiting for that reader."""
+    pipe = pa.Pipeline([nn.Identity(), nn.Identity()], devices=pa.cpu_devices(2), balance=[1, 1])
+    got: list[int] = []
+
+    async def reader() -> None:
+        async for frame in pipe.stream(endless()):
+            got.append(frame.seq)
+
+    await pipe.start()
+    task = asyncio.create_task(reader())
+    while len(got) < 3:
+        await asyncio.sleep(0.001)
+    task.cancel()
+    await asyncio.wait({task})
+    await asyncio.wait_for(pipe.stop(), 60)  # a guard against a hang, not a timing assertion
+    assert task.cancelled() and got == list(range(len(got)))
+    stats = pipe.stats()
+    assert stats.admitted == stats.delivered + stats.discarded
+    await assert_clean()
+
+
+@pytest.mark.parametrize("policy", ["drop_oldest", "drop_newest", "latest"])
+async def test_a_drop_policy_with_an_async_source_that_never_waits_still_lets_the_stages_run(policy):
+    """An async source whose ``anext`` never suspends (frames made on the spot) must not
+    starve the loop: with a drop policy admission never blocks either, so the pipeline
+    yields between frames; the reader gets frames and can stop reading."""
+    async def instant():
+        i = 0
+        while True:
+            yield torch.tensor([float(i)])
+            i += 1
+
+    pipe = pa.Pipeline([nn.Identity(), nn.Identity()], devices=pa.cpu_devices(2), balance=[1, 1], policy=policy)
+
+    async def read_five() -> list[int]:
+        async with pipe:
+            async with pipe.stream(instant()) as outputs:
+                seqs = []
+                async for frame in outputs:
+                    seqs.append(frame.seq)
+                    if len(seqs) == 5:
+                        return seqs
+        return seqs
+
+    seqs = await asyncio.wait_for(read_five(), 60)  # a guard: before, the loop never ran again
+    assert len(seqs) == 5 and seqs == sorted(seqs)
+    await assert_clean()

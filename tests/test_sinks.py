@@ -4,6 +4,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -11,7 +13,8 @@ import torch
 from torch import nn
 
 import partime_async as pa
-from partime_async.sinks import AtomicFile, CallbackSink, Collect, JsonlSink, NpySink, Sink, summarize
+from partime_async.checkpoint import load, save_atomic
+from partime_async.sinks import AtomicFile, CallbackSink, Checkpoint, Collect, JsonlSink, NpySink, Sink, summarize
 from partime_async.sources import NpyDirectory, SyntheticVideo, from_iterable
 from pa_helpers import FailOn, marked
 
@@ -214,6 +217,42 @@ async def test_atomic_file(tmp_path):
     assert listing(tmp_path) == ["a.bin"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=oct)
+async def test_atomic_files_get_the_mode_of_a_plain_open(tmp_path, umask):
+    """Not mkstemp's 0o600: 0o666 less the umask, as open() and torch.save would give."""
+    previous = os.umask(umask)
+    try:
+        save_atomic({"w": torch.zeros(1)}, tmp_path / "ckpt.pt")
+        async with AtomicFile(tmp_path / "a.bin") as f:
+            await f.write(b"abc")
+        await pa.run(from_iterable([torch.zeros(2)]) >> identity_pipe() >> [NpySink(tmp_path / "npy", fsync=False),
+                                                                            JsonlSink(tmp_path / "log.jsonl")])
+    finally:
+        os.umask(previous)
+    for path in (tmp_path / "ckpt.pt", tmp_path / "a.bin", tmp_path / "npy" / "frame_00000000.npy",
+                 tmp_path / "log.jsonl"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+
+
+# -- Checkpoint paths -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["run-{step}.pt", "run-{}.pt", "c{1}.pt", "c{.pt", "c}.pt", "c-{seq:q}.pt"])
+def test_checkpoint_rejects_a_bad_file_name_template_when_made(tmp_path, name):
+    with pytest.raises(ValueError, match=r"only field is \{seq\}.*literal brace as '\{\{' or '\}\}'"):
+        Checkpoint(identity_pipe(), tmp_path / name, every=2)
+
+
+async def test_checkpoint_formats_only_the_file_name_and_its_folders_are_literal(tmp_path):
+    folder = tmp_path / "exp{1}" / "{seq}"
+    pipe = identity_pipe()
+    numbered = Checkpoint(pipe, folder / "c-{seq:03d}.pt", every=2)
+    literal = Checkpoint(pipe, folder / "last{{x}}.pt", every=3)
+    await pa.run(from_iterable([torch.zeros(2)] * 6) >> pipe >> [numbered, literal])
+    assert numbered.saved == [folder / "c-001.pt", folder / "c-003.pt", folder / "c-005.pt"]
+    assert literal.saved == [folder / "last{x}.pt"] * 2
+    assert sorted(p.name for p in folder.iterdir()) == ["c-001.pt", "c-003.pt", "c-005.pt", "last{x}.pt"]
+    assert load(folder / "last{x}.pt")["position"] == 6
+
+
 # -- fan-out --------------------------------------------------------------------------------------------
 async def test_fan_out_sinks_have_independent_backpressure_policies(tmp_path):
     n = 12
@@ -293,3 +332,25 @@ async def test_atomic_file_cancelled_while_closing_is_closed_and_gone_when_its_t
                 if os.path.exists(f"/proc/self/fd/{fd}")}
     assert not [p for p in open_now if p.startswith(fd_path)]
     assert listing(tmp_path) == []
+
+
+async def test_a_jsonl_file_is_committed_only_when_the_whole_graph_succeeds(tmp_path):
+    """A file sink that has written every frame still leaves no file when another sink of
+    the graph fails afterwards: sinks close once the whole graph has ended."""
+    async def fail_on_last(frame: pa.Frame) -> None:
+        await asyncio.sleep(0.001)  # behind the file sink
+        if frame.seq == 19:
+            raise RuntimeError("upload failed on the last frame")
+
+    path = tmp_path / "log.jsonl"
+    pipe = pa.Pipeline([nn.Identity()], devices=pa.cpu_devices(1))
+    with pytest.raises(pa.PipelineError, match="upload failed"):
+        await pa.run(from_iterable(marked(i) for i in range(20)) >> pipe
+                     >> [JsonlSink(path, fsync=False), CallbackSink(fail_on_last, capacity=32)])
+    assert not path.exists() and list(tmp_path.iterdir()) == []
+    # the failed run leaves this task as it found it: not "being cancelled" (Python 3.11's
+    # TaskGroup left it so when a sink failed after the group's body had ended)
+    assert asyncio.current_task().cancelling() == 0
+
+    await pa.run(from_iterable(marked(i) for i in range(20)) >> pipe >> [JsonlSink(path, fsync=False), Collect()])
+    assert len(path.read_text().splitlines()) == 20
