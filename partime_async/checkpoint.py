@@ -32,13 +32,15 @@ import torch
 from .threads import in_thread
 
 class Snapshot:
-    """One cut at frame ``seq``, the ``index``-th frame admitted in the run (1-based; the
-    sinks' periods count these). With learning, filled in by the stage executors as they pass
-    it (``n_stages`` parts); without, ``n_stages`` is 0."""
+    """One cut at frame ``seq``, for the checkpoint sinks whose period is in ``periods``
+    (frames admitted in the run, counted from 1: a sink with period N takes the cut at the
+    N-th, 2N-th, … frame admitted; a cut whose frame a drop policy dropped before stage 0
+    moves to the next frame admitted). With learning, filled in by the stage executors as
+    they pass it (``n_stages`` parts); without, ``n_stages`` is 0."""
 
-    def __init__(self, seq: int, index: int, n_stages: int) -> None:
+    def __init__(self, seq: int, periods: frozenset[int], n_stages: int) -> None:
         self.seq = seq
-        self.index = index
+        self.periods = periods
         self._parts: list[Awaitable[Any] | None] = [None] * n_stages
 
     def add(self, stage: int, part: Awaitable[Any]) -> None:
@@ -59,9 +61,9 @@ class Snapshot:
             (module_state, learner_state), ready = await part
             if ready is not None:  # copied on a GPU stream: complete before anyone reads it
                 await in_thread(ready.synchronize)
-            for key, value in module_state.items():
+            for key, value in module_state.items():  # keyed by the stage's layer index: the model's names
                 index, _, rest = key.partition(".")
-                model[f"{int(index) + offset}.{rest}"] = value
+                model[f"{pipe.layer_names[int(index) + offset]}.{rest}"] = value
             offset += pipe.balance[k]
             learners.append(learner_state)
         return {"model": model, "balance": list(pipe.balance), "learners": learners,

@@ -23,7 +23,7 @@ import statistics
 import sys
 import warnings
 import weakref
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterable, Iterable, Literal, Sequence
@@ -224,6 +224,10 @@ class Pipeline:
     ) -> None:
         self.model = model
         self.layers = layers_of(model)
+        # the layers' names in ``model`` (an nn.Sequential's child names; a list's indices):
+        # a state_dict's keys are the model's own
+        self.layer_names = ([name for name, _ in model.named_children()] if isinstance(model, nn.Sequential)
+                            else [str(i) for i in range(len(self.layers))])
         self.devices = resolve_devices(devices, len(self.layers))
         if learning is not None:
             if not isinstance(learning, OnlineLearning):
@@ -268,6 +272,7 @@ class Pipeline:
         self._spans: deque[tuple[int, str, int, float, float]] | None = None  # this run's span ring
         self.learners: list[StageLearner] = []
         self._checkpoint_periods: Counter[int] = Counter()  # of the open Checkpoint sinks
+        self._orphan_cuts: set[int] = set()  # periods whose cut was dropped with its frame: due now
         self._pending_state: dict[str, Any] | None = None
         self.stages: list[nn.Sequential] = []
         self.executors: list[StageExecutor] = []
@@ -303,7 +308,9 @@ class Pipeline:
         self._built = False
         self._build_lock = asyncio.Lock()
         self._stop_requested: asyncio.Future[None] = loop.create_future()
-        self._ingress: Channel[Job] = Channel(self.capacity, self.policy, name="ingress", on_drop=_dropped("ingress"))
+        self._ingress: Channel[Job] = Channel(self.capacity, self.policy, name="ingress",
+                                              on_drop=self._dropped_at_ingress)
+        self._orphan_cuts.clear()
         self._skipped_input = 0
         self._admitted = 0
         self._keys = itertools.count()  # job keys, unique in this run
@@ -545,9 +552,18 @@ class Pipeline:
             return None
         route.admitted += 1
         self._admitted += 1
-        if self._checkpoint_periods and any(self._admitted % every == 0 for every in self._checkpoint_periods):
-            frame.checkpoint = Snapshot(frame.seq, self._admitted, len(self.stages) if self.learners else 0)
+        if self._checkpoint_periods:
+            due = {every for every in self._checkpoint_periods if self._admitted % every == 0}
+            due |= self._orphan_cuts & self._checkpoint_periods.keys()
+            self._orphan_cuts.clear()
+            if due:
+                frame.checkpoint = Snapshot(frame.seq, frozenset(due), len(self.stages) if self.learners else 0)
         return Job(frame, route, next(self._keys))
+
+    def _dropped_at_ingress(self, job: Job) -> None:
+        job.route.drop(job.frame, "ingress")
+        if job.frame.checkpoint is not None:  # no stage saw it: the next frame admitted takes the cut
+            self._orphan_cuts |= job.frame.checkpoint.periods
 
     async def _first(self, frame: Frame, route: Route) -> bool:
         """Split the model on the first good frame; False if ``frame`` was skipped as bad."""
@@ -691,7 +707,7 @@ class Pipeline:
         """
         self._check_quiet("state_dict()")
         state: dict[str, Any] = {
-            "model": nn.Sequential(*self.layers).state_dict(),
+            "model": self._named_layers().state_dict(),  # keyed as the model's own state_dict
             "balance": list(self.balance) if self.balance is not None else None,
             "next_seq": self._next_seq_value(),
             "position": self._position,  # 1 + the last delivered frame's seq: where a resumed source starts
@@ -713,7 +729,11 @@ class Pipeline:
                              f"{list(self.balance)}: its optimiser states fit only that split; create the "
                              f"pipeline with balance={list(saved)} on {len(saved)} devices")
         state = copy.deepcopy(state)  # ours from here on: the caller's dict is never aliased
-        nn.Sequential(*self.layers).load_state_dict(state["model"])
+        named, numbered = self._named_layers(), nn.Sequential(*self.layers)
+        if state["model"].keys() == numbered.state_dict().keys() != named.state_dict().keys():
+            numbered.load_state_dict(state["model"])  # saved before states took the model's names
+        else:
+            named.load_state_dict(state["model"])
         if state.get("balance") is not None and self.balance is None:
             self.balance = check_balance(state["balance"], len(self.layers), len(self.devices))
         self._seq = itertools.count(state.get("next_seq", 0))
@@ -722,6 +742,11 @@ class Pipeline:
             self._load_learners(state)
         else:
             self._pending_state = state  # optimisers are made when the stages are
+
+    def _named_layers(self) -> nn.Sequential:
+        """The layers under their names in the model (the model itself when it is an
+        ``nn.Sequential``, but never a copy of its parameters)."""
+        return nn.Sequential(OrderedDict(zip(self.layer_names, self.layers)))
 
     def _ask_checkpoints(self, every: int) -> None:
         """A :class:`~partime_async.sinks.Checkpoint` sink opened: cut every ``every`` admitted frames."""
@@ -887,12 +912,6 @@ def _runners(executors: list[StageExecutor]) -> list[StageExecutor | ThreadChain
             runners.append(executor)
     flush()
     return runners
-
-
-def _dropped(where: str):
-    def on_drop(job: Job) -> None:
-        job.route.drop(job.frame, where)
-    return on_drop
 
 
 def _own_frame(frame: Frame, seq: int | None = None) -> Frame:

@@ -61,7 +61,7 @@ class Checkpoint(Sink):
                                "sinks; run it in a graph (pa.run(source >> pipe >> sink)) or `await sink.open()` "
                                "before the frames flow")
         snapshot = frame.checkpoint
-        if snapshot is None or snapshot.index % self.every:  # none, or another sink's cut
+        if snapshot is None or self.every not in snapshot.periods:  # none, or another sink's cut
             return
         state = await snapshot.state(self.pipe)
         self.saved.append(await save_atomic_async(state, self.path_of(frame.seq)))

@@ -354,3 +354,61 @@ async def test_a_jsonl_file_is_committed_only_when_the_whole_graph_succeeds(tmp_
 
     await pa.run(from_iterable(marked(i) for i in range(20)) >> pipe >> [JsonlSink(path, fsync=False), Collect()])
     assert len(path.read_text().splitlines()) == 20
+
+
+@pytest.mark.parametrize("policy", ["drop_oldest", "drop_newest", "latest"])
+async def test_a_cut_whose_frame_is_dropped_moves_to_the_next_frame(tmp_path, policy):
+    """Overload is when drop policies act, and when a checkpoint matters: a checkpoint cut due
+    on a frame that the ingress drops is taken on the next frame admitted instead of lost.
+    Stage 0 is held shut while 30 frames come (most dropped, cuts of both sinks among them);
+    once all is out, frame 30 comes (the 31st admitted: due for neither period). The dropped
+    cuts come out on a later frame: 29 (kept by drop_oldest / latest) or 30."""
+    import threading
+
+    from pa_helpers import Gate
+
+    gate = threading.Event()
+    out = Collect()
+
+    async def frames():
+        for i in range(30):
+            yield marked(i)
+            await asyncio.sleep(0)
+        gate.set()
+        while len(out.frames) < pipe.stats().admitted - pipe.stats().dropped:  # everything admitted is out
+            await asyncio.sleep(0.001)
+        yield marked(30)
+
+    pipe = pa.Pipeline([Gate(gate), nn.Identity()], devices=pa.cpu_devices(2, inline=False), balance=[1, 1],
+                       capacity=1, policy=policy)
+    fours, fives = (Checkpoint(pipe, tmp_path / f"p{n}" / "c-{seq}.pt", every=n) for n in (4, 5))
+    stats = await asyncio.wait_for(pa.run(frames() >> pipe >> [out, fours, fives]), 60)
+    assert stats.dropped > 10 and out.frames[-1].seq == 30
+    for sink in (fours, fives):
+        last = load(sink.saved[-1])["position"] - 1
+        assert last >= 29, [p.name for p in sink.saved]
+
+
+async def test_states_and_checkpoints_are_keyed_as_the_models_own_state_dict(tmp_path):
+    """A named nn.Sequential's state_dict, a pipeline's and a checkpoint's have the same keys:
+    ``model.load_state_dict(load(path)["model"])`` works; a state keyed by layer number
+    (as saved before) still loads."""
+    from collections import OrderedDict
+
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(enc=nn.Linear(4, 8), act=nn.ReLU(), dec=nn.Linear(8, 4)))
+    learning = pa.OnlineLearning(loss=nn.MSELoss(), optimizer=lambda p: torch.optim.SGD(p, lr=0.1), mode="partime")
+    pipe = pa.Pipeline(model, devices=pa.cpu_devices(2), balance=[2, 1], learning=learning)
+    assert pipe.state_dict()["model"].keys() == model.state_dict().keys()
+    xs = [pa.Frame(i, torch.randn(1, 4), target=torch.randn(1, 4)) for i in range(8)]
+    checkpoint = Checkpoint(pipe, tmp_path / "c-{seq}.pt", every=4)
+    await pa.run(from_iterable(xs) >> pipe >> checkpoint)
+    state = load(checkpoint.saved[-1])
+    assert state["model"].keys() == model.state_dict().keys()
+    fresh = nn.Sequential(OrderedDict(enc=nn.Linear(4, 8), act=nn.ReLU(), dec=nn.Linear(8, 4)))
+    fresh.load_state_dict(state["model"])
+
+    numbered = {f"{0 if k.startswith('enc') else 2}.{k.split('.', 1)[1]}": v for k, v in state["model"].items()}
+    other = pa.Pipeline(fresh, devices=pa.cpu_devices(2), balance=[2, 1], learning=learning)
+    other.load_state_dict(dict(state, model=numbered))
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state["model"].items())
