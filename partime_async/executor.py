@@ -88,6 +88,8 @@ class StageStats:
 
     @property
     def mean_compute_s(self) -> float:
+        """Busy seconds per frame: the forward, and for a learning stage its backward and
+        optimiser step too (spans time the forward alone: see :class:`~partime_async.metrics.Report`)."""
         return self.busy_s / self.frames if self.frames else 0.0
 
     def snapshot(self) -> StageStats:

@@ -21,6 +21,11 @@ Queue waits are not recorded but derived (:func:`wait_intervals`): a frame waits
 k from the end of its forward at stage k - 1 (its capture, for stage 0) to the start of its
 first span at stage k.
 
+Spans name a frame by its seq. Where several feeds run at once with seqs of their own (two
+streams, or a stream and ``submit()`` calls, each numbering from 0), frames of equal seq are
+not told apart by the derived waits and by the trace's flows (each frame's spans, busy time,
+compute times, latency percentiles and counts are exact all the same).
+
 :meth:`Pipeline.metrics` summarises it all in a :class:`Report`; :func:`prometheus_text`
 renders the same numbers in Prometheus' text exposition format.
 """
@@ -221,7 +226,9 @@ def report(pipe: Pipeline) -> Report:
         k, device = executor.index, executor.device
         times = duration[compute & (c.stage == k)]
         busy_s = st.busy_s  # a counter (on CUDA, of event-timed GPU seconds): not limited to the ring
-        mean = float(times.mean()) if len(times) else (st.mean_compute_s if st.frames else None)
+        # Without spans, the busy time per frame: the forward alone only where nothing else runs
+        mean = float(times.mean()) if len(times) else (
+            st.mean_compute_s if st.frames and executor.learner is None else None)
         waits = wait[w.stage == k]
         queued = len(executor.inbox)
         if isinstance(device, CpuDevice) and not device.inline:

@@ -253,3 +253,18 @@ async def test_the_report_tells_no_frame_yet_from_metrics_off():
     async with on, off:
         assert "no frame delivered yet" in str(on.metrics())
         assert "metrics=False" in str(off.metrics())
+
+
+async def test_a_learning_stage_without_spans_has_no_forward_time_to_report():
+    """"compute mean" is a stage's forward. Without spans a learning stage's busy time also
+    holds its backward and step: the report leaves its compute mean out rather than pass
+    that off as the forward (an inference stage's busy time is its forward)."""
+    learning = pa.OnlineLearning(loss=nn.MSELoss(), optimizer=lambda p: torch.optim.SGD(p, lr=0.01), mode="partime")
+    frames = [pa.Frame(i, torch.randn(1, 4), target=torch.randn(1, 4)) for i in range(8)]
+    learner = pa.Pipeline(sleepy(0, 0), devices=pa.cpu_devices(2, threads=1), balance=[1, 1], learning=learning,
+                          metrics=False)
+    await run_stream(learner, frames)
+    assert [s.compute_mean_s for s in learner.metrics().stages] == [None, None]
+    plain = pa.Pipeline(sleepy(0, 0), devices=pa.cpu_devices(2, threads=1), balance=[1, 1], metrics=False)
+    await run_stream(plain, xs(8))
+    assert all(s.compute_mean_s > 0 for s in plain.metrics().stages)
