@@ -300,6 +300,8 @@ class Pipeline:
         before the error goes on."""
         if self._task is not None:
             raise RuntimeError("the pipeline is already started; stop() it first")
+        if sample is not None:  # what a frame's payload must be, said before anything starts
+            check_tensors(sample, None, finite=False)
         loop = asyncio.get_running_loop()
         self._error = None
         self._routes: set[Route] = set()

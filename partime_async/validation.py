@@ -102,7 +102,7 @@ class InputSpec:
             raise FrameError(why + hint, component=component, seq=seq)
 
 
-def check_tensors(payload: Payload, seq: int, *, finite: bool) -> None:
+def check_tensors(payload: Payload, seq: int | None, *, finite: bool) -> None:
     """Every leaf must be a tensor; with ``finite``, floating leaves must hold no NaN or Inf."""
     if not finite and type(payload) is torch.Tensor:
         return

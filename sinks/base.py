@@ -15,7 +15,8 @@ class Sink:
     resources: ``close`` is always called, also on failure or cancellation). ``capacity`` and
     ``policy`` configure the channel that feeds this sink alone: ``"block"`` slows the graph
     to this sink's pace; a drop policy lets the sink fall behind and counts what it missed in
-    :attr:`dropped`.
+    :attr:`dropped`. The sinks of a graph are handed the same :class:`Frame` objects: treat
+    them as read-only (copy a frame before changing it).
     """
 
     name = "sink"
