@@ -72,6 +72,10 @@ class Channel(Generic[T]):
     def __len__(self) -> int:
         return len(self._items)
 
+    def newest(self) -> T | None:
+        """The item queued last, still queued (None when empty)."""
+        return self._items[-1] if self._items else None
+
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return (f"<Channel {self.name} {state} {len(self._items)}/{self.capacity} {self.policy} "

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence
 from .channel import Channel
 from .errors import PipelineError, primary_error
 from .frame import Frame
+from .threads import to_the_end
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline, PipelineStats
@@ -51,24 +52,24 @@ async def run(graph: Graph) -> PipelineStats:
 
     Returns the pipeline's final statistics. Raises one :class:`PipelineError` on failure,
     after every task is cancelled and every worker thread joined. The sinks are closed last,
-    together, once the whole graph has ended: on success, or while the failure or
-    cancellation propagates (so a file sink commits only when the whole graph succeeded).
+    together, once the whole graph has ended: :meth:`Sink.close` on success, :meth:`Sink.abort`
+    after a failure or cancellation anywhere in the graph (a file sink commits only when the
+    whole graph succeeded).
     """
     if graph.source is None:
         raise ValueError("the graph has no source: write `source >> pipeline >> sinks`")
     pipe = graph.pipeline
     opened: list[Sink] = []  # in the order they opened: each is closed exactly once
-    me = asyncio.current_task()
-    cancelling = me.cancelling() if me is not None else 0
     try:
         async with pipe, asyncio.TaskGroup() as tg:
-            channels, ready = [], []
+            channels, ready, drivers = [], [], []
             for sink in graph.sinks:
                 channel: Channel[Frame] = Channel(sink.capacity, sink.policy, name=f"sink {sink.name}",
                                                   on_drop=sink.count_drop)
                 channels.append(channel)
                 ready.append(asyncio.get_running_loop().create_future())
-                tg.create_task(_drive(sink, channel, ready[-1], opened), name=f"partime-sink-{sink.name}")
+                drivers.append(tg.create_task(_drive(sink, channel, ready[-1], opened),
+                                              name=f"partime-sink-{sink.name}"))
             try:
                 # Every sink is open before the first frame is read (a checkpoint sink asks
                 # the pipeline for its cuts when it opens). A sink that fails to open fails
@@ -80,16 +81,13 @@ async def run(graph: Graph) -> PipelineStats:
             finally:
                 for channel in channels:
                     channel.close()
+            # The body outlives its sinks: one that fails now cancels this wait, which the task
+            # group then takes back. (A failure after the body had ended left this task
+            # "being cancelled" for good on Python 3.11.)
+            await asyncio.wait(drivers)
     except BaseException as exc:
+        errors = await _close(opened, failed=True)
         error = primary_error(exc) if isinstance(exc, BaseExceptionGroup) else None
-        if error is not None and me is not None:
-            # Python 3.11's TaskGroup cancels this task when a sink fails after the group's
-            # body has ended, and never takes that back (uncancel): this task would stay
-            # "being cancelled" (asyncio.timeout() and file sinks later in it misbehave).
-            while me.cancelling() > cancelling:
-                me.uncancel()
-        # Closed while the failure propagates: a file sink sees it and discards its file.
-        errors = await _close(opened)
         if error is None:  # cancelled, or an error raised as it is (say, a pipeline that could not start)
             for also in errors:
                 exc.add_note(f"also, while closing: {also}")
@@ -97,8 +95,10 @@ async def run(graph: Graph) -> PipelineStats:
         for also in errors:
             error.add_note(f"also, while closing: {also}")
         raise error from error.__cause__  # one error, still chained to what really failed
-    errors = await _close(opened)
+    errors = await _close(opened, failed=False)
     if errors:
+        for also in errors[1:]:
+            errors[0].add_note(f"also, while closing: {also}")
         raise errors[0]
     return pipe.stats()
 
@@ -127,17 +127,24 @@ async def _drive(sink: Sink, channel: Channel[Frame], ready: asyncio.Future[None
         sink.written += 1
 
 
-async def _close(sinks: list[Sink]) -> list[PipelineError]:
-    """Close every sink (each once, all of them whatever fails); their errors, named."""
+async def _close(sinks: list[Sink], *, failed: bool) -> list[PipelineError]:
+    """Close every sink once, all of them whatever fails (``abort()`` if ``failed``), each to
+    its end even if this task is cancelled meanwhile (that cancellation goes on afterwards).
+    Returns their errors, named."""
     errors: list[PipelineError] = []
+    cancelled: asyncio.CancelledError | None = None
     for sink in sinks:
         try:
-            await sink.close()
+            await to_the_end(sink.abort() if failed else sink.close())
+        except asyncio.CancelledError as exc:
+            cancelled = exc  # the other sinks are closed first
         except Exception as exc:
-            error = PipelineError(f"{type(exc).__name__} in close(): {exc}", component=f"sink {sink.name}")
+            error = PipelineError(f"{type(exc).__name__} while closing: {exc}", component=f"sink {sink.name}")
             error.__cause__ = exc
             errors.append(error)
     sinks.clear()
+    if cancelled is not None:
+        raise cancelled
     return errors
 
 

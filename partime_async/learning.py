@@ -13,8 +13,8 @@ t itself: it computes the loss). What each mode does with it:
                 at the weights that forward used (weight stashing, PipeDream-style): exact
                 per-frame gradients, delayed weights. ``recompute=True`` keeps only the input
                 and recomputes the graph at the current weights (less memory); the recompute
-                replays the random numbers of the frame's forward (its dropout mask) and leaves
-                buffers (BatchNorm's running statistics) as that one forward left them.
+                leaves buffers (BatchNorm's running statistics) as that one forward left them
+                and draws fresh random numbers (another dropout mask).
 
 The schedule fixes the delays, so learning is deterministic: the same stream and seeds give
 the same weights on CPU whatever the stage speeds — for models without random layers (dropout
@@ -61,12 +61,11 @@ class OnlineLearning:
             ``lambda params: torch.optim.Adam(params, 1e-3)``.
         mode: ``"sequential"``, ``"partime"`` or ``"stashed"`` (see the module docstring).
         recompute: ``stashed`` only: keep inputs and recompute, instead of stashing weights.
-            The recompute draws the random numbers the frame's forward drew (the CPU
-            generator's state and, on CUDA, the input's devices', saved at the forward and
-            replayed, as ``torch.utils.checkpoint``'s ``preserve_rng_state``) and restores the
-            generators afterwards; it runs on copies of the module's buffers, so BatchNorm's
-            running statistics count each frame once. CPU stages share one generator: the
-            replay is exact when no other stage draws random numbers meanwhile.
+            The recompute runs on copies of the module's buffers, so BatchNorm's running
+            statistics count each frame once. It draws fresh random numbers: a dropout layer
+            masks it differently from the forward whose output went on (replaying that
+            forward's generator state, as ``torch.utils.checkpoint`` does, would rewind the
+            process-wide generator under every other stage and task drawing from it).
         clip_grad_norm: clip each stage's gradient to this norm before its step (per stage).
         scheduler: a factory ``scheduler(optimizer)``; stepped after every optimiser step.
         needs_target: see ``loss``.
@@ -124,9 +123,6 @@ class OnlineLearning:
         return 2 * (n_stages - 1 - stage)
 
 
-_RngState = tuple[torch.Tensor, dict[int, torch.Tensor]]  # CPU generator state, CUDA device -> its state
-
-
 @dataclass
 class _Saved:
     """What a stage keeps of one frame's forward until its gradient comes back."""
@@ -136,7 +132,6 @@ class _Saved:
     x: Payload = None                  # stage input (requires grad where upstream wants it)
     out: Payload = None                # stage output, with its graph
     weights: dict[str, torch.Tensor] | None = None  # stashed weight version
-    rng: _RngState | None = None       # recompute: the generators' states at the forward
     loss: torch.Tensor | None = None   # last stage: this frame's loss
 
 
@@ -239,7 +234,6 @@ class StageLearner:
                 x = pytree.tree_map(_leaf_requiring_grad, x)
             saved = _Saved(key, learns, x=x)
             if mode == "stashed" and self.config.recompute and self.delay > 0:
-                saved.rng = _rng_state(x)
                 with torch.no_grad():
                     out = self.module(x)
             elif self._stash:
@@ -301,16 +295,9 @@ class StageLearner:
 
     def _recompute(self, saved: _Saved) -> Payload:
         """The forward of ``saved``'s frame again, with autograd, at the current weights. It
-        draws the random numbers that frame's forward drew (its dropout mask) and changes no
-        state: the generators are restored afterwards (later draws are as if it had not run)
-        and it updates copies of the buffers, so a BatchNorm counts the frame once."""
-        cpu_state, cuda_states = saved.rng
+        updates copies of the buffers, so a BatchNorm counts the frame once."""
         buffers = {name: b.clone() for name, b in self.module.named_buffers()}
-        with torch.random.fork_rng(devices=list(cuda_states), device_type="cuda"):
-            torch.set_rng_state(cpu_state)
-            for device, state in cuda_states.items():
-                torch.cuda.set_rng_state(state, device)
-            return functional_call(self.module, buffers, (saved.x,))
+        return functional_call(self.module, buffers, (saved.x,))
 
     def _step(self, grads: Iterable[torch.Tensor | None]) -> None:
         if self.optimizer is None:
@@ -337,20 +324,19 @@ class StageLearner:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output. The learning rates loaded (the optimiser's,
-        and the scheduler's base rates) are divided by the saved ``lr_factor`` (1 in states
-        saved before it was recorded: taken as unscaled) and multiplied by this stage's, so
-        ``delay_lr`` is the loading configuration's."""
-        ratio = self.lr_factor / state.get("lr_factor", 1.0)
+        and the scheduler's base rates) are divided by the saved ``lr_factor`` and multiplied
+        by this stage's, so ``delay_lr`` is the loading configuration's. A state saved before
+        the factor was recorded is taken to carry this stage's factor (the likely case: the
+        same configuration resumed), so it loads unchanged."""
+        ratio = self.lr_factor / state.get("lr_factor", self.lr_factor)
         if self.optimizer is not None and state.get("optimizer") is not None:
             self.optimizer.load_state_dict(state["optimizer"])
             if ratio != 1.0:
                 _scale_lrs(self.optimizer, ratio)
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
-            if ratio != 1.0 and hasattr(self.scheduler, "base_lrs"):  # an LRScheduler (not ReduceLROnPlateau)
-                # its base rates came from the groups' initial_lr, scaled above: keep them equal
-                self.scheduler.base_lrs = [lr * ratio for lr in self.scheduler.base_lrs]
-                self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # get_last_lr()
+            if ratio != 1.0:
+                _scale_scheduler(self.scheduler, ratio)
         self.steps = state.get("steps", 0)
 
 
@@ -363,11 +349,16 @@ def _scale_lrs(optimizer: torch.optim.Optimizer, factor: float) -> None:
             group["initial_lr"] = group["initial_lr"] * factor
 
 
-def _rng_state(x: Payload) -> _RngState:
-    """The generators a forward of ``x`` draws from: the CPU one, and those of the CUDA
-    devices ``x`` is on (where a CUDA stage computes)."""
-    devices = sorted({t.device.index for t in pytree.tree_leaves(x) if isinstance(t, torch.Tensor) and t.is_cuda})
-    return torch.get_rng_state(), {d: torch.cuda.get_rng_state(d) for d in devices}
+def _scale_scheduler(scheduler: Any, factor: float) -> None:
+    """Multiply a loaded scheduler's base rates by ``factor`` (its optimiser's were, by
+    :func:`_scale_lrs`): an ``LRScheduler``'s, and those of the schedulers a ``SequentialLR``
+    or ``ChainedScheduler`` runs (``ReduceLROnPlateau`` has none)."""
+    for child in getattr(scheduler, "_schedulers", ()):
+        _scale_scheduler(child, factor)
+    if hasattr(scheduler, "base_lrs"):
+        scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+    if hasattr(scheduler, "_last_lr"):  # get_last_lr(): the rates in force now
+        scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 def _check_carried(grad: Payload, out: Payload, delay: int) -> None:

@@ -20,7 +20,6 @@ import asyncio
 import copy
 import itertools
 import statistics
-import sys
 import warnings
 import weakref
 from collections import Counter, OrderedDict, deque
@@ -106,21 +105,15 @@ class OutputStream:
             return await route.out.__anext__()
         except asyncio.CancelledError:
             # A cancelled read takes no frame, and the stream stays open, as a channel's does
-            # (``wait_for(anext(stream), t)`` timing out reads on). But a reader task that was
-            # cancelled for good reads no more: once it has ended, its stream is closed. (Not
-            # when the read ran as a task of its own, as ``wait_for`` runs it on Python 3.11:
-            # that task ends with every read.)
-            task = asyncio.current_task()
-            if task is not None and getattr(task.get_coro(), "cr_frame", None) is not sys._getframe(0):
-                task.add_done_callback(self._reader_ended)
+            # (``wait_for(anext(stream), t)`` timing out reads on). A reader task cancelled for
+            # good reads no more: its stream is closed once nothing refers to it (``__del__``).
+            # This frame is kept by the cancellation's traceback, which its task keeps: it must
+            # not be what keeps the stream (and its pipeline) alive.
+            del self, route
             raise
         except BaseException:  # the end, or a failure
             self._close()
             raise
-
-    def _reader_ended(self, task: asyncio.Task[Any]) -> None:
-        if self._reader is not None and self._reader() is task:  # no other task read it since
-            self._close()
 
     def _open(self) -> StreamRoute:
         pipe = self._pipe
@@ -371,8 +364,8 @@ class Pipeline:
             pump.cancel()
         # A stream whose reader is the task stopping here (it broke out of ``async for``
         # without closing the stream) is read no more: closed, or stop would wait for it.
-        # (Not one whose last reader task has ended: ``wait_for(anext(stream), t)`` reads
-        # each frame from a task of its own, and that reader is not done with the stream.)
+        # (Not one whose last reader task has ended: on Python 3.11 ``wait_for(anext(stream),
+        # t)`` reads each frame from a task of its own, and that reader is not done with it.)
         me = asyncio.current_task()
         for stream in list(self._streams):
             if stream._reader is not None and stream._reader() is me:
@@ -555,17 +548,29 @@ class Pipeline:
         route.admitted += 1
         self._admitted += 1
         if self._checkpoint_periods:
-            due = {every for every in self._checkpoint_periods if self._admitted % every == 0}
-            due |= self._orphan_cuts & self._checkpoint_periods.keys()
-            self._orphan_cuts.clear()
+            due = frozenset(every for every in self._checkpoint_periods if self._admitted % every == 0)
             if due:
-                frame.checkpoint = Snapshot(frame.seq, frozenset(due), len(self.stages) if self.learners else 0)
+                frame.checkpoint = Snapshot(frame.seq, due, len(self.stages) if self.learners else 0)
         return Job(frame, route, next(self._keys))
 
     def _dropped_at_ingress(self, job: Job) -> None:
         job.route.drop(job.frame, "ingress")
-        if job.frame.checkpoint is not None:  # no stage saw it: the next frame admitted takes the cut
+        if job.frame.checkpoint is not None:  # no stage saw it: see _place_orphan_cuts
             self._orphan_cuts |= job.frame.checkpoint.periods
+
+    def _place_orphan_cuts(self) -> None:
+        """Cuts whose frame the ingress dropped go to the frame queued last (a drop policy
+        drops only when the ingress is full, so there is one): no stage has seen it yet, so
+        the cut stays consistent, and it is not lost at the end of the stream."""
+        newest = self._ingress.newest()
+        if newest is None:
+            return
+        periods = self._orphan_cuts & self._checkpoint_periods.keys()
+        self._orphan_cuts.clear()
+        if periods:
+            frame, old = newest.frame, newest.frame.checkpoint
+            frame.checkpoint = Snapshot(frame.seq, periods | (old.periods if old is not None else frozenset()),
+                                        len(self.stages) if self.learners else 0)
 
     async def _first(self, frame: Frame, route: Route) -> bool:
         """Split the model on the first good frame; False if ``frame`` was skipped as bad."""
@@ -598,6 +603,8 @@ class Pipeline:
         try:
             if not self._ingress.send_nowait(job):  # fast path: room in the channel
                 await self._ingress.send(job)
+            if self._orphan_cuts:
+                self._place_orphan_cuts()
         except BaseException:  # not queued after all (stop(), or the reader went away)
             route.admitted -= 1
             self._admitted -= 1
@@ -746,8 +753,8 @@ class Pipeline:
             self._pending_state = state  # optimisers are made when the stages are
 
     def _named_layers(self) -> nn.Sequential:
-        """The layers under their names in the model (the model itself when it is an
-        ``nn.Sequential``, but never a copy of its parameters)."""
+        """A new ``nn.Sequential`` of the layers themselves (no copies) under their names in
+        the model: its ``state_dict`` is keyed as the model's."""
         return nn.Sequential(OrderedDict(zip(self.layer_names, self.layers)))
 
     def _ask_checkpoints(self, every: int) -> None:
@@ -860,9 +867,8 @@ class Egress:
         return True
 
     async def send(self, job: Job) -> None:
-        gone = job.route.gone
         await job.route.deliver(job.frame)
-        self._settled(job.frame, gone)
+        self._settled(job.frame, job.route.gone)  # a reader that left while we waited did not get it
 
     def close(self) -> None:
         """Nothing to do: each route closes itself once all its frames have settled."""

@@ -40,7 +40,13 @@ class Sink:
         raise NotImplementedError
 
     async def close(self) -> None:
-        """Flush and release; called exactly once after :meth:`open`, whatever happened."""
+        """Flush and release after success. Once :meth:`open` succeeded, :func:`partime_async.run`
+        calls exactly one of ``close()`` and :meth:`abort`, after the whole graph has ended."""
+
+    async def abort(self) -> None:
+        """Release after a failure or cancellation anywhere in the graph (a file sink
+        discards its file here); by default the same as :meth:`close`."""
+        await self.close()
 
     def count_drop(self, frame: Frame) -> None:
         self.dropped += 1

@@ -75,6 +75,9 @@ class Checkpoint(Sink):
 def _file_name_template(path: Path) -> str:
     """``path``'s file name, checked to be a template whose only field is ``{seq}``."""
     name = path.name
+    if "{seq" in str(path.parent):  # it once made a folder per cut: say so rather than write one file
+        raise ValueError(f"Checkpoint path {str(path)!r}: only the file name may hold {{seq}}, not a folder "
+                         "(write e.g. 'runs/ckpt-{seq}.pt')")
     try:
         name.format(seq=0)
     except (KeyError, IndexError, AttributeError, TypeError, ValueError) as exc:

@@ -11,11 +11,9 @@ the writes on aiofiles' threads, so the event loop never waits on the disk.
 """
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -125,13 +123,6 @@ class AtomicFile:
             await self.discard()
 
 
-def _crashing() -> bool:
-    """Whether the caller runs while an exception propagates (a ``finally`` after an error)
-    or while its task is being cancelled."""
-    task = asyncio.current_task()
-    return sys.exception() is not None or (task is not None and task.cancelling() > 0)
-
-
 class NpySink(Sink):
     """One ``.npy`` file per output frame in ``directory``, named ``{prefix}{seq:0{digits}d}.npy``.
 
@@ -229,11 +220,10 @@ class JsonlSink(Sink):
     other tensors to their summary, anything else to its ``repr``; non-finite floats are
     written as ``NaN`` / ``Infinity`` (Python's ``json`` reads them back).
 
-    Lines go to a temporary file (:class:`AtomicFile`) that :meth:`close` renames to ``path``.
-    If a write failed, or ``close()`` runs while an exception propagates or while its task
-    is being cancelled (how :func:`partime_async.run` stops a sink after a failure anywhere in
-    the graph), the temporary file is removed instead: no partial file is ever left, and an
-    older file at ``path`` stays untouched. :meth:`abort` discards explicitly.
+    Lines go to a temporary file (:class:`AtomicFile`) that :meth:`close` renames to ``path``
+    (unless a write failed); :meth:`abort` removes it instead, which is what
+    :func:`partime_async.run` calls after a failure or cancellation anywhere in the graph: no
+    partial file is ever left, and an older file at ``path`` stays untouched.
     """
 
     name = "jsonl"
@@ -266,11 +256,11 @@ class JsonlSink(Sink):
             raise
 
     async def close(self) -> None:
-        """Commit the file, or discard it after a failure (see the class docstring)."""
+        """Commit the file, or discard it if a write failed (see the class docstring)."""
         file, self._file = self._file, None
         if file is None:
             return
-        if self._failed or _crashing():
+        if self._failed:
             await file.discard()
         else:
             self.committed = await file.commit()

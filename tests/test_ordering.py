@@ -396,3 +396,19 @@ async def test_a_drop_policy_with_an_async_source_that_never_waits_still_lets_th
     seqs = await asyncio.wait_for(read_five(), 60)  # a guard: before, the loop never ran again
     assert len(seqs) == 5 and seqs == sorted(seqs)
     await assert_clean()
+
+
+async def test_a_stream_left_by_a_timeout_around_its_loop_does_not_stall_the_pipeline():
+    """``async with asyncio.timeout(t): async for f in pipe.stream(src)`` in a task that lives
+    on: the cancelled read leaves the stream open, but nothing refers to it any more, so it
+    is closed at once, and the pipeline serves on."""
+    pipe = pa.Pipeline([Sleep(0.001), nn.Identity()], devices=pa.cpu_devices(2, inline=False), balance=[1, 1],
+                       capacity=1)
+    async with pipe:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                async for _ in pipe.stream(endless()):
+                    pass
+        y = await asyncio.wait_for(pipe.submit(marked(7)), 60)  # a guard: a stalled pipeline never answers
+        assert mark_of(y) == 7
+    await assert_clean()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -474,7 +475,7 @@ async def test_a_paced_source_resumed_at_a_later_seq_starts_at_once(monkeypatch)
     async def sleep(delay: float) -> None:
         waits.append(delay)
 
-    monkeypatch.setattr(base.asyncio, "sleep", sleep)
+    monkeypatch.setattr(base, "asyncio", SimpleNamespace(sleep=sleep))  # this module's view only
     frames = await collect(PanZoomCamera(305, height=8, width=8, fps=1, start=300))
     assert [f.seq for f in frames] == [300, 301, 302, 303, 304]
     # frames 301..304 are due 1..4 s after the first (this sleep does not move the clock);
