@@ -3,7 +3,8 @@
 Both variants run in the same process, alternating (interleaved repeats, medians), on three
 workloads:
 
-* ``tiny``    4 identity stages inline on the loop thread, frames ``torch.zeros(1, 16)``: the
+* ``tiny``    4 identity stages inline on the loop thread, frames ``torch.zeros(1, 16)`` (each
+              made as it is read, as a camera makes its frames: :class:`FreshFrames`): the
               framework's machinery only, where a span's tuple append weighs the most;
 * ``thread``  the same on worker threads (``threads=1``), handing frames worker to worker;
 * ``conv``    the demo's conv net (``partime_async.cli.demo_model``) on 64x64 frames over 2 CPU
@@ -96,7 +97,28 @@ async def timed_stream(make: Callable[[bool], pa.Pipeline], frames: Sequence[tor
     return dt
 
 
-def workload(name: str, n_frames: int, conv_balance: list[int] | None) -> tuple[Callable[[bool], pa.Pipeline], list]:
+class FreshFrames(Sequence[torch.Tensor]):
+    """``n`` frames ``torch.zeros(1, 16)``, each made when it is read, as a camera makes its
+    frames: each frame's making and freeing falls in the stream, and a run's set-up is the same
+    however many frames it streams (what ``--valgrind``'s difference of two runs needs; a list
+    made up front put the longer run's extra tensors, and the garbage collections they cause,
+    in its set-up)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.n))]
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        return torch.zeros(1, 16)
+
+
+def workload(name: str, n_frames: int, conv_balance: list[int] | None) -> tuple[Callable[[bool], pa.Pipeline], Sequence]:
     """A pipeline factory (metrics on/off) and the frames of one workload."""
     if name in ("tiny", "thread"):
         inline = name == "tiny"
@@ -106,7 +128,7 @@ def workload(name: str, n_frames: int, conv_balance: list[int] | None) -> tuple[
             return pa.Pipeline(model, devices=pa.cpu_devices(4, inline=inline, threads=None if inline else 1),
                                balance=[1] * 4, input_spec=None, capacity=4, metrics=metrics)
 
-        return make, [torch.zeros(1, 16) for _ in range(n_frames)]
+        return make, FreshFrames(n_frames)
     torch.manual_seed(0)
     model = demo_model().eval()
 
