@@ -35,7 +35,7 @@ class Snapshot:
     """One cut at frame ``seq``, for the checkpoint sinks whose period is in ``periods``
     (frames admitted in the run, counted from 1: a sink with period N takes the cut at the
     N-th, 2N-th, … frame admitted; a cut whose frame a drop policy dropped before stage 0
-    moves to the next frame admitted). With learning, filled in by the stage executors as
+    moves to the newest frame still queued). With learning, filled in by the stage executors as
     they pass it (``n_stages`` parts); without, ``n_stages`` is 0."""
 
     def __init__(self, seq: int, periods: frozenset[int], n_stages: int) -> None:

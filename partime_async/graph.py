@@ -84,7 +84,8 @@ async def run(graph: Graph) -> PipelineStats:
             # The body outlives its sinks: one that fails now cancels this wait, which the task
             # group then takes back. (A failure after the body had ended left this task
             # "being cancelled" for good on Python 3.11.)
-            await asyncio.wait(drivers)
+            if drivers:
+                await asyncio.wait(drivers)
     except BaseException as exc:
         errors = await _close(opened, failed=True)
         error = primary_error(exc) if isinstance(exc, BaseExceptionGroup) else None
@@ -137,7 +138,13 @@ async def _close(sinks: list[Sink], *, failed: bool) -> list[PipelineError]:
         try:
             await to_the_end(sink.abort() if failed else sink.close())
         except asyncio.CancelledError as exc:
-            cancelled = exc  # the other sinks are closed first
+            if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                cancelled = exc  # this run's: the other sinks are closed first
+            else:  # the sink's own (a future it awaited was cancelled): a failure of that sink
+                error = PipelineError("CancelledError raised by the sink itself while closing",
+                                      component=f"sink {sink.name}")
+                error.__cause__ = exc
+                errors.append(error)
         except Exception as exc:
             error = PipelineError(f"{type(exc).__name__} while closing: {exc}", component=f"sink {sink.name}")
             error.__cause__ = exc

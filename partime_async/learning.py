@@ -329,6 +329,8 @@ class StageLearner:
         the factor was recorded is taken to carry this stage's factor (the likely case: the
         same configuration resumed), so it loads unchanged."""
         ratio = self.lr_factor / state.get("lr_factor", self.lr_factor)
+        if isinstance(self.scheduler, _ABSOLUTE_RATES):
+            ratio = 1.0  # its rates are its own, delay_lr or not (so they were when it was made)
         if self.optimizer is not None and state.get("optimizer") is not None:
             self.optimizer.load_state_dict(state["optimizer"])
             if ratio != 1.0:
@@ -349,10 +351,14 @@ def _scale_lrs(optimizer: torch.optim.Optimizer, factor: float) -> None:
             group["initial_lr"] = group["initial_lr"] * factor
 
 
+_ABSOLUTE_RATES = (torch.optim.lr_scheduler.CyclicLR, torch.optim.lr_scheduler.OneCycleLR)
+"""Schedulers that set the rates from their own bounds, whatever the optimiser's were."""
+
+
 def _scale_scheduler(scheduler: Any, factor: float) -> None:
     """Multiply a loaded scheduler's base rates by ``factor`` (its optimiser's were, by
     :func:`_scale_lrs`): an ``LRScheduler``'s, and those of the schedulers a ``SequentialLR``
-    or ``ChainedScheduler`` runs (``ReduceLROnPlateau`` has none)."""
+    or ``ChainedScheduler`` runs."""
     for child in getattr(scheduler, "_schedulers", ()):
         _scale_scheduler(child, factor)
     if hasattr(scheduler, "base_lrs"):

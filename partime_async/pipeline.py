@@ -85,7 +85,14 @@ class PipelineStats:
 
 class OutputStream:
     """The outputs of one :meth:`Pipeline.stream` call: an async iterator of frames, in order,
-    and an async context manager that closes it."""
+    and an async context manager that closes it.
+
+    A read that is cancelled closes the stream, as it would finish an async generator: the
+    task reading it may be gone for good, and a stream nobody reads holds the pipeline up.
+    (``asyncio.wait_for(anext(stream), t)`` timing out is such a read: the reads after it
+    raise a ``RuntimeError`` that says so.) To wait for a frame with a timeout and read on,
+    use :meth:`next`.
+    """
 
     def __init__(self, pipe: Pipeline, source: Iterable[Any] | AsyncIterable[Any]) -> None:
         self._pipe = pipe
@@ -94,26 +101,45 @@ class OutputStream:
         self._pump: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: weakref.ref[asyncio.Task[Any]] | None = None  # the task that read it last
+        self._cancelled = False  # closed because a read was cancelled
 
     def __aiter__(self) -> OutputStream:
         return self
 
     async def __anext__(self) -> Frame:
-        route = self._route or self._open()
-        self._reader = weakref.ref(asyncio.current_task())
+        route = self._begin_read()
         try:
             return await route.out.__anext__()
-        except asyncio.CancelledError:
-            # A cancelled read takes no frame, and the stream stays open, as a channel's does
-            # (``wait_for(anext(stream), t)`` timing out reads on). A reader task cancelled for
-            # good reads no more: its stream is closed once nothing refers to it (``__del__``).
-            # This frame is kept by the cancellation's traceback, which its task keeps: it must
-            # not be what keeps the stream (and its pipeline) alive.
-            del self, route
+        except BaseException as exc:  # the end, a failure, or a cancelled read
+            self._end(exc)
             raise
-        except BaseException:  # the end, or a failure
-            self._close()
+
+    async def next(self, timeout: float | None = None) -> Frame:
+        """The next frame, as ``anext(stream)``, but waiting at most ``timeout`` seconds:
+        ``TimeoutError`` then, and the stream stays open (a later call gets that frame).
+        Raises ``StopAsyncIteration`` at the end of the stream."""
+        route = self._begin_read()
+        try:
+            async with asyncio.timeout(timeout):
+                return await route.out.__anext__()
+        except TimeoutError:
+            raise  # the timeout's own cancellation: no frame was taken, the stream stays open
+        except BaseException as exc:
+            self._end(exc)
             raise
+
+    def _begin_read(self) -> StreamRoute:
+        if self._cancelled:
+            raise RuntimeError("this stream was closed when a read of it was cancelled (say, by "
+                               "asyncio.wait_for's timeout) and the frames after it were discarded; to wait for "
+                               "a frame with a timeout and read on, use `await stream.next(timeout=t)`")
+        route = self._route or self._open()
+        self._reader = weakref.ref(asyncio.current_task())
+        return route
+
+    def _end(self, exc: BaseException) -> None:
+        self._cancelled = isinstance(exc, asyncio.CancelledError)
+        self._close()
 
     def _open(self) -> StreamRoute:
         pipe = self._pipe
@@ -192,9 +218,10 @@ class Pipeline:
             frame's delivery; see :mod:`partime_async.metrics`) for :meth:`metrics`,
             :meth:`export_trace` and :func:`partime_async.plot.timeline`. On by default: a
             tuple appended per span to a ring of the latest
-            :data:`~partime_async.metrics.SPAN_CAPACITY` (about 600 instructions), lost in
-            the noise for a real model; for stages that do next to nothing, 2-4% more CPU
-            cycles per frame, counted under cachegrind (``bench/metrics_overhead.py``). An
+            :data:`~partime_async.metrics.SPAN_CAPACITY` (about 1 000 instructions), lost in
+            the noise for a real model; for stages that do next to nothing, 2.5-4.2% more
+            modelled CPU cycles per frame, counted under cachegrind
+            (``bench/metrics_overhead.py``). An
             int ``n`` keeps the latest ``n`` spans instead (longer traces; or a ring that
             stays in cache). ``False`` leaves only the counters of :meth:`stats`.
     """
@@ -654,7 +681,8 @@ class Pipeline:
         it (``break`` out of ``async for``, then leave ``async with pipe:``). A stream object
         kept alive after its reader stopped reading must be closed: :meth:`stop` finishes
         every frame in flight and would wait for that stream's reader. A read that is
-        cancelled (say by ``asyncio.wait_for``'s timeout) takes no frame: the next read gets it.
+        cancelled closes the stream; to wait for a frame with a timeout and read on, use
+        :meth:`OutputStream.next` (``await outputs.next(timeout=t)``).
         """
         if not _is_source(source):
             raise TypeError(f"a source must be an iterable or async iterable of frames or tensors, got "

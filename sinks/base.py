@@ -12,7 +12,9 @@ class Sink:
     """Receives a graph's output frames, in order.
 
     Subclasses implement :meth:`write` (and :meth:`open` / :meth:`close` when they hold
-    resources: ``close`` is always called, also on failure or cancellation). ``capacity`` and
+    resources: :func:`partime_async.run` calls ``close`` after success and :meth:`abort`,
+    which is ``close`` unless overridden, after a failure or cancellation; either runs to
+    its end on a task of its own, even if the run is cancelled meanwhile). ``capacity`` and
     ``policy`` configure the channel that feeds this sink alone: ``"block"`` slows the graph
     to this sink's pace; a drop policy lets the sink fall behind and counts what it missed in
     :attr:`dropped`. The sinks of a graph are handed the same :class:`Frame` objects: treat

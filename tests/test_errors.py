@@ -545,3 +545,15 @@ async def test_start_with_a_sample_that_is_not_a_payload_says_what_a_payload_is(
         await pipe.start("not a tensor")
     assert not pipe.running
     await assert_clean()
+
+
+async def test_a_cancelled_error_raised_by_a_sinks_close_itself_is_a_failure_of_that_sink():
+    class CloseCancelled(Collect):
+        async def close(self) -> None:
+            raise asyncio.CancelledError("a flush the sink awaited was cancelled")
+
+    pipe = pa.Pipeline([nn.Identity()], devices=pa.cpu_devices(1))
+    with pytest.raises(pa.PipelineError, match="CancelledError raised by the sink itself while closing") as info:
+        await pa.run(from_iterable(marked(i) for i in range(3)) >> pipe >> CloseCancelled(name="flusher"))
+    assert info.value.component == "sink flusher" and asyncio.current_task().cancelling() == 0
+    await assert_clean()

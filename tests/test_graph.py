@@ -359,3 +359,10 @@ async def test_a_stream_of_a_pipeline_not_started_says_what_to_do():
         async with pipe.stream([torch.zeros(1)]) as outputs:
             async for _ in outputs:
                 pass
+
+
+async def test_a_graph_without_sinks_runs():
+    """``source >> pipe``: the frames run (a learning pipeline learns) and nothing is written."""
+    pipe = pa.Pipeline([nn.Identity()], devices=pa.cpu_devices(1))
+    stats = await pa.run([torch.zeros(2)] * 3 >> pipe)
+    assert stats.delivered == 3

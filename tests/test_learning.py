@@ -602,3 +602,31 @@ async def test_state_dict_refuses_while_a_learning_pipeline_streams():
         with pytest.raises(RuntimeError, match="load_state_dict"):
             pipe.load_state_dict(before)
     assert pipe.state_dict()["position"] == 1  # after stop: fine
+
+
+async def test_a_scheduler_that_sets_its_own_rates_resumes_at_them_whatever_the_delay_lr():
+    """OneCycleLR and CyclicLR set the rates from their own bounds (delay_lr does not change
+    them when made): a state loaded under another delay_lr resumes at the same rates."""
+    frames = make_frames(12)
+
+    def pipeline(delay_lr):
+        learning = pa.OnlineLearning(loss=nn.MSELoss(), optimizer=sgd(), mode="partime", delay_lr=delay_lr,
+                                     scheduler=lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, 0.1, 100))
+        return pa.Pipeline(make_model(), devices=pa.cpu_devices(2, threads=1), balance=[3, 3], learning=learning)
+
+    async def stream(pipe, part):
+        async with pipe:
+            async for _ in pipe.stream(part):
+                pass
+
+    def rates(pipe):
+        return [g["lr"] for learner in pipe.learners for g in learner.optimizer.param_groups]
+
+    plain = pipeline(None)
+    await stream(plain, frames[:6])
+    state = plain.state_dict()
+    await stream(plain, frames[6:])
+    resumed = pipeline(20.0)
+    resumed.load_state_dict(state)
+    await stream(resumed, frames[6:])
+    assert rates(resumed) == rates(plain)

@@ -321,9 +321,11 @@ async def test_drop_policy_with_a_list_source_lets_the_loop_run():
     assert stats.delivered + stats.dropped == 2000
 
 
-async def test_a_read_that_times_out_leaves_the_stream_open_and_takes_no_frame():
-    """A cancelled read takes nothing: ``wait_for(anext(stream), t)`` timing out while the
-    source is held up, then reading on, gets every frame, in order."""
+async def test_next_with_a_timeout_leaves_the_stream_open_and_takes_no_frame():
+    """``await outputs.next(timeout=t)`` timing out while the source is held up takes nothing:
+    reading on gets every frame, in order. A read cancelled from outside instead
+    (``wait_for(anext(stream), t)`` timing out) closes the stream, as it would finish an
+    async generator, and the next read says so instead of ending quietly."""
     release = asyncio.Event()
 
     async def held_up():
@@ -335,26 +337,35 @@ async def test_a_read_that_times_out_leaves_the_stream_open_and_takes_no_frame()
     pipe = pa.Pipeline([nn.Identity(), nn.Identity()], devices=pa.cpu_devices(2), balance=[1, 1])
     async with pipe:
         outputs = pipe.stream(held_up())
-        got = [(await anext(outputs)).seq for _ in range(3)]
+        got = [(await outputs.next(timeout=60)).seq for _ in range(3)]
         with pytest.raises(TimeoutError):
-            await asyncio.wait_for(anext(outputs), 0.05)
+            await outputs.next(timeout=0.05)
         release.set()
         got += [frame.seq async for frame in outputs]
-    assert got == list(range(6))
-    stats = pipe.stats()
-    assert stats.delivered == stats.admitted == 6 and stats.discarded == 0
+        assert got == list(range(6))
+        stats = pipe.stats()
+        assert stats.delivered == stats.admitted == 6 and stats.discarded == 0
+
+        release.clear()
+        outputs = pipe.stream(held_up())
+        assert [(await anext(outputs)).seq for _ in range(3)] == [0, 1, 2]
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(anext(outputs), 0.05)
+        with pytest.raises(RuntimeError, match=r"closed when a read of it was cancelled.*stream.next\(timeout=t\)"):
+            await anext(outputs)
     await assert_clean()
 
 
 async def test_a_reader_task_cancelled_for_good_lets_stop_finish_though_its_task_is_kept():
-    """A task cancelled while it waits for the next frame reads no more: once it has ended its
-    stream is closed, even while something (here: a variable) keeps the task, its traceback
-    and so the stream alive; stop() then returns instead of waiting for that reader."""
+    """A task cancelled while it waits for the next frame reads no more: its stream is closed,
+    even while something (here: a variable) keeps the task, its traceback and the stream
+    (a local of the reader) alive; stop() then returns instead of waiting for that reader."""
     pipe = pa.Pipeline([nn.Identity(), nn.Identity()], devices=pa.cpu_devices(2), balance=[1, 1])
     got: list[int] = []
 
     async def reader() -> None:
-        async for frame in pipe.stream(endless()):
+        outputs = pipe.stream(endless())
+        async for frame in outputs:
             got.append(frame.seq)
 
     await pipe.start()
@@ -400,8 +411,7 @@ async def test_a_drop_policy_with_an_async_source_that_never_waits_still_lets_th
 
 async def test_a_stream_left_by_a_timeout_around_its_loop_does_not_stall_the_pipeline():
     """``async with asyncio.timeout(t): async for f in pipe.stream(src)`` in a task that lives
-    on: the cancelled read leaves the stream open, but nothing refers to it any more, so it
-    is closed at once, and the pipeline serves on."""
+    on: the cancelled read closes the stream, and the pipeline serves on."""
     pipe = pa.Pipeline([Sleep(0.001), nn.Identity()], devices=pa.cpu_devices(2, inline=False), balance=[1, 1],
                        capacity=1)
     async with pipe:
