@@ -82,7 +82,8 @@ class OnlineLearning:
             delay-tolerant rule of asynchronous SGD (step ~ 1/delay; PipeMare's per-stage
             rates). It slows those stages' learning: a trade-off to measure, not a free fix.
             The factor scales the optimiser's ``lr`` once, before ``scheduler`` is built, so
-            schedulers scale the reduced rate. A loaded state (checkpoint) records the factor
+            schedulers scale the reduced rate (``OneCycleLR`` and ``CyclicLR``, which set
+            the rates from their own bounds, ignore it). A loaded state (checkpoint) records the factor
             it was saved with: loading divides it out and applies this configuration's
             factor, so a resumed run may change ``delay_lr``.
     """
@@ -329,7 +330,7 @@ class StageLearner:
         the factor was recorded is taken to carry this stage's factor (the likely case: the
         same configuration resumed), so it loads unchanged."""
         ratio = self.lr_factor / state.get("lr_factor", self.lr_factor)
-        if isinstance(self.scheduler, _ABSOLUTE_RATES):
+        if _sets_its_own_rates(self.scheduler):
             ratio = 1.0  # its rates are its own, delay_lr or not (so they were when it was made)
         if self.optimizer is not None and state.get("optimizer") is not None:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -351,8 +352,11 @@ def _scale_lrs(optimizer: torch.optim.Optimizer, factor: float) -> None:
             group["initial_lr"] = group["initial_lr"] * factor
 
 
-_ABSOLUTE_RATES = (torch.optim.lr_scheduler.CyclicLR, torch.optim.lr_scheduler.OneCycleLR)
-"""Schedulers that set the rates from their own bounds, whatever the optimiser's were."""
+def _sets_its_own_rates(scheduler: Any) -> bool:
+    """Whether ``scheduler`` (or one it runs) sets the rates from its own bounds, whatever the
+    optimiser's were: ``OneCycleLR``, ``CyclicLR``."""
+    return isinstance(scheduler, (torch.optim.lr_scheduler.CyclicLR, torch.optim.lr_scheduler.OneCycleLR)) or any(
+        _sets_its_own_rates(child) for child in getattr(scheduler, "_schedulers", ()))
 
 
 def _scale_scheduler(scheduler: Any, factor: float) -> None:

@@ -102,6 +102,7 @@ class OutputStream:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: weakref.ref[asyncio.Task[Any]] | None = None  # the task that read it last
         self._cancelled = False  # closed because a read was cancelled
+        self._closed = False
 
     def __aiter__(self) -> OutputStream:
         return self
@@ -133,12 +134,14 @@ class OutputStream:
             raise RuntimeError("this stream was closed when a read of it was cancelled (say, by "
                                "asyncio.wait_for's timeout) and the frames after it were discarded; to wait for "
                                "a frame with a timeout and read on, use `await stream.next(timeout=t)`")
+        if self._closed:
+            raise StopAsyncIteration
         route = self._route or self._open()
         self._reader = weakref.ref(asyncio.current_task())
         return route
 
     def _end(self, exc: BaseException) -> None:
-        self._cancelled = isinstance(exc, asyncio.CancelledError)
+        self._cancelled = self._cancelled or isinstance(exc, asyncio.CancelledError)
         self._close()
 
     def _open(self) -> StreamRoute:
@@ -153,10 +156,12 @@ class OutputStream:
         return route
 
     def _close(self) -> None:
+        self._closed = True
         if self._pump is not None:
             self._pump.cancel()
             self._pipe._pumps.discard(self._pump)
         if self._route is not None:  # opened: registered with the pipeline
+            self._pipe._unread(self._route.out)
             self._route.detach()
             self._pipe._routes.discard(self._route)
             self._pipe._streams.discard(self)
@@ -779,6 +784,14 @@ class Pipeline:
             self._load_learners(state)
         else:
             self._pending_state = state  # optimisers are made when the stages are
+
+    def _unread(self, out: Channel[Frame]) -> None:
+        """The frames a closing stream's reader never took: discarded, not delivered."""
+        while len(out):
+            frame = out.receive_nowait()
+            self._delivered -= 1
+            self._discarded += 1
+            self._latency_sum_s -= frame.t_done - frame.t_capture
 
     def _named_layers(self) -> nn.Sequential:
         """A new ``nn.Sequential`` of the layers themselves (no copies) under their names in

@@ -604,14 +604,20 @@ async def test_state_dict_refuses_while_a_learning_pipeline_streams():
     assert pipe.state_dict()["position"] == 1  # after stop: fine
 
 
-async def test_a_scheduler_that_sets_its_own_rates_resumes_at_them_whatever_the_delay_lr():
+@pytest.mark.parametrize("scheduler", [
+    lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, 0.1, 100),
+    lambda opt: torch.optim.lr_scheduler.SequentialLR(  # one run by another
+        opt, [torch.optim.lr_scheduler.OneCycleLR(opt, 0.1, 100), torch.optim.lr_scheduler.ConstantLR(opt)],
+        milestones=[50]),
+])
+async def test_a_scheduler_that_sets_its_own_rates_resumes_at_them_whatever_the_delay_lr(scheduler):
     """OneCycleLR and CyclicLR set the rates from their own bounds (delay_lr does not change
     them when made): a state loaded under another delay_lr resumes at the same rates."""
     frames = make_frames(12)
 
     def pipeline(delay_lr):
         learning = pa.OnlineLearning(loss=nn.MSELoss(), optimizer=sgd(), mode="partime", delay_lr=delay_lr,
-                                     scheduler=lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, 0.1, 100))
+                                     scheduler=scheduler)
         return pa.Pipeline(make_model(), devices=pa.cpu_devices(2, threads=1), balance=[3, 3], learning=learning)
 
     async def stream(pipe, part):

@@ -422,3 +422,29 @@ async def test_a_stream_left_by_a_timeout_around_its_loop_does_not_stall_the_pip
         y = await asyncio.wait_for(pipe.submit(marked(7)), 60)  # a guard: a stalled pipeline never answers
         assert mark_of(y) == 7
     await assert_clean()
+
+
+async def test_frames_a_closing_stream_held_unread_are_discarded_not_delivered():
+    """Frames already queued for a reader who then closes the stream never reach anyone:
+    counted as discarded. A stream closed before its first read never starts its source."""
+    pipe = pa.Pipeline([nn.Identity(), nn.Identity()], devices=pa.cpu_devices(2), balance=[1, 1], capacity=2)
+    async with pipe:
+        outputs = pipe.stream([marked(i) for i in range(6)])
+        assert (await anext(outputs)).seq == 0
+
+        async def queued_full() -> None:
+            while len(outputs._route.out) < 2:
+                await asyncio.sleep(0.001)
+
+        await asyncio.wait_for(queued_full(), 60)  # a guard, not a timing assertion
+        await outputs.aclose()
+        with pytest.raises(StopAsyncIteration):
+            await anext(outputs)
+
+        untouched = pipe.stream(endless())
+        await untouched.aclose()
+        with pytest.raises(StopAsyncIteration):
+            await anext(untouched)
+    stats = pipe.stats()
+    assert stats.delivered == 1 and stats.delivered + stats.discarded == stats.admitted == 6
+    await assert_clean()
