@@ -382,6 +382,25 @@ async def test_state_dict_round_trip_resumes_identically():
     assert all(torch.equal(v, state["model"][k]) for k, v in inference.model.state_dict().items())
 
 
+def _learning_pipeline(delay_lr: float | None, scheduler) -> pa.Pipeline:
+    """A partime pipeline of make_model() over 2 stages, SGD, with ``delay_lr`` and ``scheduler``."""
+    learning = pa.OnlineLearning(loss=nn.MSELoss(), optimizer=sgd(), mode="partime", delay_lr=delay_lr,
+                                 scheduler=scheduler)
+    return pa.Pipeline(make_model(), devices=pa.cpu_devices(2, threads=1), balance=[3, 3], learning=learning)
+
+
+async def _stream_through(pipe: pa.Pipeline, frames) -> None:
+    async with pipe:
+        async for _ in pipe.stream(frames):
+            pass
+
+
+def _rates(pipe: pa.Pipeline) -> list[float]:
+    """Every stage's learning rates, then its scheduler's base rates."""
+    lrs = [g["lr"] for learner in pipe.learners for g in learner.optimizer.param_groups]
+    return lrs + [lr for learner in pipe.learners for lr in getattr(learner.scheduler, "base_lrs", [])]
+
+
 @pytest.mark.parametrize("scheduler", [
     None,
     lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5),     # steps from the current rate
@@ -397,39 +416,27 @@ async def test_a_loaded_state_takes_the_loading_pipelines_delay_lr(scheduler):
     frames = make_frames(20)
 
     def pipeline(delay_lr):
-        learning = pa.OnlineLearning(loss=nn.MSELoss(), optimizer=sgd(), mode="partime", delay_lr=delay_lr,
-                                     scheduler=scheduler)
-        return pa.Pipeline(make_model(), devices=pa.cpu_devices(2, threads=1), balance=[3, 3], learning=learning)
-
-    async def stream(pipe, part):
-        async with pipe:
-            async for _ in pipe.stream(part):
-                pass
-
-    def rates(pipe):
-        lrs = [g["lr"] for learner in pipe.learners for g in learner.optimizer.param_groups]
-        base = [lr for learner in pipe.learners for lr in getattr(learner.scheduler, "base_lrs", [])]
-        return lrs + base
+        return _learning_pipeline(delay_lr, scheduler)
 
     plain, reduced = pipeline(None), pipeline(20.0)  # stage 0's delay is 2: its factor 1/41
-    await stream(plain, frames[:10])
-    await stream(reduced, frames[:10])
-    assert rates(reduced)[0] == pytest.approx(rates(plain)[0] / 41)
+    await _stream_through(plain, frames[:10])
+    await _stream_through(reduced, frames[:10])
+    assert _rates(reduced)[0] == pytest.approx(_rates(plain)[0] / 41)
     states = {"plain": plain.state_dict(), "reduced": reduced.state_dict()}
     states["old"] = copy.deepcopy(states["reduced"])  # saved before the factor was recorded
     for learner_state in states["old"]["learners"]:
         del learner_state["lr_factor"]
     for pipe in (plain, reduced):  # the runs that resumed pipelines must match
-        await stream(pipe, frames[10:])
+        await _stream_through(pipe, frames[10:])
     for saved, into, like in [("plain", 20.0, reduced), ("old", 20.0, reduced), ("reduced", None, plain),
                               ("reduced", 20.0, reduced), ("plain", None, plain)]:
         resumed = pipeline(into)
         resumed.load_state_dict(states[saved])
-        await stream(resumed, frames[10:])  # the learners are made, and the state loaded, on the first frame
+        await _stream_through(resumed, frames[10:])  # learners made, state loaded: on the first frame
         assert [learner.steps for learner in resumed.learners] == [learner.steps for learner in like.learners]
         if (saved, into) in (("reduced", 20.0), ("plain", None)):  # the same factor: restored exactly
-            assert rates(resumed) == rates(like)
-        assert rates(resumed) == pytest.approx(rates(like), rel=1e-12)
+            assert _rates(resumed) == _rates(like)
+        assert _rates(resumed) == pytest.approx(_rates(like), rel=1e-12)
 
 
 async def test_partime_says_why_frame_shapes_must_not_change_within_the_delay():
@@ -614,25 +621,11 @@ async def test_a_scheduler_that_sets_its_own_rates_resumes_at_them_whatever_the_
     """OneCycleLR and CyclicLR set the rates from their own bounds (delay_lr does not change
     them when made): a state loaded under another delay_lr resumes at the same rates."""
     frames = make_frames(12)
-
-    def pipeline(delay_lr):
-        learning = pa.OnlineLearning(loss=nn.MSELoss(), optimizer=sgd(), mode="partime", delay_lr=delay_lr,
-                                     scheduler=scheduler)
-        return pa.Pipeline(make_model(), devices=pa.cpu_devices(2, threads=1), balance=[3, 3], learning=learning)
-
-    async def stream(pipe, part):
-        async with pipe:
-            async for _ in pipe.stream(part):
-                pass
-
-    def rates(pipe):
-        return [g["lr"] for learner in pipe.learners for g in learner.optimizer.param_groups]
-
-    plain = pipeline(None)
-    await stream(plain, frames[:6])
+    plain = _learning_pipeline(None, scheduler)
+    await _stream_through(plain, frames[:6])
     state = plain.state_dict()
-    await stream(plain, frames[6:])
-    resumed = pipeline(20.0)
+    await _stream_through(plain, frames[6:])
+    resumed = _learning_pipeline(20.0, scheduler)
     resumed.load_state_dict(state)
-    await stream(resumed, frames[6:])
-    assert rates(resumed) == rates(plain)
+    await _stream_through(resumed, frames[6:])
+    assert _rates(resumed) == _rates(plain)
