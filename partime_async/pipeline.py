@@ -891,8 +891,9 @@ class Egress:
     """After the last stage: each finished job goes straight to its route, in order, from the
     last stage's own task (an egress task behind one more channel would cost the loop a task
     switch per frame). It stamps ``Frame.t_done``, records the ``deliver`` span and counts the
-    delivery (or the discarding of a frame whose reader went away). The sending half of a channel (:class:`~partime_async.executor.Outbox`): a
-    reader that is behind makes the last stage wait, as a full channel would."""
+    delivery (or the discarding of a frame whose reader went away). The sending half of a
+    channel (:class:`~partime_async.executor.Outbox`): a reader that is behind makes the last
+    stage wait, as a full channel would."""
 
     def __init__(self, pipe: Pipeline) -> None:
         self._pipe = pipe
