@@ -232,7 +232,8 @@ async def demo(frames: int = 600, size: int = 64, stages: int | None = None, lea
     }
     if progress.loss is not None:
         summary["loss"] = progress.loss
-    out.write(f"balance {stats.balance}; per-stage busy time per frame{' (forward, backward, step)' if learn else ''} " +
+    work = " (forward, backward, step)" if learn else ""
+    out.write(f"balance {stats.balance}; per-stage busy time per frame{work} " +
               ", ".join(f"{1e3 * s.mean_compute_s:.2f} ms{' (inline)' if s.inline else ''}" for s in stats.stages) + "\n")
     out.write(f"pipelined {summary['pipeline_fps']:.1f} frames/s vs unsplit {unsplit:.1f} frames/s "
               f"(best of 1..{cores} threads, same run, same frames): speed-up {summary['speedup']:.2f}x; "

@@ -28,8 +28,8 @@ class Checkpoint(Sink):
     format spec allowed: ``ckpt-{seq:06d}.pt``), to keep one file per checkpoint; without it
     the file is replaced each time. Only the file name is a template, ``{seq}`` its one field
     and ``{{`` / ``}}`` its literal braces; the folders are used as written (a folder named
-    ``exp{1}`` is fine; one holding ``{seq}`` is refused). A file name that is not such a template raises ``ValueError`` here,
-    not at the first cut.
+    ``exp{1}`` is fine; one holding ``{seq}`` is refused). A file name that is not such a
+    template raises ``ValueError`` here, not at the first cut.
     """
 
     name = "checkpoint"
