@@ -90,18 +90,21 @@ async def run(graph: Graph) -> PipelineStats:
         errors = await _close(opened, failed=True)
         error = primary_error(exc) if isinstance(exc, BaseExceptionGroup) else None
         if error is None:  # cancelled, or an error raised as it is (say, a pipeline that could not start)
-            for also in errors:
-                exc.add_note(f"also, while closing: {also}")
+            _note(exc, errors)
             raise
-        for also in errors:
-            error.add_note(f"also, while closing: {also}")
+        _note(error, errors)
         raise error from error.__cause__  # one error, still chained to what really failed
     errors = await _close(opened, failed=False)
     if errors:
-        for also in errors[1:]:
-            errors[0].add_note(f"also, while closing: {also}")
-        raise errors[0]
+        raise _note(errors[0], errors[1:])
     return pipe.stats()
+
+
+def _note(error: BaseException, closing: Sequence[PipelineError]) -> BaseException:
+    """``error``, noting the errors that closing the sinks raised besides it."""
+    for also in closing:
+        error.add_note(f"also, while closing: {also}")
+    return error
 
 
 async def _drive(sink: Sink, channel: Channel[Frame], ready: asyncio.Future[None], opened: list[Sink]) -> None:

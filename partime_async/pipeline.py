@@ -42,7 +42,7 @@ from .metrics import Report, Span, as_spans, report
 from .partition import (LayerFailed, balance_by_params, check_balance, layers_of, min_max_partition,
                         profile_layers, split)
 from .routes import FutureRoute, Route, StreamRoute
-from .threads import in_thread, to_the_end
+from .threads import aclose_to_the_end, in_thread, to_the_end
 from .validation import InputSpec, check_tensors
 
 Balance = Sequence[int] | Literal["time", "params"]
@@ -582,7 +582,7 @@ class Pipeline:
         if self._checkpoint_periods:
             due = frozenset(every for every in self._checkpoint_periods if self._admitted % every == 0)
             if due:
-                frame.checkpoint = Snapshot(frame.seq, due, len(self.stages) if self.learners else 0)
+                self._cut(frame, due)
         return Job(frame, route, next(self._keys))
 
     def _dropped_at_ingress(self, job: Job) -> None:
@@ -600,9 +600,12 @@ class Pipeline:
         periods = self._orphan_cuts & self._checkpoint_periods.keys()
         self._orphan_cuts.clear()
         if periods:
-            frame, old = newest.frame, newest.frame.checkpoint
-            frame.checkpoint = Snapshot(frame.seq, periods | (old.periods if old is not None else frozenset()),
-                                        len(self.stages) if self.learners else 0)
+            old = newest.frame.checkpoint
+            self._cut(newest.frame, periods | (old.periods if old is not None else frozenset()))
+
+    def _cut(self, frame: Frame, periods: frozenset[int]) -> None:
+        """Take a checkpoint cut at ``frame`` for the sinks of ``periods``."""
+        frame.checkpoint = Snapshot(frame.seq, frozenset(periods), len(self.stages) if self.learners else 0)
 
     async def _first(self, frame: Frame, route: Route) -> bool:
         """Split the model on the first good frame; False if ``frame`` was skipped as bad."""
@@ -729,11 +732,9 @@ class Pipeline:
             raise
         finally:
             route.end_admission()
-            aclose = getattr(items, "aclose", None)
-            if aclose is not None:
-                # To its end: a pump is cancelled by its reader and may be cancelled again by
-                # the pipeline's own shutdown while the source is still closing.
-                await to_the_end(aclose())
+            # To its end: a pump is cancelled by its reader and may be cancelled again by the
+            # pipeline's own shutdown while the source is still closing.
+            await aclose_to_the_end(items)
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -70,6 +70,14 @@ async def to_the_end(aw: Awaitable[T], *, on_cancel: Callable[[], Any] | None = 
     return work.result()
 
 
+async def aclose_to_the_end(iterator: Any) -> None:
+    """Close ``iterator`` if it has ``aclose`` (an async generator, a source), to its end even
+    if the caller is cancelled again meanwhile (see :func:`to_the_end`)."""
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        await to_the_end(aclose())
+
+
 _abandoned: set[asyncio.Future[Any]] = set()
 
 

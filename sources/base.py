@@ -6,7 +6,7 @@ import itertools
 from typing import Any, AsyncIterable, AsyncIterator, Iterable
 
 from partime_async.frame import Frame, now
-from partime_async.threads import to_the_end
+from partime_async.threads import aclose_to_the_end
 
 
 class Source:
@@ -79,9 +79,7 @@ async def iterate_frames(items: Iterable[Any] | AsyncIterable[Any]) -> AsyncIter
             async for item in iterator:
                 yield item if isinstance(item, Frame) else Frame(next(counter), item)
         finally:
-            aclose = getattr(iterator, "aclose", None)
-            if aclose is not None:  # to its end even if cancelled again meanwhile
-                await to_the_end(aclose())
+            await aclose_to_the_end(iterator)
     else:
         for item in items:  # type: ignore[union-attr]
             yield item if isinstance(item, Frame) else Frame(next(counter), item)
