@@ -4,7 +4,12 @@ With ``Pipeline(..., metrics=True)`` (the default) every stage records *spans* i
 bounded ring per run (a ``collections.deque`` of the latest :data:`SPAN_CAPACITY`, or of the
 latest ``n`` with ``metrics=n``; appends are thread-safe, so worker threads record without
 locks). A span is a plain tuple ``(stage, kind, seq, t0, t1)`` on the library clock
-:func:`partime_async.frame.now`; read them as :class:`Span` with :meth:`Pipeline.spans`. The
+:func:`partime_async.frame.now`; read them as :class:`Span` with :meth:`Pipeline.spans`. A
+span costs about 1 000 instructions on CPython 3.11: the tuple and the append (about 600),
+and the one pass of the garbage collector's young generation that each new tuple gets before
+it is untracked. The records that avoid the tuple cost more per span on 3.11 under
+cachegrind: a flat ``deque.extend``, per-track column lists (``list.append`` or ``+=``, with
+blocks handed over to the ring), ``array('d')`` columns, ``struct``-packed bytes. The
 kinds:
 
 ============  ===========================================================================
@@ -21,10 +26,9 @@ Queue waits are not recorded but derived (:func:`wait_intervals`): a frame waits
 k from the end of its forward at stage k - 1 (its capture, for stage 0) to the start of its
 first span at stage k.
 
-Spans name a frame by its seq. Where several feeds run at once with seqs of their own (two
-streams, or a stream and ``submit()`` calls, each numbering from 0), frames of equal seq are
-not told apart by the derived waits and by the trace's flows (each frame's spans, busy time,
-compute times, latency percentiles and counts are exact all the same).
+Spans name a frame by its seq. Where seqs repeat in one run (a stream and ``submit()`` calls,
+each numbering from 0; two streams one after the other), the derived waits and the trace's
+flows tell frames of equal seq apart by their order (:func:`frame_ids`).
 
 :meth:`Pipeline.metrics` summarises it all in a :class:`Report`; :func:`prometheus_text`
 renders the same numbers in Prometheus' text exposition format.
@@ -89,22 +93,43 @@ class Columns(NamedTuple):
                    column(3, np.float64), column(4, np.float64))
 
 
+def frame_ids(c: Columns) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, frames)``: for each span the number of its frame, and for each frame number its
+    ``(seq, n)``. Frames of equal seq (seqs repeat where several feeds number their own) are
+    told apart by order: every stage takes frames in the order they were admitted, so the n-th
+    span of seq s of one kind at one stage (by start; a delivery by its time) belongs to the
+    n-th frame of seq s there. ``n`` is 0 where a seq does not repeat. (Where the ring has
+    lost the earlier spans of a repeated seq at one stage but not at the next, the two are
+    matched one frame apart.)"""
+    kinds = np.unique(c.kind, return_inverse=True)[1].reshape(-1)
+    order = np.lexsort((np.where(c.kind == "deliver", c.t1, c.t0), c.seq, kinds, c.stage))
+    stage, kind, seq = c.stage[order], kinds[order], c.seq[order]
+    first = np.ones(len(order), bool)  # the first of its (stage, kind, seq) group
+    first[1:] = (stage[1:] != stage[:-1]) | (kind[1:] != kind[:-1]) | (seq[1:] != seq[:-1])
+    index = np.arange(len(order))
+    nth = np.empty(len(order), np.int64)
+    nth[order] = index - np.maximum.accumulate(np.where(first, index, 0))
+    frames, ids = np.unique(np.stack([c.seq, nth], axis=1), axis=0, return_inverse=True)
+    return ids.reshape(-1), frames
+
+
 def wait_intervals(spans: Sequence[tuple[int, str, int, float, float]]) -> Columns:
     """The queue waits that the spans allow deriving, as columns (``kind`` is ``"wait"``): for
-    each stage and frame, from the end of the frame's forward at the stage before (its
-    capture, for stage 0; known once it is delivered) to the start of its first forward span
-    at the stage."""
+    each stage and frame (:func:`frame_ids`), from the end of the frame's forward at the stage
+    before (its capture, for stage 0; known once it is delivered) to the start of its first
+    forward span at the stage."""
     c = spans if isinstance(spans, Columns) else Columns.of(spans)
-    width = int(c.stage.max(initial=0)) + 2  # key = seq * width + stage + 1: stages -1 .. S-1
-    key = c.seq * width + c.stage + 1
+    ids, frames = frame_ids(c)
+    width = int(c.stage.max(initial=0)) + 2  # key = frame * width + stage + 1: stages -1 .. S-1
+    key = ids * width + c.stage + 1
     forward = np.isin(c.kind, list(FORWARD_KINDS))
-    # arrival at (stage, seq): the start of the earliest forward span there
+    # arrival at (stage, frame): the start of the earliest forward span there
     order = np.lexsort((c.t0[forward], key[forward]))
     fkey, ft0 = key[forward][order], c.t0[forward][order]
     first = np.ones(len(fkey), bool)
     first[1:] = fkey[1:] != fkey[:-1]
     arrive_key, arrive = fkey[first], ft0[first]
-    # departure from (stage, seq): the end of its compute; from the source (-1): the capture
+    # departure from (stage, frame): the end of its compute; from the source (-1): the capture
     compute, deliver = c.kind == "compute", c.kind == "deliver"
     leave_key = np.concatenate([key[compute], key[deliver]])
     leave = np.concatenate([c.t1[compute], c.t0[deliver]])
@@ -114,7 +139,8 @@ def wait_intervals(spans: Sequence[tuple[int, str, int, float, float]]) -> Colum
     pos = np.minimum(np.searchsorted(leave_key, before), max(len(leave_key) - 1, 0))
     found = leave_key[pos] == before if len(leave_key) else np.zeros(len(before), bool)
     keys = arrive_key[found]
-    return Columns(keys % width - 1, np.full(len(keys), "wait"), keys // width, leave[pos[found]], arrive[found])
+    return Columns(keys % width - 1, np.full(len(keys), "wait"), frames[keys // width, 0], leave[pos[found]],
+                   arrive[found])
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
-from .metrics import Span, as_spans
+from .metrics import Columns, Span, as_spans, frame_ids
 from .trace import track_name, track_of
 
 if TYPE_CHECKING:
@@ -56,7 +56,8 @@ def timeline(source: Pipeline | Iterable[Span | tuple[int, str, int, float, floa
     _throughput(fps, delivered, origin)
     _latency(latency, delivered, origin)
     latency.set_xlabel("time since start (s)")
-    fig.suptitle(title or f"partime_async timeline: {len({s.seq for s in work})} frames, {len(work)} spans")
+    frames = len(frame_ids(Columns.of(work))[1])  # seqs that repeat in the run count once per frame
+    fig.suptitle(title or f"partime_async timeline: {frames} frames, {len(work)} spans")
     path = Path(path)
     fig.savefig(path, dpi=110)
     return path

@@ -9,9 +9,10 @@ One process, ``partime_async``, with these tracks (threads, in this order):
 
 Every span is a complete event (``"ph": "X"``) with ``args: {"seq": …}``; the queue wait of a
 frame before each stage is an async slice (``"ph": "b"``/``"e"``, category ``wait``). Each frame
-has exactly one flow (``"ph": "s"``, then ``"t"``, ending with ``"f"``; ``id`` = its seq) that
-follows it through the forward spans of the stages, in order. Timestamps are microseconds from
-the start of the run.
+has exactly one flow (``"ph": "s"``, then ``"t"``, ending with ``"f"``) that follows it through
+the forward spans of the stages, in order; its ``id`` is the frame's seq, or ``"seq.n"`` for the
+n-th later frame of a seq that repeats (:func:`~partime_async.metrics.frame_ids`). Timestamps
+are microseconds from the start of the run.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .metrics import FORWARD_KINDS, Span, wait_intervals
+from .metrics import FORWARD_KINDS, Columns, Span, frame_ids, wait_intervals
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -63,8 +64,10 @@ def chrome_trace(spans: Sequence[Span], stage_names: Sequence[str] = (), origin:
         events.append({"ph": "M", "pid": PID, "tid": tid, "name": "thread_name",
                        "args": {"name": track_name(key, stage_names)}})
         events.append({"ph": "M", "pid": PID, "tid": tid, "name": "thread_sort_index", "args": {"sort_index": tid}})
-    forward: dict[int, list[tuple[float, int, float, float]]] = defaultdict(list)  # seq -> (t0, tid, ts, dur)
-    for s in spans:
+    columns = Columns.of(spans)
+    ids, frames = frame_ids(columns)
+    forward: dict[int, list[tuple[float, int, float, float]]] = defaultdict(list)  # frame -> (t0, tid, ts, dur)
+    for s, frame in zip(spans, ids.tolist()):
         tid = tids[track_of(s)]
         if s.kind == "deliver":
             events.append({"ph": "i", "s": "t", "pid": PID, "tid": tid, "name": "deliver", "ts": us(s.t1),
@@ -74,21 +77,23 @@ def chrome_trace(spans: Sequence[Span], stage_names: Sequence[str] = (), origin:
         events.append({"ph": "X", "pid": PID, "tid": tid, "name": s.kind, "cat": s.kind, "ts": ts, "dur": dur,
                        "args": {"seq": s.seq}})
         if s.kind in FORWARD_KINDS:
-            forward[s.seq].append((s.t0, tid, ts, dur))
-    for seq, points in forward.items():
+            forward[frame].append((s.t0, tid, ts, dur))
+    for frame, points in forward.items():
+        seq, n = frames[frame].tolist()
+        flow_id = seq if n == 0 else f"{seq}.{n}"
         points.sort()
         # s on the first span, t on each next, f on the last (a frame seen by one span only
         # starts and ends its flow there). A point binds to the slice enclosing it: the middle
         # of its span is inside.
         phases = ["s", *["t"] * (len(points) - 2), "f"] if len(points) > 1 else ["s", "f"]
         for phase, (_, tid, ts, dur) in zip(phases, points + points[-1:] * (len(phases) - len(points))):
-            event = {"ph": phase, "pid": PID, "tid": tid, "name": "frame", "cat": "frame", "id": seq,
+            event = {"ph": phase, "pid": PID, "tid": tid, "name": "frame", "cat": "frame", "id": flow_id,
                      "ts": round(ts + dur / 2, 3)}
             if phase == "f":
                 event["bp"] = "e"
             events.append(event)
-    for stage, _, seq, start, end in zip(*(column.tolist() for column in wait_intervals(spans))):
-        name, wait_id = f"stage {stage} wait", f"wait-{stage}-{seq}"
+    for i, (stage, _, seq, start, end) in enumerate(zip(*(column.tolist() for column in wait_intervals(columns)))):
+        name, wait_id = f"stage {stage} wait", f"wait-{i}"
         events.append({"ph": "b", "pid": PID, "cat": "wait", "name": name, "id": wait_id, "ts": us(start),
                        "args": {"seq": seq}})
         events.append({"ph": "e", "pid": PID, "cat": "wait", "name": name, "id": wait_id, "ts": us(end)})

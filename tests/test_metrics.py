@@ -11,7 +11,7 @@ from torch import nn
 
 import partime_async as pa
 import partime_async.metrics
-from partime_async.metrics import prometheus_text
+from partime_async.metrics import Columns, frame_ids, prometheus_text, wait_intervals
 from pa_helpers import Sleep, run_stream
 
 N = 24
@@ -125,6 +125,31 @@ async def test_report_numbers_and_table():
     text = str(report)
     for needle in ("p50", "p95", "p99", "frames/s", "busy", "stage 0 (cpu:0)", "stage 1 (cpu:1)", "bottleneck"):
         assert needle in text
+
+
+async def test_frames_of_equal_seq_are_told_apart():
+    """A stream and submit() calls at once, then a second stream: every seq 0..N-1 is three
+    frames. Each frame gets its own wait before each stage, none negative (a departure joined
+    to the arrival of another frame of its seq would be)."""
+    pipe = pa.Pipeline(sleepy(0.001, 0.002), devices=pa.cpu_devices(2, threads=1), balance=[1, 1])
+    async with pipe:
+        async def read() -> int:
+            return len([f async for f in pipe.stream(xs())])
+
+        reader = asyncio.create_task(read())
+        await asyncio.gather(*(pipe.submit(x) for x in xs()))
+        assert await reader == N
+        assert [f.seq async for f in pipe.stream(xs())] == list(range(N))
+    c = Columns.of(pipe._span_tuples())
+    ids, frames = frame_ids(c)
+    assert sorted(map(tuple, frames.tolist())) == [(seq, n) for seq in range(N) for n in range(3)]
+    for k in (0, 1):  # a frame's compute at each stage, and its delivery, share its number
+        assert sorted(ids[(c.kind == "compute") & (c.stage == k)].tolist()) == list(range(3 * N))
+    assert sorted(ids[c.kind == "deliver"].tolist()) == list(range(3 * N))
+    waits = wait_intervals(c)
+    assert Counter(waits.stage.tolist()) == {0: 3 * N, 1: 3 * N}
+    assert (waits.t1 >= waits.t0).all()
+    assert pipe.metrics().stages[1].wait_mean_s >= 0
 
 
 async def test_drops_show_in_the_report():

@@ -88,6 +88,30 @@ async def test_trace_has_a_track_per_stage_and_one_flow_per_frame(tmp_path, inli
     assert all(waits[f"stage {k} wait", "b"] == waits[f"stage {k} wait", "e"] == N for k in range(3))
 
 
+async def test_frames_of_equal_seq_get_a_flow_each(tmp_path):
+    """Two streams in one run number their frames 0..N-1 each: 2N flows, the second stream's
+    with ids "seq.1", each through its own frame's slices."""
+    pipe = pa.Pipeline(sleepy(0.001, 0.001), devices=pa.cpu_devices(2, threads=1), balance=[1, 1])
+    async with pipe:
+        for _ in range(2):
+            async for _ in pipe.stream(xs()):
+                pass
+    events = load(pipe.export_trace(tmp_path / "t.json"))
+    by_id = flows(events)
+    assert sorted(by_id, key=str) == sorted([*range(N), *(f"{seq}.1" for seq in range(N))], key=str)
+    slices = [e for e in events if e["ph"] == "X"]
+    for flow_id, points in by_id.items():
+        assert [p["ph"] for p in points] == ["s", "f"]
+        second = isinstance(flow_id, str)
+        seq = int(flow_id.split(".")[0]) if second else flow_id
+        for p in points:
+            inside = [x for x in slices if x["tid"] == p["tid"] and x["ts"] <= p["ts"] <= x["ts"] + x["dur"]]
+            assert len(inside) == 1 and inside[0]["args"]["seq"] == seq
+    waits = [e for e in events if e.get("cat") == "wait"]
+    assert len({e["id"] for e in waits}) == 2 * 2 * N  # a wait per frame and stage, each its own id
+    assert Counter(e["ph"] for e in waits) == {"b": 4 * N, "e": 4 * N}
+
+
 async def test_one_stage_flows_and_learning_slices(tmp_path):
     learning = pa.OnlineLearning(loss=nn.MSELoss(), optimizer=lambda p: torch.optim.SGD(p, lr=1e-3), mode="stashed")
     pipe = pa.Pipeline(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), devices=pa.cpu_devices(1, threads=1),
