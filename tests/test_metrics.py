@@ -152,6 +152,14 @@ async def test_frames_of_equal_seq_are_told_apart():
     assert pipe.metrics().stages[1].wait_mean_s >= 0
 
 
+@pytest.mark.parametrize("seqs", [(7, 3), (1 << 62, -(1 << 62))])  # the second: too wide for one int64 key
+def test_frame_ids_of_spans_made_by_hand(seqs):
+    a, b = seqs
+    spans = [(0, "mine", a, 0.0, 1.0), (0, "mine", b, 0.5, 1.5), (0, "mine", a, 2.0, 3.0), (1, "compute", a, 1.2, 1.8)]
+    ids, frames = frame_ids(Columns.of(spans))
+    assert [tuple(frames[i].tolist()) for i in ids] == [(a, 0), (b, 0), (a, 1), (a, 0)]
+
+
 async def test_drops_show_in_the_report():
     pipe = pa.Pipeline(sleepy(0.003), devices=pa.cpu_devices(1, threads=1, inline=False), balance=[1],
                        policy="drop_oldest", capacity=1)
