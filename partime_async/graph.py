@@ -9,7 +9,7 @@ the whole graph). The first failure anywhere cancels everything and :func:`run` 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Literal, Sequence
 
 from .channel import Channel
 from .errors import PipelineError, primary_error
@@ -33,9 +33,12 @@ class Graph:
         from partime_async.sinks import Sink
 
         added = list(sinks) if isinstance(sinks, (list, tuple)) else [sinks]
-        for sink in added:
+        for i, sink in enumerate(added):
             if not isinstance(sink, Sink):
                 raise TypeError(f"{sink!r} is not a Sink; wrap a function with sinks.CallbackSink(fn)")
+            if any(sink is other for other in self.sinks + added[:i]):
+                raise ValueError(f"{sink!r} is in this graph twice: it would be opened twice and write every "
+                                 "frame twice; make a second sink instead")
         return Graph(self.source, self.pipeline, self.sinks + added)
 
     def __rrshift__(self, source: Any) -> Graph:
@@ -108,27 +111,29 @@ def _note(error: BaseException, closing: Sequence[PipelineError]) -> BaseExcepti
 
 
 async def _drive(sink: Sink, channel: Channel[Frame], ready: asyncio.Future[None], opened: list[Sink]) -> None:
-    try:
-        await sink.open()
-    except Exception as exc:
-        raise PipelineError(f"{type(exc).__name__}: {exc}", component=f"sink {sink.name}") from exc
+    await _call(sink, sink.open())
     opened.append(sink)
     if not ready.done():  # (cancelled with the run's wait for it)
         ready.set_result(None)
     async for frame in channel:
-        try:
-            await sink.write(frame)
-        except Exception as exc:
-            raise PipelineError(f"{type(exc).__name__}: {exc}", component=f"sink {sink.name}",
-                                seq=frame.seq) from exc
-        except asyncio.CancelledError as exc:
-            if asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                raise  # the graph is being cancelled
-            # The sink's own (say, a future it awaited was cancelled): ending quietly here
-            # would leave this sink's channel undrained and the graph waiting for it.
-            raise PipelineError("CancelledError raised by the sink itself (not a cancellation of the graph)",
-                                component=f"sink {sink.name}", seq=frame.seq) from exc
+        await _call(sink, sink.write(frame), frame.seq)
         sink.written += 1
+
+
+async def _call(sink: Sink, call: Awaitable[None], seq: int | None = None) -> None:
+    """Await ``sink``'s ``open()`` or ``write()``; what it raises, as a :class:`PipelineError`
+    naming the sink (and the frame)."""
+    try:
+        await call
+    except Exception as exc:
+        raise PipelineError(f"{type(exc).__name__}: {exc}", component=f"sink {sink.name}", seq=seq) from exc
+    except asyncio.CancelledError as exc:
+        if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+            raise  # the graph is being cancelled
+        # The sink's own (say, a future it awaited was cancelled): ending quietly here would
+        # leave this sink's channel undrained, or the graph waiting for it to open, for ever.
+        raise PipelineError("CancelledError raised by the sink itself (not a cancellation of the graph)",
+                            component=f"sink {sink.name}", seq=seq) from exc
 
 
 async def _close(sinks: list[Sink], *, failed: bool) -> list[PipelineError]:

@@ -278,6 +278,19 @@ async def test_a_cancelled_error_raised_by_a_sink_itself_fails_the_run_instead_o
     await assert_clean()
 
 
+async def test_a_cancelled_error_raised_by_a_sinks_open_itself_fails_the_run_instead_of_hanging():
+    class Uploader(Collect):
+        async def open(self) -> None:
+            raise asyncio.CancelledError("the connection the sink awaited was cancelled")
+
+    pipe = pa.Pipeline([nn.Identity()], devices=pa.cpu_devices(1))
+    run = pa.run(from_iterable(marked(i) for i in range(5)) >> pipe >> Uploader(name="up"))
+    with pytest.raises(pa.PipelineError, match="CancelledError raised by the sink") as info:
+        await asyncio.wait_for(run, 60)  # a guard: before, the run waited for this sink to open forever
+    assert info.value.component == "sink up" and info.value.seq is None
+    await assert_clean()
+
+
 class _CloseFails(Collect):
     def __init__(self, *, fail_write_at: int | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
