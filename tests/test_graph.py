@@ -144,6 +144,41 @@ def test_graph_composition_errors():
         [torch.zeros(1)] >> pipe >> [print]
     with pytest.raises(TypeError, match="already has a source"):
         [torch.zeros(1)] >> ([torch.zeros(1)] >> pipe)
+    sink = Collect()
+    for twice in (lambda: pipe >> [sink, sink], lambda: pipe >> sink >> sink):
+        with pytest.raises(ValueError, match="in this graph twice.*make a second sink"):
+            twice()
+
+
+async def test_a_generator_source_is_closed_when_its_consumer_stops():
+    """A plain generator's finally blocks (releasing a camera, a file) run when the graph or
+    stream using it ends early, not whenever the garbage collector finalises it."""
+    closed = []
+
+    def camera(name: str):
+        try:
+            for i in range(100):
+                yield torch.full((1, 2), float(i))
+        finally:
+            closed.append(name)
+
+    async for frame in from_iterable(camera("loop")):
+        if frame.seq == 2:
+            break
+    async with pa.Pipeline([nn.Identity()], devices=pa.cpu_devices(1)) as pipe:
+        async with pipe.stream(camera("stream")) as outputs:
+            async for frame in outputs:
+                if frame.seq == 2:
+                    break
+
+    async def fail(frame: pa.Frame) -> None:
+        if frame.seq == 3:
+            raise ValueError("disk full")
+
+    with pytest.raises(pa.PipelineError, match="disk full"):
+        await pa.run(camera("graph") >> pa.Pipeline([nn.Identity()], devices=pa.cpu_devices(1)) >> CallbackSink(fail))
+    assert closed == ["loop", "stream", "graph"]
+    await assert_clean()
 
 
 async def test_run_needs_a_source():
