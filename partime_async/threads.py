@@ -71,11 +71,16 @@ async def to_the_end(aw: Awaitable[T], *, on_cancel: Callable[[], Any] | None = 
 
 
 async def aclose_to_the_end(iterator: Any) -> None:
-    """Close ``iterator`` if it has ``aclose`` (an async generator, a source), to its end even
-    if the caller is cancelled again meanwhile (see :func:`to_the_end`)."""
+    """Close ``iterator``: with ``aclose()`` if it has one (an async generator, a source), to its
+    end even if the caller is cancelled again meanwhile (see :func:`to_the_end`); else with
+    ``close()`` if it has one (a generator)."""
     aclose = getattr(iterator, "aclose", None)
     if aclose is not None:
         await to_the_end(aclose())
+        return
+    close = getattr(iterator, "close", None)
+    if close is not None:
+        close()
 
 
 _abandoned: set[asyncio.Future[Any]] = set()

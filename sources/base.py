@@ -14,9 +14,12 @@ class Source:
 
     Subclasses implement :meth:`frames`. Iterating a source twice starts the stream again
     (deterministic sources give the same frames). ``fps`` paces the frames to a wall clock
-    (None: as fast as the consumer takes them): frame ``seq`` is due ``(seq - first) / fps``
-    seconds after the stream's first frame, whatever seq the stream starts at (a stream
-    resumed at a checkpoint's position starts at once).
+    (None: as fast as the consumer takes them): the first frame goes out at once, whatever
+    seq it has (a stream resumed at a checkpoint's position starts at once), and each next one
+    ``(seq - previous seq) / fps`` seconds after the one before was due. A frame that comes
+    late (the source, or its consumer, stalled) goes out at once and the schedule restarts from
+    it: no burst to catch up. Where the seqs go back (a clip that starts over), the frame is
+    due one period after the one before.
     """
 
     name = "source"
@@ -34,16 +37,22 @@ class Source:
         raise NotImplementedError
 
     async def __aiter__(self) -> AsyncIterator[Frame]:
-        start, first = now(), None
+        due: float | None = None  # when the previous frame was due
+        previous = 0
         frames = self.frames()
         try:
             async for frame in frames:
                 if self.fps is not None:
-                    if first is None:
-                        first = frame.seq
-                    delay = start + (frame.seq - first) / self.fps - now()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
+                    t = now()
+                    if due is None:
+                        due = t
+                    else:  # seqs that went back (a clip starting over): one period
+                        due += (frame.seq - previous if frame.seq > previous else 1) / self.fps
+                        if due > t:
+                            await asyncio.sleep(due - t)
+                        else:  # late: the schedule restarts here
+                            due = t
+                    previous = frame.seq
                     frame.t_capture = now()
                 yield frame
         finally:
@@ -69,8 +78,9 @@ class _Iterable(Source):
 async def iterate_frames(items: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Frame]:
     """The items of any (async) iterable as frames; payloads get seq 0, 1, 2, …
 
-    An async iterator that has ``aclose`` (an async generator, a :class:`Source`) is closed
-    when this generator is, so that its ``finally`` blocks run when the consumer stops early.
+    An iterator that has ``aclose`` (an async generator, a :class:`Source`) or ``close`` (a
+    generator) is closed when this generator is, so that its ``finally`` blocks run when the
+    consumer stops early.
     """
     counter = itertools.count()
     if hasattr(items, "__aiter__"):
@@ -81,8 +91,12 @@ async def iterate_frames(items: Iterable[Any] | AsyncIterable[Any]) -> AsyncIter
         finally:
             await aclose_to_the_end(iterator)
     else:
-        for item in items:  # type: ignore[union-attr]
-            yield item if isinstance(item, Frame) else Frame(next(counter), item)
+        iterator = iter(items)  # type: ignore[arg-type]
+        try:
+            for item in iterator:
+                yield item if isinstance(item, Frame) else Frame(next(counter), item)
+        finally:
+            await aclose_to_the_end(iterator)  # a generator's close(): its finally blocks run now
 
 
 def from_iterable(items: Iterable[Any], *, fps: float | None = None, name: str = "iterable") -> Source:

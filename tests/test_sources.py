@@ -245,6 +245,24 @@ class FakeClock:
         await asyncio.sleep(0)
 
 
+async def test_real_time_after_a_late_frame_waits_a_period_not_a_burst(monkeypatch):
+    clock = FakeClock()
+    import partime_async.sources.realtime as realtime
+
+    monkeypatch.setattr(realtime, "now", clock)  # the capture stamps, on the same clock
+
+    async def frames():
+        for i in range(6):
+            if i == 2:
+                clock.t += 0.35  # the camera stalls before frame 2
+            yield torch.tensor([i])
+
+    source = RealTime(frames(), fps=10, clock=clock, sleep=clock.sleep)
+    emitted = [f.t_capture for f in await collect(source)]
+    gaps = [b - a for a, b in zip(emitted, emitted[1:])]
+    assert gaps == pytest.approx([0.1, 0.35, 0.1, 0.1, 0.1], abs=1e-6)  # before: 0.0 after the late frame
+
+
 async def test_real_time_emits_on_the_clock_with_a_fast_consumer():
     clock = FakeClock()
     source = RealTime(SyntheticVideo(8, height=4, width=4), fps=25, clock=clock, sleep=clock.sleep)
@@ -463,6 +481,29 @@ def test_sensor_backoff_doubles_up_to_its_maximum_and_arguments_are_checked():
         FlakyDevice(backoff=1.0, backoff_max=0.5)
     with pytest.raises(NotImplementedError, match="must implement"):
         asyncio.run(collect(SensorSource(attempts=1)))
+
+
+async def test_a_paced_source_keeps_its_period_after_a_slow_start_a_stall_and_a_restart(monkeypatch):
+    """Pacing starts at the first frame (not before a slow open), restarts after a late frame
+    instead of bursting to catch up, and goes on where the seqs go back (a looping clip)."""
+    import partime_async.sources.base as base
+
+    clock = FakeClock()
+    monkeypatch.setattr(base, "now", clock)
+    monkeypatch.setattr(base, "asyncio", SimpleNamespace(sleep=clock.sleep))
+
+    class Clip(Source):
+        async def frames(self):
+            clock.t += 0.5  # opening the file
+            for i, seq in enumerate([0, 1, 2, 3, 4, 0, 1]):
+                if i == 3:
+                    clock.t += 0.35  # the disk stalls before frame 3
+                yield pa.Frame(seq, torch.zeros(1))
+
+    stamps = [f.t_capture for f in await collect(Clip(fps=10))]
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    # before: the slow open released frames 0-4 at once, and the restarted clip was not paced
+    assert gaps == pytest.approx([0.1, 0.1, 0.35, 0.1, 0.1, 0.1], abs=1e-6)
 
 
 async def test_a_paced_source_resumed_at_a_later_seq_starts_at_once(monkeypatch):
