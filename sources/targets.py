@@ -6,7 +6,7 @@ import warnings
 from collections import deque
 from typing import Any, AsyncIterable, AsyncIterator
 
-from partime_async.frame import Frame
+from partime_async.frame import Frame, clone
 
 from .base import Source, iterate_frames
 
@@ -15,7 +15,8 @@ class NextFrameTargets(Source):
     """Next-frame prediction: frame t carries frame t + ``horizon``'s payload as its target,
     joined by seq.
 
-    Frame t is emitted once frame t + horizon has arrived (the target exists only then), so
+    The target is a copy of that payload (the payload itself goes on into the model, which may
+    modify it in place). Frame t is emitted once frame t + horizon has arrived (the target exists only then), so
     each frame is ``horizon`` frames late. A frame whose target never comes (the last
     ``horizon`` frames of the stream; frames before a gap in the seqs, as a real-time source
     that drops frames leaves; the frames before a seq that goes back, as when a source starts
@@ -54,7 +55,9 @@ class NextFrameTargets(Source):
                                           RuntimeWarning, stacklevel=2)
                     if waiting and waiting[0].seq == wanted:
                         early = waiting.popleft()
-                        yield Frame(early.seq, early.data, frame.data, dict(early.meta), early.t_capture)
+                        # A copy: frame t + horizon's own payload enters the pipeline, and a model
+                        # may modify its input in place (a first ReLU(inplace=True)).
+                        yield Frame(early.seq, early.data, clone(frame.data), dict(early.meta), early.t_capture)
                     waiting.append(frame)
         finally:
             self.unpaired += len(waiting)

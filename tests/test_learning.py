@@ -485,6 +485,21 @@ async def test_next_frame_prediction_targets_join_by_seq():
                for f in frames)
 
 
+async def test_a_next_frame_target_survives_a_model_that_modifies_its_input_in_place():
+    """Frame t's target is a copy of frame t+1's payload, which then enters the model: a first
+    ReLU(inplace=True) must not rewrite the target of the frame before."""
+    from partime_async.sinks import Collect
+    from partime_async.sources import from_iterable, next_frame_targets
+
+    xs = [torch.randn(1, 8) for _ in range(12)]
+    sink = Collect()
+    pipe = pa.Pipeline(nn.Sequential(nn.ReLU(inplace=True), nn.Linear(8, 8)), devices=pa.cpu_devices(2, threads=1),
+                       balance=[1, 1])
+    await pa.run(next_frame_targets(from_iterable(x.clone() for x in xs)) >> pipe >> sink)
+    assert [f.seq for f in sink.frames] == list(range(11))
+    assert all(torch.equal(f.target, xs[f.seq + 1]) for f in sink.frames)  # before: 10 of 11 had lost their negatives
+
+
 async def test_next_frame_targets_pair_by_seq_across_gaps_and_restarts():
     """A frame is joined only to the frame ``horizon`` seqs later; a frame whose target was
     skipped (a gap) or never comes (the end, or seqs going back) is counted, not emitted."""
