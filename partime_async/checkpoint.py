@@ -87,6 +87,9 @@ def create_temporary(path: Path) -> tuple[int, Path]:
     the umask (not :func:`tempfile.mkstemp`'s 0o600, which the rename would carry over to
     ``path``). The OS applies the umask as it creates the file, so the umask is never read or
     changed here (``os.umask`` is process-wide: changing it races with other threads)."""
+    if path.is_dir():  # found now, not at the rename after all the writing
+        raise IsADirectoryError(errno.EISDIR, "a folder is where the file would go; give the path of a file",
+                                str(path))
     for _ in range(tempfile.TMP_MAX):
         tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
         try:
@@ -98,7 +101,8 @@ def create_temporary(path: Path) -> tuple[int, Path]:
 
 def save_atomic(obj: Any, path: str | Path) -> Path:
     """``torch.save`` to ``path`` so that a crash never leaves a partial file: write a
-    temporary file in the same folder, flush it to disk, then rename it over ``path``. A new
+    temporary file in the same folder, flush it to disk, rename it over ``path``, then flush
+    the folder (the rename survives a power loss). A new
     file gets the same mode as with ``torch.save`` (0o666 less the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -114,7 +118,23 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    fsync_folder(path.parent)
     return path
+
+
+def fsync_folder(folder: Path) -> None:
+    """Flush ``folder``'s entries to the disk, so that a rename into it survives a power loss
+    (POSIX; elsewhere, and on file systems that cannot sync a folder, nothing to do)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+    finally:
+        os.close(fd)
 
 
 async def save_atomic_async(obj: Any, path: str | Path) -> Path:

@@ -22,7 +22,8 @@ class Checkpoint(Sink):
     them (see :mod:`partime_async.checkpoint`); without, it is the model and the position.
     The pipeline takes cuts for this sink from when it is opened (a graph opens its sinks
     before the first frame) until it is closed; several sinks may checkpoint one pipeline,
-    each at its own period.
+    each at its own period. Its channel always blocks (a drop policy is refused): a frame it
+    dropped could carry a cut.
 
     ``path``'s file name may hold ``{seq}``, the frame of the cut (``str.format`` syntax, a
     format spec allowed: ``ckpt-{seq:06d}.pt``), to keep one file per checkpoint; without it
@@ -36,6 +37,10 @@ class Checkpoint(Sink):
 
     def __init__(self, pipe: Any, path: str | Path, *, every: int = 100, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if self.policy != "block":
+            raise ValueError(f"a Checkpoint sink sees every frame (one that it dropped could carry a cut, and that "
+                             f"checkpoint would be lost), so its policy is 'block', not {self.policy!r}; give it a "
+                             f"larger capacity to let it fall behind for a while")
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive int, got {every!r}")
         self.pipe = pipe

@@ -22,13 +22,14 @@ import aiofiles.os
 import numpy as np
 import torch
 
-from partime_async.checkpoint import create_temporary
+from partime_async.checkpoint import create_temporary, fsync_folder
 from partime_async.frame import Frame, Payload, tree_map
 from partime_async.threads import to_the_end
 
 from .base import Sink
 
 _fsync = aiofiles.os.wrap(os.fsync)
+_fsync_folder = aiofiles.os.wrap(fsync_folder)
 
 
 class AtomicFile:
@@ -36,8 +37,9 @@ class AtomicFile:
 
     :meth:`open` creates a hidden temporary file (``.NAME.XXXX.tmp``) in ``path``'s folder,
     with the mode a plain ``open()`` would give ``path`` (0o666 less the umask);
-    :meth:`write` appends to it; :meth:`commit` flushes it, fsyncs it (``fsync=True``) and
-    renames it over ``path`` (an atomic replace on POSIX and Windows); :meth:`discard` removes
+    :meth:`write` appends to it; :meth:`commit` flushes it, fsyncs it (``fsync=True``),
+    renames it over ``path`` (an atomic replace on POSIX and Windows) and fsyncs the folder
+    (``fsync=True``: the rename survives a power loss); :meth:`discard` removes
     it. As an async context manager it commits on success and discards on any exception,
     cancellation included. Until the commit, ``path`` is untouched (an older file there stays).
     """
@@ -94,6 +96,8 @@ class AtomicFile:
             self._remove_tmp()
             raise
         self.tmp = None
+        if self.fsync:  # the rename itself, to the disk
+            await to_the_end(_fsync_folder(self.path.parent))
         return self.path
 
     async def discard(self) -> None:
@@ -239,6 +243,9 @@ class JsonlSink(Sink):
         self._failed = False
 
     async def open(self) -> None:
+        if self._file is not None:
+            raise RuntimeError(f"{self.name} sink {self.path} is already open; a sink writes one graph's frames "
+                               "(make another sink for another graph)")
         self._failed = False
         self.committed = None
         self._file = AtomicFile(self.path, fsync=self.fsync)

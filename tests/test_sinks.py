@@ -246,6 +246,61 @@ def test_checkpoint_refuses_seq_in_a_folder(tmp_path):
         Checkpoint(identity_pipe(), tmp_path / "runs" / "{seq}" / "state.pt", every=2)
 
 
+def test_checkpoint_refuses_a_drop_policy(tmp_path):
+    with pytest.raises(ValueError, match="Checkpoint sink sees every frame.*policy is 'block', not 'latest'"):
+        Checkpoint(identity_pipe(), tmp_path / "state.pt", every=2, policy="latest")
+
+
+async def test_a_file_sink_aimed_at_a_folder_fails_before_the_stream_runs(tmp_path):
+    read = []
+
+    def frames():
+        for i in range(50):
+            read.append(i)
+            yield torch.zeros(1)
+
+    with pytest.raises(pa.PipelineError, match="sink jsonl failed.*IsADirectoryError.*give the path of a file"):
+        await pa.run(frames() >> identity_pipe() >> JsonlSink(tmp_path))
+    assert read == []  # before: the error came at the rename, after the whole stream
+    with pytest.raises(IsADirectoryError, match="give the path of a file"):
+        save_atomic({"a": 1}, tmp_path)
+    assert listing(tmp_path) == []
+
+
+async def test_a_jsonl_sink_open_already_is_refused(tmp_path):
+    sink = JsonlSink(tmp_path / "out.jsonl")
+    await sink.open()
+    with pytest.raises(RuntimeError, match="already open"):
+        await sink.open()
+    await sink.abort()
+    assert listing(tmp_path) == []  # the first temporary file is not left behind
+
+
+@pytest.mark.parametrize("fsync", [True, False])
+async def test_a_commit_with_fsync_also_flushes_the_folder(tmp_path, monkeypatch, fsync):
+    """A rename is durable only once the folder's entry is on the disk."""
+    import partime_async.checkpoint as checkpoint
+    import partime_async.sinks.files as files
+
+    flushed = []
+    monkeypatch.setattr(files, "_fsync_folder", lambda folder: _record(flushed, folder))
+    f = AtomicFile(tmp_path / "a.bin", fsync=fsync)
+    await f.open()
+    await f.write(b"x")
+    await f.commit()
+    assert flushed == ([tmp_path] if fsync else [])
+    synced = []
+    monkeypatch.setattr(checkpoint, "fsync_folder", synced.append)
+    save_atomic({"a": 1}, tmp_path / "s.pt")
+    assert synced == [tmp_path]
+    monkeypatch.undo()
+    checkpoint.fsync_folder(tmp_path)  # the real one, on a real folder
+
+
+async def _record(seen: list, folder) -> None:
+    seen.append(folder)
+
+
 async def test_checkpoint_formats_only_the_file_name_and_its_folders_are_literal(tmp_path):
     folder = tmp_path / "exp{1}" / "{x}"
     pipe = identity_pipe()
