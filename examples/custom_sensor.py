@@ -90,7 +90,11 @@ async def main(frames: int, error_rate: float, seed: int) -> None:
     camera = SimulatedCamera(device, frames=frames, attempts=5, backoff=0.001, backoff_max=0.01)
     outputs = Collect()
     devices = pa.cpu_devices(2)
-    stats = await pa.run(camera >> pa.Pipeline(model, devices=devices) >> outputs)
+    try:
+        stats = await pa.run(camera >> pa.Pipeline(model, devices=devices) >> outputs)
+    except pa.PipelineError as error:
+        raise SystemExit(f"the flaky camera failed {camera.attempts} reads in a row, more than it retries "
+                         f"({error}); try a lower --error-rate") from None
     assert [f.seq for f in outputs.frames] == list(range(frames)), "frames lost or out of order"
     # Frame k is the device's k-th capture: nothing skipped or read twice across reconnects. (The
     # reference uses the stages' intra-op thread count: oneDNN may round differently with another.)
@@ -117,7 +121,10 @@ async def main(frames: int, error_rate: float, seed: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=200)
-    parser.add_argument("--error-rate", type=float, default=0.1, help="probability that a read drops the link")
+    parser.add_argument("--error-rate", type=float, default=0.1,
+                        help="probability that a read drops the link, 0 <= P < 1 (default: 0.1)")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
+    if not 0 <= args.error_rate < 1:
+        parser.error(f"--error-rate: a probability 0 <= P < 1 (1 would never read a frame), got {args.error_rate}")
     asyncio.run(main(args.frames, args.error_rate, args.seed))

@@ -22,7 +22,8 @@ The pipeline starts and stops with the app (``cleanup_ctx``); handlers share it.
     (``partime_async.metrics.prometheus_text``), for a Prometheus scrape job.
 
 ``--smoke`` serves on an ephemeral port of 127.0.0.1, makes a few requests, checks each
-answer against the unsplit model, and exits 0.
+answer against the unsplit model, and exits 0. Needs aiohttp, the ``web`` extra (in a
+checkout: ``.venv/bin/pip install -e '.[web]'``).
 """
 from __future__ import annotations
 
@@ -33,10 +34,14 @@ import io
 import json
 from typing import Any, AsyncIterator, Sequence
 
-import aiohttp
 import numpy as np
 import torch
-from aiohttp import web
+
+try:
+    import aiohttp
+    from aiohttp import web
+except ImportError:  # the `web` extra
+    raise SystemExit("examples/web_backend.py needs aiohttp: in a checkout, `.venv/bin/pip install -e '.[web]'`")
 from torch import nn
 
 import partime_async as pa

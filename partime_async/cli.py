@@ -4,7 +4,8 @@
 net split over the available devices, learning online to predict the next frame (``partime``
 mode by default; ``--no-learn`` for inference only). It shows a live progress line (frames/s,
 running loss, per-stage busy %, drops) and closes with a summary that includes the speed-up
-over the unsplit model, measured in the same run on the same frames. It runs on uvloop when
+over the unsplit model (its best over 1 and all cores' threads, measured on the stream's first
+frames before and after the pipelined run). It runs on uvloop when
 installed. ``--trace FILE`` writes the run's Perfetto trace and ``--plot FILE`` its timeline
 picture (see :mod:`partime_async.metrics`).
 """
@@ -112,18 +113,19 @@ def unsplit_throughput(model: nn.Module, frames: Sequence[Frame], threads: int,
     return len(frames) / seconds
 
 
-async def best_unsplit_throughput(model: nn.Module, frames: Sequence[Frame], learning: OnlineLearning | None) -> float:
-    """The demo's baseline: the best :func:`unsplit_throughput` over 1 and all cores' threads,
-    measured on a worker thread so that Ctrl-C stops it after the frame in progress."""
+async def unsplit_rates(model: nn.Module, frames: Sequence[Frame], learning: OnlineLearning | None) -> dict[int, float]:
+    """The demo's baseline: :func:`unsplit_throughput` of a copy of ``model`` with 1 and with
+    all cores' threads, by thread count; measured on a worker thread so that Ctrl-C stops it
+    after the frame in progress."""
     stop = threading.Event()
 
-    def measure() -> float:
-        best = 0.0
+    def measure() -> dict[int, float]:
+        rates = {}
         for threads in sorted({1, available_cores()}):
             if stop.is_set():
                 break
-            best = max(best, unsplit_throughput(copy.deepcopy(model), frames, threads, learning, stop=stop))
-        return best
+            rates[threads] = unsplit_throughput(copy.deepcopy(model), frames, threads, learning, stop=stop)
+        return rates
 
     return await in_thread(measure, stop=stop)
 
@@ -140,8 +142,23 @@ class Progress(Sink):
         self.loss: float | None = None  # running mean (exponential, over ~50 frames)
         self._last = 0.0
         self._tty = out.isatty()
+        self._first_out: float | None = None
+        self._last_out = 0.0
+        self._written = 0
+
+    @property
+    def rate(self) -> float | None:
+        """Frames per second from the first output on (the pipeline's set-up left out, as the
+        unsplit baseline's warm-up is); None before two frames."""
+        if self._written < 2 or self._first_out is None or self._last_out <= self._first_out:
+            return None
+        return (self._written - 1) / (self._last_out - self._first_out)
 
     async def write(self, frame: Frame) -> None:
+        self._last_out = now()
+        if self._first_out is None:
+            self._first_out = self._last_out
+        self._written += 1
         if frame.latency is not None:
             self.latencies.append(frame.latency)
         loss = frame.meta.get("loss")
@@ -216,29 +233,45 @@ async def demo(frames: int = 600, size: int = 64, stages: int | None = None, lea
     job = f"learning next-frame prediction online ({mode} mode)" if learn else "inference"
     out.write(f"partime-async demo: {frames} frames of a {size}x{size} camera over {camera.path.name}, "
               f"{job}, {len(model)}-layer conv net on {n} device(s)\n")
-    sample = [frame async for frame in _take(source, min(frames, 60))]
     cores = available_cores()
-    unsplit = await best_unsplit_throughput(model, sample, learning)
+    if n > cores and not torch.cuda.is_available():
+        out.write(f"note: {n} stages on {cores} cores take turns on them; expect no speed-up\n")
+    sample = [frame async for frame in _take(source, min(frames, 60))]
+    before = await unsplit_rates(model, sample, learning)
     pipe = Pipeline(model, devices=devices, balance="time", learning=learning)
     progress = Progress(pipe, frames, out)
     stats = await run(source >> pipe >> progress)
+    # Measured again after the run: on a shared machine the load moves, and the baseline is
+    # the best the unsplit model did.
+    after = await unsplit_rates(model, sample, learning)
+    rates = {threads: max(rate, after.get(threads, 0.0)) for threads, rate in before.items()}
+    unsplit = max(rates.values())
+    pipelined = progress.rate or stats.throughput
     latency = sorted(progress.latencies)
     summary = {
         "frames": stats.delivered,
-        "pipeline_fps": stats.throughput,
+        "pipeline_fps": pipelined,
         "unsplit_fps": unsplit,
-        "speedup": stats.throughput / unsplit,
+        "speedup": pipelined / unsplit,
         "latency_p50_ms": 1e3 * statistics.median(latency) if latency else 0.0,
     }
     if progress.loss is not None:
         summary["loss"] = progress.loss
     work = " (forward, backward, step)" if learn else ""
-    out.write(f"balance {stats.balance}; per-stage busy time per frame{work} " +
+    out.write(f"balance {stats.balance} (layers per stage); per-stage busy time per frame{work} " +
               ", ".join(f"{1e3 * s.mean_compute_s:.2f} ms{' (inline)' if s.inline else ''}" for s in stats.stages) + "\n")
-    out.write(f"pipelined {summary['pipeline_fps']:.1f} frames/s vs unsplit {unsplit:.1f} frames/s "
-              f"(best of 1..{cores} threads, same run, same frames): speed-up {summary['speedup']:.2f}x; "
-              f"latency p50 {summary['latency_p50_ms']:.2f} ms" +
-              (f"; running loss {summary['loss']:.5f}" if "loss" in summary else "") + "\n")
+    threads = " and ".join(map(str, rates))
+    out.write(f"pipelined {pipelined:.1f} frames/s (from its first output on) vs unsplit {unsplit:.1f} frames/s "
+              f"(the best of {threads} thread(s), on {len(sample)} of the frames, before and after the run): "
+              f"speed-up {summary['speedup']:.2f}x; latency p50 {summary['latency_p50_ms']:.2f} ms" +
+              (f"; running loss (next-frame MSE, last ~50 frames) {summary['loss']:.5f}" if "loss" in summary else "")
+              + "\n")
+    if summary["speedup"] < 1 and len(rates) > 1 and not torch.cuda.is_available():
+        scaling = rates[max(rates)] / rates[1]
+        out.write(f"below 1x: the pipeline lost here. Its {n} stage(s) need free cores; on {max(rates)} threads the "
+                  f"unsplit model ran at {scaling:.2f}x its 1-thread rate, so this machine had about "
+                  f"{scaling:.1f} cores' worth free (other work holds the rest); bench/cpu_scaling.py compares "
+                  "the two carefully\n")
     if trace is not None:
         out.write(f"trace written to {pipe.export_trace(trace)} (open it in https://ui.perfetto.dev)\n")
     if plot is not None:
@@ -268,6 +301,15 @@ def _bench_dir() -> Path:
     raise SystemExit("the benchmarks live in a source checkout's bench/ folder; run this from the repository root")
 
 
+def _bench_names() -> str:
+    """``: a, b, …`` (the benchmarks of this checkout), for the help; empty outside one."""
+    try:
+        folder = _bench_dir()
+    except SystemExit:
+        return ""
+    return ": " + ", ".join(sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_")))
+
+
 def bench(names: Sequence[str], extra: Sequence[str]) -> int:
     folder = _bench_dir()
     available = sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_"))
@@ -287,12 +329,14 @@ def bench(names: Sequence[str], extra: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="partime-async", description=__doc__.split("\n")[0])
-    parser.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto",
-                        help="event loop (auto: uvloop when installed)")
+    parser = argparse.ArgumentParser(prog="partime-async", description=__doc__.split("\n")[0].replace("``", ""))
+    loops = ["auto", "uvloop", "asyncio"]
+    parser.add_argument("--loop", choices=loops, default="auto", help="event loop (auto: uvloop when installed)")
     commands = parser.add_subparsers(dest="command", required=True)
     p_demo = commands.add_parser("demo", help="stream the built-in video through a split conv net")
-    p_demo.add_argument("--frames", type=_at_least(1), default=600)
+    # Also after `demo` (argparse would otherwise call it unrecognised there).
+    p_demo.add_argument("--loop", choices=loops, default=argparse.SUPPRESS, help="as before `demo`")
+    p_demo.add_argument("--frames", type=_at_least(1), default=600, help="frames to stream (default: 600)")
     p_demo.add_argument("--size", type=_at_least(8), default=64, help="frame height and width")
     p_demo.add_argument("--stages", type=_at_least(1), default=None,
                         help="CPU stages (default: one per core, at most 4)")
@@ -301,7 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_demo.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace of the run (JSON)")
     p_demo.add_argument("--plot", metavar="FILE", help="draw a timeline of the run (PNG)")
     p_bench = commands.add_parser("bench", help="run benchmarks from bench/ (all but the soak by default)")
-    p_bench.add_argument("names", nargs="*")
+    p_bench.add_argument("names", nargs="*", help="benchmarks to run, by file name in bench/ (default: all but "
+                         f"{', '.join(LONG_BENCHMARKS)}){_bench_names()}")
     p_bench.add_argument("--quick", action="store_true", help="tiny runs (smoke test)")
     args = parser.parse_args(argv)
     if args.command == "bench":

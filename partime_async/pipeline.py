@@ -709,7 +709,10 @@ class Pipeline:
                 except (StopIteration, StopAsyncIteration):
                     break
                 except Exception as exc:
-                    raise PipelineError(f"{type(exc).__name__}: {exc}", component=f"source {name}", seq=seq) from exc
+                    # A source's notes say what it tried (a sensor: how often it reconnected).
+                    notes = "".join(f"; {note}" for note in getattr(exc, "__notes__", ()))
+                    raise PipelineError(f"{type(exc).__name__}: {exc}{notes}", component=f"source {name}",
+                                        seq=seq) from exc
                 except asyncio.CancelledError as exc:
                     if asyncio.current_task().cancelling():  # type: ignore[union-attr]
                         raise  # this pump was cancelled (stop(), or the reader went away)

@@ -58,7 +58,8 @@ class Sink:
 
 
 class Collect(Sink):
-    """Keeps every output frame in :attr:`frames` (in order)."""
+    """Keeps every output frame in :attr:`frames` (in order). ``capacity``, ``policy`` and
+    ``name`` as for every :class:`Sink` (with a drop policy, it keeps the frames it got)."""
 
     name = "collect"
 
@@ -76,7 +77,8 @@ class Collect(Sink):
 
 
 class CallbackSink(Sink):
-    """Calls ``fn(frame)`` for every output; ``fn`` may be sync or async."""
+    """Calls ``fn(frame)`` for every output; ``fn`` may be sync or async. ``capacity``,
+    ``policy`` and ``name`` (default: ``fn``'s name) as for every :class:`Sink`."""
 
     def __init__(self, fn: Callable[[Frame], Any | Awaitable[Any]], **kwargs: Any) -> None:
         kwargs.setdefault("name", getattr(fn, "__name__", "callback"))

@@ -133,7 +133,9 @@ class NpySink(Sink):
     Each file is written atomically (:class:`AtomicFile`): a crash leaves the files of the
     frames already written, complete, and nothing else. With the default zero-padding, name
     order is seq order, so ``NpyDirectory(directory)`` reads the outputs back in order and
-    bit for bit (``order="index"`` also restores their seqs).
+    bit for bit (``order="index"`` also restores their seqs). Files already in ``directory``
+    stay, and a frame's file replaces one of an equal seq (a stream resumed at a checkpoint
+    writes on where it left off); read back only one run's outputs from a folder of its own.
 
     Args:
         directory: the folder (created if missing).

@@ -428,7 +428,7 @@ async def test_sensor_gives_up_after_the_configured_attempts():
     cause = error.__cause__
     assert isinstance(cause, ConnectionResetError) and str(cause) == "read 6 failed"
     assert "gave up after 3 failed attempt(s) to read frame 3" in "\n".join(cause.__notes__)
-    assert "ConnectionResetError: read 6 failed" in str(error)
+    assert "ConnectionResetError: read 6 failed; camera 7: gave up after 3 failed attempt(s)" in str(error)
     assert device.reads == 6 and device.errors == 3 and device.reconnects == 2
     assert device.opens == device.closes == 3
     seqs = [f.seq for f in sink.frames]  # frames still in flight at the failure are abandoned
