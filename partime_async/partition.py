@@ -28,9 +28,11 @@ class LayerFailed(RuntimeError):
 
 
 def layers_of(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
-    """The layers a model is split between: the children of an ``nn.Sequential``, or a list."""
+    """The layers a model is split between: the children of an ``nn.Sequential``, or a list.
+    A module that appears twice (one ``nn.ReLU()`` used after two layers) is two layers, as
+    the ``nn.Sequential`` runs it twice (``children()`` would list it once)."""
     if isinstance(model, nn.Sequential):
-        layers = list(model.children())
+        layers = list(model)
     elif isinstance(model, (list, tuple)) and all(isinstance(m, nn.Module) for m in model):
         layers = list(model)
     else:
@@ -53,6 +55,27 @@ def check_balance(balance: Sequence[int], n_layers: int, n_devices: int) -> list
     if sum(balance) != n_layers:
         raise ValueError(f"balance {balance} covers {sum(balance)} layers but the model has {n_layers}")
     return balance
+
+
+def check_unshared(layers: Sequence[nn.Module], names: Sequence[str], balance: Sequence[int], *, learning: bool,
+                   one_device: bool) -> None:
+    """Raise ``ValueError`` if a parameter or buffer is in two stages where that cannot work:
+    when learning (each stage's optimiser would step it, from its own thread), or with the
+    stages on different devices (placing one stage would move it from under the other).
+    Tied weights in one stage, or read by CPU stages that only infer, are fine. ``names``:
+    the layers' names in the model, for the message."""
+    if not learning and one_device:
+        return
+    stage_of = [k for k, count in enumerate(balance) for _ in range(count)]
+    owner: dict[int, tuple[int, str]] = {}
+    for layer, name, k in zip(layers, names, stage_of):
+        for key, tensor in [*layer.named_parameters(prefix=name), *layer.named_buffers(prefix=name)]:
+            j, first = owner.setdefault(id(tensor), (k, key))
+            if j != k:
+                why = ("each stage's optimiser would update it" if learning
+                       else "the stages are on different devices")
+                raise ValueError(f"{first!r} (stage {j}) and {key!r} (stage {k}) are one tensor: {why}; put the "
+                                 "layers that share it in one stage (balance=...), or untie them")
 
 
 def split(layers: Sequence[nn.Module], balance: Sequence[int]) -> list[nn.Sequential]:

@@ -39,7 +39,7 @@ from .learning import OnlineLearning, StageLearner
 from .frame import Frame, Payload, clone, now
 from . import metrics as _metrics
 from .metrics import Report, Span, as_spans, report
-from .partition import (LayerFailed, balance_by_params, check_balance, layers_of, min_max_partition,
+from .partition import (LayerFailed, balance_by_params, check_balance, check_unshared, layers_of, min_max_partition,
                         profile_layers, split)
 from .routes import FutureRoute, Route, StreamRoute
 from .threads import aclose_to_the_end, in_thread, to_the_end
@@ -251,7 +251,7 @@ class Pipeline:
         self.layers = layers_of(model)
         # the layers' names in ``model`` (an nn.Sequential's child names; a list's indices):
         # a state_dict's keys are the model's own
-        self.layer_names = ([name for name, _ in model.named_children()] if isinstance(model, nn.Sequential)
+        self.layer_names = (list(model._modules) if isinstance(model, nn.Sequential)  # a repeated module too
                             else [str(i) for i in range(len(self.layers))])
         self.devices = resolve_devices(devices, len(self.layers))
         if learning is not None:
@@ -501,6 +501,8 @@ class Pipeline:
             costs = await self._profile(self.layers, sample)
             self.balance = min_max_partition(costs, len(self.devices))
         self.stages = split(self.layers, self.balance)
+        check_unshared(self.layers, self.layer_names, self.balance, learning=self.learning is not None,
+                       one_device=len({d.torch_device for d in self.devices}) == 1)
         for stage, device in zip(self.stages, self.devices):
             stage.to(device.torch_device)
         if self.learning is not None:

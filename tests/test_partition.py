@@ -221,6 +221,42 @@ async def test_pipeline_stages_share_the_models_parameters():
     assert len(stage_params) == 4
 
 
+async def test_a_module_used_twice_is_two_layers():
+    """One ReLU after two layers: the nn.Sequential runs it twice, so must the pipeline (it
+    was listed once, and the pipeline ran another network)."""
+    torch.manual_seed(0)
+    act = nn.ReLU()
+    model = nn.Sequential(nn.Linear(4, 4), act, nn.Linear(4, 4), act, nn.Linear(4, 4))
+    assert len(layers_of(model)) == 5
+    xs = [torch.randn(1, 4) for _ in range(6)]
+    pipe = pa.Pipeline(model, devices=pa.cpu_devices(2), balance=[2, 3])
+    async with pipe:
+        outs = [f.data async for f in pipe.stream(xs)]
+    with torch.no_grad():
+        assert all(torch.equal(y, model(x)) for y, x in zip(outs, xs))
+    assert pipe.layer_names == ["0", "1", "2", "3", "4"]
+    assert list(pipe.state_dict()["model"]) == list(model.state_dict())
+
+
+async def test_a_tensor_shared_between_learning_stages_is_refused_with_its_names():
+    enc, dec = nn.Linear(4, 4), nn.Linear(4, 4)
+    dec.weight = enc.weight  # tied: two stages' optimisers would step it (it failed at a random frame)
+    learning = pa.OnlineLearning(loss=nn.MSELoss(), optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    pipe = pa.Pipeline(nn.Sequential(enc, nn.ReLU(), dec), devices=pa.cpu_devices(2), balance=[2, 1], learning=learning)
+    frames = [pa.Frame(i, torch.randn(1, 4), target=torch.randn(1, 4)) for i in range(4)]
+    with pytest.raises(pa.PipelineError, match=r"'0.weight' \(stage 0\) and '2.weight' \(stage 1\) are one tensor: "
+                                               r"each stage's optimiser would update it; put the layers"):
+        async with pipe:
+            async for _ in pipe.stream(frames):
+                pass
+    # in one stage, or read by CPU stages that only infer: fine
+    for balance, learn in (([3], learning), ([2, 1], None)):
+        devices = pa.cpu_devices(len(balance))
+        pipe = pa.Pipeline(nn.Sequential(enc, nn.ReLU(), dec), devices=devices, balance=balance, learning=learn)
+        async with pipe:
+            assert len([f async for f in pipe.stream(frames)]) == 4
+
+
 # -- profile_layers -----------------------------------------------------------------------------
 def test_profile_layers_restores_buffers_and_returns_one_time_per_layer():
     torch.manual_seed(0)
