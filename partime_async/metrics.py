@@ -19,7 +19,8 @@ kinds:
 ``h2d``       CUDA: the copy of the frame's input from the host onto the stage's device
 ``d2d``       CUDA: the copy from the previous stage's device
 ``d2h``       CUDA, last stage: the copy of the output back to the host
-``deliver``   stage ``-1``: ``t0`` = the frame's capture time, ``t1`` = its delivery by the egress
+``deliver``   stage ``-1``: ``t0`` = the frame's capture time, ``t1`` = when it left the last stage
+              (recorded once its reader has it: a frame never read has none)
 ============  ===========================================================================
 
 Queue waits are not recorded but derived (:func:`wait_intervals`): a frame waits before stage

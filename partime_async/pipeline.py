@@ -52,10 +52,12 @@ Balance = Sequence[int] | Literal["time", "params"]
 class PipelineStats:
     """A snapshot of what the pipeline did so far.
 
+    ``delivered`` frames reached their reader: a stream's when it is read, a ``submit()``'s
+    answer when it is handed back (so ``delivered``, like every counter here, only grows).
     Once the pipeline has drained, every admitted frame is accounted for:
     ``admitted == delivered + discarded + dropped + sum(stage.skipped)``, where
-    ``discarded`` frames finished after their reader had gone (a stream closed early, a
-    cancelled ``submit()``); frames rejected at the door
+    ``discarded`` frames finished after their reader had gone, or were never read (a stream
+    closed early, a cancelled ``submit()``); frames rejected at the door
     (with ``on_error="skip"``: bad input, or a first frame that the model failed on while
     the pipeline split it) are counted in ``skipped_input`` instead.
     """
@@ -110,10 +112,12 @@ class OutputStream:
     async def __anext__(self) -> Frame:
         route = self._begin_read()
         try:
-            return await route.out.__anext__()
+            frame = await route.out.__anext__()
         except BaseException as exc:  # the end, a failure, or a cancelled read
             self._end(exc)
             raise
+        self._pipe._handed(frame)
+        return frame
 
     async def next(self, timeout: float | None = None) -> Frame:
         """The next frame, as ``anext(stream)``, but waiting at most ``timeout`` seconds:
@@ -122,12 +126,14 @@ class OutputStream:
         route = self._begin_read()
         try:
             async with asyncio.timeout(timeout):
-                return await route.out.__anext__()
+                frame = await route.out.__anext__()
         except TimeoutError:
             raise  # the timeout's own cancellation: no frame was taken, the stream stays open
         except BaseException as exc:
             self._end(exc)
             raise
+        self._pipe._handed(frame)
+        return frame
 
     def _begin_read(self) -> StreamRoute:
         if self._cancelled:
@@ -792,12 +798,19 @@ class Pipeline:
             self._pending_state = state  # optimisers are made when the stages are
 
     def _unread(self, out: Channel[Frame]) -> None:
-        """The frames a closing stream's reader never took: discarded, not delivered."""
+        """The frames a closing stream's reader never took: discarded."""
         while len(out):
-            frame = out.receive_nowait()
-            self._delivered -= 1
+            out.receive_nowait()
             self._discarded += 1
-            self._latency_sum_s -= frame.t_done - frame.t_capture
+
+    def _handed(self, frame: Frame) -> None:
+        """``frame`` reached its reader (a stream's, or a submitter): delivered. Counted then,
+        not when it left the last stage, so that the counters only grow (Prometheus' rate()
+        needs it) and the latency percentiles cover delivered frames only."""
+        self._delivered += 1
+        self._latency_sum_s += frame.t_done - frame.t_capture
+        if self._spans is not None:
+            self._spans.append((-1, "deliver", frame.seq, frame.t_capture, frame.t_done))
 
     def _named_layers(self) -> nn.Sequential:
         """A new ``nn.Sequential`` of the layers themselves (no copies) under their names in
@@ -896,14 +909,14 @@ class Pipeline:
 class Egress:
     """After the last stage: each finished job goes straight to its route, in order, from the
     last stage's own task (an egress task behind one more channel would cost the loop a task
-    switch per frame). It stamps ``Frame.t_done``, records the ``deliver`` span and counts the
-    delivery (or the discarding of a frame whose reader went away). The sending half of a
+    switch per frame). It stamps ``Frame.t_done`` and settles the frame: an answer to a
+    ``submit()`` is delivered now (:meth:`Pipeline._handed`), a stream's frame when its reader
+    takes it, and a frame whose reader went away is discarded. The sending half of a
     channel (:class:`~partime_async.executor.Outbox`): a reader that is behind makes the last
     stage wait, as a full channel would."""
 
     def __init__(self, pipe: Pipeline) -> None:
         self._pipe = pipe
-        self._record = pipe._spans.append if pipe._spans is not None else None
 
     def send_nowait(self, job: Job) -> bool:
         frame, route = job.frame, job.route
@@ -911,25 +924,22 @@ class Egress:
         gone = route.gone
         if not route.offer(frame):
             return False
-        self._settled(frame, gone)
+        self._settled(frame, route, gone)
         return True
 
     async def send(self, job: Job) -> None:
         await job.route.deliver(job.frame)
-        self._settled(job.frame, job.route.gone)  # a reader that left while we waited did not get it
+        self._settled(job.frame, job.route, job.route.gone)  # a reader that left while we waited did not get it
 
     def close(self) -> None:
         """Nothing to do: each route closes itself once all its frames have settled."""
 
-    def _settled(self, frame: Frame, gone: bool) -> None:
-        if self._record is not None:
-            self._record((-1, "deliver", frame.seq, frame.t_capture, frame.t_done))
+    def _settled(self, frame: Frame, route: Route, gone: bool) -> None:
         pipe = self._pipe
         if gone:  # its reader went away: not delivered to anyone
             pipe._discarded += 1
-        else:
-            pipe._delivered += 1
-            pipe._latency_sum_s += frame.t_done - frame.t_capture
+        elif not isinstance(route, StreamRoute):  # a stream's frame is delivered when read
+            pipe._handed(frame)
         pipe._position = frame.seq + 1
 
 

@@ -280,6 +280,32 @@ async def test_prometheus_latency_sum_and_count_are_counters_beyond_the_ring():
     assert 0 < seen[0][1] < seen[1][1] < seen[2][1]
 
 
+async def test_counters_only_grow_and_latency_covers_delivered_frames_only():
+    """Frames waiting for a stream's reader are delivered when read: a stream closed with
+    frames unread makes them discarded without taking back what was counted (Prometheus reads
+    a counter going down as a reset), and their latencies are not among the percentiles."""
+    def scrape(pipe):
+        families = text_string_to_metric_families(prometheus_text(pipe))
+        return {s.name: s.value for f in families for s in f.samples
+                if s.name in ("partime_frames_delivered_total", "partime_latency_seconds_count",
+                              "partime_latency_seconds_sum")}
+
+    pipe = pa.Pipeline(sleepy(0, 0), devices=pa.cpu_devices(2, threads=1), balance=[1, 1], capacity=4)
+    async with pipe:
+        outputs = pipe.stream(xs(100))
+        await anext(outputs)
+        while pipe.stats().discarded == 0 and len(outputs._route.out) < 4:  # its output queue fills, unread
+            await asyncio.sleep(0.01)
+        before = scrape(pipe)
+        await outputs.aclose()
+        after = scrape(pipe)
+    assert before == after == {"partime_frames_delivered_total": 1, "partime_latency_seconds_count": 1,
+                               "partime_latency_seconds_sum": pytest.approx(before["partime_latency_seconds_sum"])}
+    report = pipe.metrics()
+    assert report.delivered == report.latency_frames == 1 and report.discarded >= 4
+    assert report.admitted == report.delivered + report.discarded  # nothing dropped or skipped
+
+
 async def test_the_report_tells_no_frame_yet_from_metrics_off():
     on = pa.Pipeline(sleepy(0), devices=pa.cpu_devices(1, threads=1))
     off = pa.Pipeline(sleepy(0), devices=pa.cpu_devices(1, threads=1), metrics=False)
