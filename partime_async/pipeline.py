@@ -339,6 +339,7 @@ class Pipeline:
         self._streams: weakref.WeakSet[OutputStream] = weakref.WeakSet()  # being read
         self._pumps: set[asyncio.Task[None]] = set()
         self._built = False
+        self.executors = []  # this run's are built with its first frame: stats() shows no old run's
         self._build_lock = asyncio.Lock()
         self._stop_requested: asyncio.Future[None] = loop.create_future()
         self._ingress: Channel[Job] = Channel(self.capacity, self.policy, name="ingress",

@@ -73,7 +73,9 @@ def chrome_trace(spans: Sequence[Span], stage_names: Sequence[str] = (), origin:
             events.append({"ph": "i", "s": "t", "pid": PID, "tid": tid, "name": "deliver", "ts": us(s.t1),
                            "args": {"seq": s.seq, "latency_ms": round(1e3 * s.duration, 3)}})
             continue
-        ts, dur = us(s.t0), round(max(s.t1 - s.t0, 0.0) * 1e6, 3)
+        # dur from the rounded ends: a span that starts where the one before ends must not
+        # overlap it by a rounding (Perfetto would nest it inside)
+        ts, dur = us(s.t0), round(max(us(s.t1) - us(s.t0), 0.0), 3)
         events.append({"ph": "X", "pid": PID, "tid": tid, "name": s.kind, "cat": s.kind, "ts": ts, "dur": dur,
                        "args": {"seq": s.seq}})
         if s.kind in FORWARD_KINDS:

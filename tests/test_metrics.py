@@ -306,6 +306,18 @@ async def test_counters_only_grow_and_latency_covers_delivered_frames_only():
     assert report.admitted == report.delivered + report.discarded  # nothing dropped or skipped
 
 
+async def test_a_restarted_pipeline_reports_only_its_new_run():
+    pipe = pa.Pipeline(sleepy(0.001, 0.001), devices=pa.cpu_devices(2, threads=1), balance=[1, 1])
+    await run_stream(pipe, xs(30))
+    async with pipe:  # started again; no frame yet
+        stats, report = pipe.stats(), pipe.metrics()
+        assert (stats.admitted, stats.delivered, stats.stages) == (0, 0, [])
+        assert report.stages == [] and report.bottleneck is None  # before: the last run's, at 400% busy
+        assert len([f async for f in pipe.stream(xs(5))]) == 5
+        assert [s.frames for s in pipe.stats().stages] == [5, 5]
+        assert all(0 < s.busy <= 1 for s in pipe.metrics().stages)
+
+
 async def test_the_report_tells_no_frame_yet_from_metrics_off():
     on = pa.Pipeline(sleepy(0), devices=pa.cpu_devices(1, threads=1))
     off = pa.Pipeline(sleepy(0), devices=pa.cpu_devices(1, threads=1), metrics=False)
