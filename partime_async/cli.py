@@ -193,6 +193,9 @@ def check_demo_options(stages: int | None, learn: bool, mode: str | None, trace:
         if stages > layers:
             raise ValueError(f"--stages: the demo's conv net has {layers} layers, so at most {layers} stages, "
                              f"got {stages}")
+        if torch.cuda.is_available() and stages > torch.cuda.device_count():
+            raise ValueError(f"--stages: with CUDA a stage runs on each GPU, and this machine has "
+                             f"{torch.cuda.device_count()}, got {stages}")
     if mode is not None and not learn:
         raise ValueError(f"--mode {mode} sets how the demo learns, but --no-learn turns learning off; "
                          "drop one of them")
@@ -214,8 +217,8 @@ async def demo(frames: int = 600, size: int = 64, stages: int | None = None, lea
                plot: str | Path | None = None) -> dict[str, float]:
     """The main job; returns the summary numbers (also printed). ``mode``: how it learns
     (None: ``partime``; must be None with ``learn=False``). ``stages``: CPU stages (None: one
-    per core, at most 4; GPUs: every GPU). ``trace``: write the run's Chrome/Perfetto trace
-    there; ``plot``: draw its timeline there (PNG). Raises ``ValueError`` up front for options
+    per core, at most 4); with CUDA, GPU stages (None: one per GPU). ``trace``: write the
+    run's Chrome/Perfetto trace there; ``plot``: draw its timeline there (PNG). Raises ``ValueError`` up front for options
     it cannot honour (:func:`check_demo_options`)."""
     check_demo_options(stages, learn, mode, trace, plot)
     mode = mode or "partime"
@@ -223,9 +226,9 @@ async def demo(frames: int = 600, size: int = 64, stages: int | None = None, lea
     torch.manual_seed(0)
     model = demo_model()
     camera, source = demo_source(frames, size, learn=learn)
-    if torch.cuda.is_available():
-        devices: list[Device] | str = ["cuda:0"] if sequential else "auto"
-        n = 1 if sequential else torch.cuda.device_count()
+    if torch.cuda.is_available():  # a stage per GPU (or per --stages GPUs), at most one per layer
+        n = 1 if sequential else min(stages or torch.cuda.device_count(), len(model))
+        devices: list[Device] | list[str] = [f"cuda:{i}" for i in range(n)]
     else:
         n = 1 if sequential else stages or max(1, min(available_cores(), 4))
         devices = cpu_devices(n)
@@ -331,7 +334,8 @@ def bench(names: Sequence[str], extra: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="partime-async", description=__doc__.split("\n")[0].replace("``", ""))
     loops = ["auto", "uvloop", "asyncio"]
-    parser.add_argument("--loop", choices=loops, default="auto", help="event loop (auto: uvloop when installed)")
+    parser.add_argument("--loop", choices=loops, default=None,
+                        help="event loop (auto, the default: uvloop when installed); passed on to benchmarks")
     commands = parser.add_subparsers(dest="command", required=True)
     p_demo = commands.add_parser("demo", help="stream the built-in video through a split conv net")
     # Also after `demo` (argparse would otherwise call it unrecognised there).
@@ -339,23 +343,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_demo.add_argument("--frames", type=_at_least(1), default=600, help="frames to stream (default: 600)")
     p_demo.add_argument("--size", type=_at_least(8), default=64, help="frame height and width")
     p_demo.add_argument("--stages", type=_at_least(1), default=None,
-                        help="CPU stages (default: one per core, at most 4)")
+                        help="stages (default: one per core, at most 4; with CUDA, one per GPU)")
     p_demo.add_argument("--mode", choices=MODES, default=None, help="online learning mode (default: partime)")
     p_demo.add_argument("--no-learn", dest="learn", action="store_false", help="inference only")
     p_demo.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace of the run (JSON)")
     p_demo.add_argument("--plot", metavar="FILE", help="draw a timeline of the run (PNG)")
-    p_bench = commands.add_parser("bench", help="run benchmarks from bench/ (all but the soak by default)")
+    p_bench = commands.add_parser("bench", help="run benchmarks from bench/ (all but the soak by default)",
+                                  description="Run benchmarks from bench/. Options after the names (e.g. "
+                                  "--repeats 3) go to every benchmark named, as its own command line takes them.")
     p_bench.add_argument("names", nargs="*", help="benchmarks to run, by file name in bench/ (default: all but "
                          f"{', '.join(LONG_BENCHMARKS)}){_bench_names()}")
     p_bench.add_argument("--quick", action="store_true", help="tiny runs (smoke test)")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
     if args.command == "bench":
-        return bench(args.names, ["--quick"] if args.quick else [])
+        loop = ["--loop", args.loop] if args.loop is not None else []
+        return bench(args.names, ["--quick"] * args.quick + loop + extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:  # a usage error (exit 2), reported before anything runs
         check_demo_options(args.stages, args.learn, args.mode, args.trace, args.plot)
     except ValueError as exc:
         p_demo.error(str(exc))
-    factory = loop_factory(args.loop)
+    factory = loop_factory(args.loop or "auto")
     try:
         with asyncio.Runner(loop_factory=factory) as runner:
             runner.run(_cancelled_by_sigint(demo(args.frames, args.size, args.stages, args.learn, args.mode,

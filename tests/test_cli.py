@@ -51,6 +51,17 @@ def test_cli_rejects_unknown_benchmark():
         cli.main(["bench", "no_such_benchmark"])
 
 
+def test_bench_passes_its_options_and_the_loop_on(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(cli, "bench", lambda names, extra: calls.append((names, extra)) or 0)
+    cli.main(["--loop", "asyncio", "bench", "cpu_scaling", "learning", "--repeats", "3", "--quick"])
+    cli.main(["bench"])
+    assert calls == [(["cpu_scaling", "learning"], ["--quick", "--loop", "asyncio", "--repeats", "3"]), ([], [])]
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--repeats", "3"])  # the demo takes no such option
+    assert "unrecognized arguments: --repeats 3" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, words", [(["--frames", "0"], "--frames: must be >= 1, got 0"),
                                          (["--stages", "-3"], "--stages: must be >= 1, got -3"),
                                          (["--size", "x"], "--size: expected an integer, got 'x'")])
