@@ -75,7 +75,7 @@ class InputSpec:
     @classmethod
     def like(cls, payload: Payload) -> InputSpec:
         """The spec that ``payload`` satisfies exactly."""
-        values, structure = pytree.tree_flatten(payload)
+        values, structure = pytree.tree_flatten(_keys_sorted(payload))
         return cls(structure, [TensorSpec.like(v) for v in values])
 
     def mismatch(self, payload: Payload) -> str | None:
@@ -85,7 +85,7 @@ class InputSpec:
                 and (plain[1] is None or payload.dtype == plain[1]) \
                 and (plain[2] is None or payload.device.type == plain[2]):
             return None
-        values, structure = pytree.tree_flatten(payload)
+        values, structure = pytree.tree_flatten(_keys_sorted(payload))
         if structure != self.structure:
             return f"expected a payload shaped like {self.structure}, got {structure}"
         for i, (spec, value) in enumerate(zip(self.leaves, values)):
@@ -102,18 +102,29 @@ class InputSpec:
             raise FrameError(why + hint, component=component, seq=seq)
 
 
+def _keys_sorted(payload: Payload) -> Payload:
+    """``payload`` with every dict's keys in one order: a model reads a dict by key, so two
+    frames whose dicts hold the same keys in another order have the same structure."""
+    if isinstance(payload, dict):
+        return {key: _keys_sorted(payload[key]) for key in sorted(payload, key=repr)}
+    if type(payload) in (list, tuple):
+        return type(payload)(map(_keys_sorted, payload))
+    return payload
+
+
 def check_tensors(payload: Payload, seq: int | None, *, finite: bool) -> None:
     """Every leaf must be a tensor; with ``finite``, floating leaves must hold no NaN or Inf."""
     if not finite and type(payload) is torch.Tensor:
         return
-    for i, value in enumerate(pytree.tree_leaves(payload)):
+    for path, value in pytree.tree_flatten_with_path(payload)[0]:
+        where = f"payload{pytree.keystr(path)}"
         if not isinstance(value, torch.Tensor):
             raise FrameError(
-                f"payload leaf {i} is a {type(value).__name__}, not a tensor; convert it with "
+                f"{where} is a {type(value).__name__}, not a tensor; convert it with "
                 "torch.as_tensor (payloads are tensors or tuples/lists/dicts of tensors)",
                 component="input", seq=seq)
         if finite and value.device.type == "meta":
-            raise FrameError(f"payload leaf {i} is a meta tensor: it holds no values to check", component="input",
+            raise FrameError(f"{where} is a meta tensor: it holds no values to check", component="input",
                              seq=seq)
         if finite and (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
             raise FrameError("payload holds NaN or Inf (check_finite=True forbids them)", component="input", seq=seq)

@@ -554,7 +554,7 @@ async def test_stream_iteration_raises_when_the_source_fails(k, inline):
 
 async def test_start_with_a_sample_that_is_not_a_payload_says_what_a_payload_is():
     pipe = pa.Pipeline([nn.Conv2d(3, 3, 1)], devices=pa.cpu_devices(1))
-    with pytest.raises(pa.FrameError, match="payload leaf 0 is a str, not a tensor; convert it with torch.as_tensor"):
+    with pytest.raises(pa.FrameError, match="payload is a str, not a tensor; convert it with torch.as_tensor"):
         await pipe.start("not a tensor")
     assert not pipe.running
     await assert_clean()

@@ -226,12 +226,18 @@ def test_input_spec_like_and_check():
     with pytest.raises(pa.FrameError, match="expected a payload shaped like") as info:
         spec.check({"image": payload["image"]}, 7)
     assert info.value.seq == 7 and info.value.component == "input"
+    # the same keys in another order: the same structure (a model reads a dict by key)
+    spec.check({"t": torch.ones(1), "image": torch.ones(1, 3, 4, 4, dtype=torch.uint8)}, 8)
+    with pytest.raises(pa.FrameError, match="uint8"):  # and each key still gets its own spec
+        spec.check({"t": torch.ones(1), "image": torch.ones(1, 3, 4, 4)}, 9)
 
 
 def test_check_tensors_messages():
     check_tensors((torch.zeros(1), [torch.ones(2)]), 0, finite=True)
-    with pytest.raises(pa.FrameError, match="leaf 1 is a int, not a tensor"):
+    with pytest.raises(pa.FrameError, match=r"payload\[1\] is a int, not a tensor"):
         check_tensors((torch.zeros(1), 5), 3, finite=False)
+    with pytest.raises(pa.FrameError, match=r"payload\['depth'\]\[0\] is a int, not a tensor"):  # named by its key
+        check_tensors({"img": torch.zeros(1), "depth": [5]}, 3, finite=False)
     with pytest.raises(pa.FrameError, match="NaN or Inf"):
         check_tensors(torch.tensor([float("nan")]), 3, finite=True)
     check_tensors(torch.tensor([float("nan")]), 3, finite=False)
