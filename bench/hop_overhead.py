@@ -362,7 +362,12 @@ def main_cuda(args: argparse.Namespace, argv: Sequence[str] | None, parser: argp
     noise = max(C.spread(v) for v in raw.values())
 
     def ratio(a: float, b: float) -> float:
-        return a / b if b > 0 else float("inf")
+        """a / b; NaN where either is not positive (a per-hop time <= 0 is noise, not speed)."""
+        return a / b if a > 0 and b > 0 else float("nan")
+
+    if any(v <= 0 for v in per_hop.values()):
+        print("note: a per-hop time <= 0 is noise (the 4-stage run was not measurably slower than the 1-stage "
+              "one on this machine now): its ratio is NaN; rerun with more --frames or --repeats")
 
     print(f"\nper_hop = (t(S={s_hi}) - t(S={s_lo})) / {s_hi - s_lo} / frames, paired within each repeat, "
           f"median over repeats; S={s_lo}: t / frames. Ours' figures include, at every S, the download of "
@@ -456,7 +461,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("(spread: (max - min) / median of a variant's repeats; large spreads mean a busy machine: rerun)")
 
     def ratio(a: float, b: float) -> float:
-        return a / b if b > 0 else float("inf")
+        """a / b; NaN where either is not positive (a per-hop time <= 0 is noise, not speed)."""
+        return a / b if a > 0 and b > 0 else float("nan")
+
+    if any(v <= 0 for v in per_hop.values()):
+        print("note: a per-hop time <= 0 is noise (the 4-stage run was not measurably slower than the 1-stage "
+              "one on this machine now): its ratio is NaN; rerun with more --frames or --repeats")
 
     r_inline = ratio(per_hop["ours_inline"], per_hop["bare_queue"])
     r_spec = ratio(per_hop["ours_inline_spec"], per_hop["bare_queue"])
