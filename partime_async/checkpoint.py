@@ -124,14 +124,18 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
 
 def fsync_folder(folder: Path) -> None:
     """Flush ``folder``'s entries to the disk, so that a rename into it survives a power loss
-    (POSIX; elsewhere, and on file systems that cannot sync a folder, nothing to do)."""
+    (POSIX). Where a folder cannot be synced (another OS, a file system that refuses, a folder
+    this process may write but not read) there is nothing more to do: the rename is done."""
     if os.name != "posix":
         return
-    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except PermissionError:
+        return
     try:
         os.fsync(fd)
     except OSError as exc:
-        if exc.errno != errno.EINVAL:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EACCES, errno.EPERM):
             raise
     finally:
         os.close(fd)

@@ -240,13 +240,14 @@ async def demo(frames: int = 600, size: int = 64, stages: int | None = None, lea
     if n > cores and not torch.cuda.is_available():
         out.write(f"note: {n} stages on {cores} cores take turns on them; expect no speed-up\n")
     sample = [frame async for frame in _take(source, min(frames, 60))]
-    before = await unsplit_rates(model, sample, learning)
+    unsplit_model = copy.deepcopy(model)  # on the host: the pipeline moves the model's own layers to its devices
+    before = await unsplit_rates(unsplit_model, sample, learning)
     pipe = Pipeline(model, devices=devices, balance="time", learning=learning)
     progress = Progress(pipe, frames, out)
     stats = await run(source >> pipe >> progress)
     # Measured again after the run: on a shared machine the load moves, and the baseline is
     # the best the unsplit model did.
-    after = await unsplit_rates(model, sample, learning)
+    after = await unsplit_rates(unsplit_model, sample, learning)
     rates = {threads: max(rate, after.get(threads, 0.0)) for threads, rate in before.items()}
     unsplit = max(rates.values())
     pipelined = progress.rate or stats.throughput

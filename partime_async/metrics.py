@@ -20,7 +20,8 @@ kinds:
 ``d2d``       CUDA: the copy from the previous stage's device
 ``d2h``       CUDA, last stage: the copy of the output back to the host
 ``deliver``   stage ``-1``: ``t0`` = the frame's capture time, ``t1`` = when it left the last stage
-              (recorded once its reader has it: a frame never read has none)
+              (recorded once its reader has it)
+``discard``   stage ``-1``, as ``deliver``, for a frame whose reader went away (never read)
 ============  ===========================================================================
 
 Queue waits are not recorded but derived (:func:`wait_intervals`): a frame waits before stage
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
 SPAN_CAPACITY = 1 << 16
 """Spans a pipeline run keeps by default (the latest; about 10 MB when full)."""
 
-KINDS = ("compute", "backward", "step", "h2d", "d2d", "d2h", "deliver")
+KINDS = ("compute", "backward", "step", "h2d", "d2d", "d2h", "deliver", "discard")
 """The kinds of span a pipeline records (the table above)."""
 FORWARD_KINDS = frozenset({"h2d", "d2d", "compute", "d2h"})
 """Kinds on a frame's way forward through a stage (the path its trace flow follows)."""
@@ -100,8 +101,8 @@ def frame_ids(c: Columns) -> tuple[np.ndarray, np.ndarray]:
     """``(ids, frames)``: for each span the number of its frame, and for each frame number its
     ``(seq, n)``. Frames of equal seq (seqs repeat where several feeds number their own) are
     told apart by order: every stage takes frames in the order they were admitted, so the n-th
-    span of seq s of one kind at one stage (by start; a delivery by its time) belongs to the
-    n-th frame of seq s there. ``n`` is 0 where a seq does not repeat. (Where the ring has
+    span of seq s of one kind at one stage (by start; a delivery or discard by its time)
+    belongs to the n-th frame of seq s there. ``n`` is 0 where a seq does not repeat. (Where the ring has
     lost the earlier spans of a repeated seq at one stage but not at the next, the two are
     matched one frame apart.)"""
     kinds = np.zeros(len(c.kind), np.int64)
@@ -109,7 +110,9 @@ def frame_ids(c: Columns) -> tuple[np.ndarray, np.ndarray]:
         kinds[c.kind == kind] = code
     if not kinds.all():  # spans made by hand, of other kinds
         kinds = np.unique(c.kind, return_inverse=True)[1].reshape(-1)
-    order = np.lexsort((np.where(c.kind == "deliver", c.t1, c.t0), c.seq, kinds, c.stage))
+    out = (c.kind == "deliver") | (c.kind == "discard")  # a frame leaves by one or the other, in order:
+    kinds[out] = -1                                       # one group
+    order = np.lexsort((np.where(out, c.t1, c.t0), c.seq, kinds, c.stage))
     stage, kind, seq = c.stage[order], kinds[order], c.seq[order]
     first = np.ones(len(order), bool)  # the first of its (stage, kind, seq) group
     first[1:] = (stage[1:] != stage[:-1]) | (kind[1:] != kind[:-1]) | (seq[1:] != seq[:-1])
@@ -142,7 +145,7 @@ def wait_intervals(spans: Sequence[tuple[int, str, int, float, float]]) -> Colum
     first[1:] = fkey[1:] != fkey[:-1]
     arrive_key, arrive = fkey[first], ft0[first]
     # departure from (stage, frame): the end of its compute; from the source (-1): the capture
-    compute, deliver = c.kind == "compute", c.kind == "deliver"
+    compute, deliver = c.kind == "compute", (c.kind == "deliver") | (c.kind == "discard")
     leave_key = np.concatenate([key[compute], key[deliver]])
     leave = np.concatenate([c.t1[compute], c.t0[deliver]])
     order = np.argsort(leave_key, kind="stable")

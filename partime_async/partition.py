@@ -59,21 +59,25 @@ def check_balance(balance: Sequence[int], n_layers: int, n_devices: int) -> list
 
 def check_unshared(layers: Sequence[nn.Module], names: Sequence[str], balance: Sequence[int], *, learning: bool,
                    one_device: bool) -> None:
-    """Raise ``ValueError`` if a parameter or buffer is in two stages where that cannot work:
-    when learning (each stage's optimiser would step it, from its own thread), or with the
-    stages on different devices (placing one stage would move it from under the other).
-    Tied weights in one stage, or read by CPU stages that only infer, are fine. ``names``:
-    the layers' names in the model, for the message."""
+    """Raise ``ValueError`` if a tensor is in two stages where that cannot work: a trainable
+    parameter when learning (each stage's optimiser would step it, from its own thread), any
+    parameter or buffer with the stages on different devices (placing one stage would move
+    it from under the other). Tied weights within one stage, frozen ones, and any shared
+    tensor read by stages on one device that only infer are fine. ``names``: the layers'
+    names in the model, for the message."""
     if not learning and one_device:
         return
     stage_of = [k for k, count in enumerate(balance) for _ in range(count)]
     owner: dict[int, tuple[int, str]] = {}
     for layer, name, k in zip(layers, names, stage_of):
-        for key, tensor in [*layer.named_parameters(prefix=name), *layer.named_buffers(prefix=name)]:
+        tensors = [*layer.named_parameters(prefix=name), *layer.named_buffers(prefix=name)]
+        if one_device:  # learning: the optimisers step trainable parameters only
+            tensors = [(key, t) for key, t in tensors if isinstance(t, nn.Parameter) and t.requires_grad]
+        for key, tensor in tensors:
             j, first = owner.setdefault(id(tensor), (k, key))
             if j != k:
-                why = ("each stage's optimiser would update it" if learning
-                       else "the stages are on different devices")
+                why = "the stages are on different devices" if not one_device else \
+                    "each stage's optimiser would update it"
                 raise ValueError(f"{first!r} (stage {j}) and {key!r} (stage {k}) are one tensor: {why}; put the "
                                  "layers that share it in one stage (balance=...), or untie them")
 

@@ -54,7 +54,9 @@ class PipelineStats:
 
     ``delivered`` frames reached their reader: a stream's when it is read, a ``submit()``'s
     answer when it is handed back (so ``delivered``, like every counter here, only grows).
-    Once the pipeline has drained, every admitted frame is accounted for:
+    Once the pipeline has drained and its streams are read to their end or closed (frames
+    waiting in a stream for its reader are neither delivered nor discarded yet; one read after
+    the pipeline restarted counts in no run), every admitted frame is accounted for:
     ``admitted == delivered + discarded + dropped + sum(stage.skipped)``, where
     ``discarded`` frames finished after their reader had gone, or were never read (a stream
     closed early, a cancelled ``submit()``); frames rejected at the door
@@ -103,6 +105,7 @@ class OutputStream:
         self._pump: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: weakref.ref[asyncio.Task[Any]] | None = None  # the task that read it last
+        self._run = 0  # the pipeline's run it was opened in
         self._cancelled = False  # closed because a read was cancelled
         self._closed = False
 
@@ -116,7 +119,7 @@ class OutputStream:
         except BaseException as exc:  # the end, a failure, or a cancelled read
             self._end(exc)
             raise
-        self._pipe._handed(frame)
+        self._settled(frame)
         return frame
 
     async def next(self, timeout: float | None = None) -> Frame:
@@ -132,7 +135,7 @@ class OutputStream:
         except BaseException as exc:
             self._end(exc)
             raise
-        self._pipe._handed(frame)
+        self._settled(frame)
         return frame
 
     def _begin_read(self) -> StreamRoute:
@@ -146,6 +149,12 @@ class OutputStream:
         self._reader = weakref.ref(asyncio.current_task())
         return route
 
+    def _settled(self, frame: Frame) -> None:
+        """Its reader took ``frame``: delivered, if this stream is of the pipeline's current run
+        (one read after a restart belongs to a run whose counts are gone)."""
+        if self._run == self._pipe._run:
+            self._pipe._handed(frame)
+
     def _end(self, exc: BaseException) -> None:
         self._cancelled = self._cancelled or isinstance(exc, asyncio.CancelledError)
         self._close()
@@ -155,6 +164,7 @@ class OutputStream:
         tg = pipe._check_running()
         self._loop = asyncio.get_running_loop()
         self._route = route = StreamRoute(pipe.capacity)
+        self._run = pipe._run
         pipe._routes.add(route)
         pipe._streams.add(self)
         self._pump = tg.create_task(pipe._pump(self._source, route), name="partime-source")
@@ -167,7 +177,7 @@ class OutputStream:
             self._pump.cancel()
             self._pipe._pumps.discard(self._pump)
         if self._route is not None:  # opened: registered with the pipeline
-            self._pipe._unread(self._route.out)
+            self._pipe._unread(self._route.out, counted=self._run == self._pipe._run)
             self._route.detach()
             self._pipe._routes.discard(self._route)
             self._pipe._streams.discard(self)
@@ -315,6 +325,7 @@ class Pipeline:
         self._delivered = self._discarded = 0
         self._latency_sum_s = 0.0  # over the delivered frames, since start (Prometheus' summary sum)
         self._position = 0
+        self._run = 0  # which run (start) this is: a stream of an earlier one counts nowhere now
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
@@ -354,6 +365,7 @@ class Pipeline:
         started: asyncio.Future[None] = loop.create_future()
         self._delivered = self._discarded = 0
         self._latency_sum_s = 0.0
+        self._run += 1
         self._task = loop.create_task(self._serve(started), name="partime-pipeline")
         try:
             await started
@@ -692,8 +704,10 @@ class Pipeline:
         (payloads get seq 0, 1, 2, …). Nothing starts until the first ``__anext__``. A source
         that raises fails the pipeline with a :class:`PipelineError` naming the source. To
         stop reading early, close the stream (``async with pipe.stream(src) as outputs:``
-        or ``await outputs.aclose()``): the source is closed and the frames still in flight
-        are discarded without blocking the pipeline. A stream left unclosed is closed when it
+        or ``await outputs.aclose()``): the source is closed (an async generator or a
+        :class:`~partime_async.sources.Source` by ``aclose()``, a generator by ``close()``;
+        another iterator is the caller's and left open) and the frames still in flight are
+        discarded without blocking the pipeline. A stream left unclosed is closed when it
         is garbage-collected, or by :meth:`stop` when the task stopping is the one that read
         it (``break`` out of ``async for``, then leave ``async with pipe:``). A stream object
         kept alive after its reader stopped reading must be closed: :meth:`stop` finishes
@@ -798,11 +812,20 @@ class Pipeline:
         else:
             self._pending_state = state  # optimisers are made when the stages are
 
-    def _unread(self, out: Channel[Frame]) -> None:
-        """The frames a closing stream's reader never took: discarded."""
+    def _unread(self, out: Channel[Frame], *, counted: bool = True) -> None:
+        """The frames a closing stream's reader never took: discarded (``counted``: the stream
+        is of this run)."""
         while len(out):
-            out.receive_nowait()
-            self._discarded += 1
+            frame = out.receive_nowait()
+            if counted:
+                self._discard(frame)
+
+    def _discard(self, frame: Frame) -> None:
+        """``frame`` finished, but its reader went away: discarded (counted, and a ``discard``
+        span, so that the frames after it are still told apart by order)."""
+        self._discarded += 1
+        if self._spans is not None:
+            self._spans.append((-1, "discard", frame.seq, frame.t_capture, frame.t_done))
 
     def _handed(self, frame: Frame) -> None:
         """``frame`` reached its reader (a stream's, or a submitter): delivered. Counted then,
@@ -938,7 +961,7 @@ class Egress:
     def _settled(self, frame: Frame, route: Route, gone: bool) -> None:
         pipe = self._pipe
         if gone:  # its reader went away: not delivered to anyone
-            pipe._discarded += 1
+            pipe._discard(frame)
         elif not isinstance(route, StreamRoute):  # a stream's frame is delivered when read
             pipe._handed(frame)
         pipe._position = frame.seq + 1

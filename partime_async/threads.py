@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import types
 import warnings
 from collections import deque
 from typing import Any, Awaitable, Callable, TypeVar
@@ -72,15 +73,14 @@ async def to_the_end(aw: Awaitable[T], *, on_cancel: Callable[[], Any] | None = 
 
 async def aclose_to_the_end(iterator: Any) -> None:
     """Close ``iterator``: with ``aclose()`` if it has one (an async generator, a source), to its
-    end even if the caller is cancelled again meanwhile (see :func:`to_the_end`); else with
-    ``close()`` if it has one (a generator)."""
+    end even if the caller is cancelled again meanwhile (see :func:`to_the_end`); a generator
+    with ``close()`` (its ``finally`` blocks run now). Other iterators (a file, an object of
+    the caller's) are left as they are."""
     aclose = getattr(iterator, "aclose", None)
     if aclose is not None:
         await to_the_end(aclose())
-        return
-    close = getattr(iterator, "close", None)
-    if close is not None:
-        close()
+    elif isinstance(iterator, types.GeneratorType):
+        iterator.close()
 
 
 _abandoned: set[asyncio.Future[Any]] = set()

@@ -5,14 +5,15 @@ One process, ``partime_async``, with these tracks (threads, in this order):
 * ``stage k (device)``: the stage's forwards (``compute``), and when learning its ``backward``
   slices with the optimiser ``step`` nested inside;
 * ``stage k copy-in`` / ``stage k copy-out`` (CUDA): its ``h2d``/``d2d`` and ``d2h`` copies;
-* ``deliver``: an instant per frame delivered, with its latency.
+* ``deliver``: an instant per frame delivered, with its latency (``discard`` for a frame whose
+  reader went away).
 
 Every span is a complete event (``"ph": "X"``) with ``args: {"seq": …}``; the queue wait of a
 frame before each stage is an async slice (``"ph": "b"``/``"e"``, category ``wait``). Each frame
 has exactly one flow (``"ph": "s"``, then ``"t"``, ending with ``"f"``) that follows it through
-the forward spans of the stages, in order; its ``id`` is the frame's seq, or ``"seq.n"`` for the
-n-th later frame of a seq that repeats (:func:`~partime_async.metrics.frame_ids`). Timestamps
-are microseconds from the start of the run.
+the forward spans of the stages, in order; its ``id`` is the frame's seq, or for the n-th later
+frame of a seq that repeats (:func:`~partime_async.metrics.frame_ids`), ``seq + n * (max seq -
+min seq + 1)``. Timestamps are microseconds from the start of the run.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ DELIVER_TRACK = (1 << 30, 0)
 def track_of(span: Span) -> tuple[int, int]:
     """Sort key of the track a span belongs on: (stage, lane) with lanes 0 = the stage itself,
     1 = copy-in, 2 = copy-out; deliveries after every stage."""
-    if span.kind == "deliver":
+    if span.kind in ("deliver", "discard"):
         return DELIVER_TRACK
     return (span.stage, 1 if span.kind in COPY_IN else 2 if span.kind == "d2h" else 0)
 
@@ -69,8 +70,8 @@ def chrome_trace(spans: Sequence[Span], stage_names: Sequence[str] = (), origin:
     forward: dict[int, list[tuple[float, int, float, float]]] = defaultdict(list)  # frame -> (t0, tid, ts, dur)
     for s, frame in zip(spans, ids.tolist()):
         tid = tids[track_of(s)]
-        if s.kind == "deliver":
-            events.append({"ph": "i", "s": "t", "pid": PID, "tid": tid, "name": "deliver", "ts": us(s.t1),
+        if s.kind in ("deliver", "discard"):
+            events.append({"ph": "i", "s": "t", "pid": PID, "tid": tid, "name": s.kind, "ts": us(s.t1),
                            "args": {"seq": s.seq, "latency_ms": round(1e3 * s.duration, 3)}})
             continue
         # dur from the rounded ends: a span that starts where the one before ends must not
@@ -80,9 +81,12 @@ def chrome_trace(spans: Sequence[Span], stage_names: Sequence[str] = (), origin:
                        "args": {"seq": s.seq}})
         if s.kind in FORWARD_KINDS:
             forward[frame].append((s.t0, tid, ts, dur))
+    # A flow's id: the frame's seq; for the n-th later frame of a repeated seq, seq + n * span
+    # of the seqs (an int: Perfetto reads a string id as hex, and drops "5.1")
+    stride = int(frames[:, 0].max(initial=0) - frames[:, 0].min(initial=0)) + 1
     for frame, points in forward.items():
         seq, n = frames[frame].tolist()
-        flow_id = seq if n == 0 else f"{seq}.{n}"
+        flow_id = seq + n * stride
         points.sort()
         # s on the first span, t on each next, f on the last (a frame seen by one span only
         # starts and ends its flow there). A point binds to the slice enclosing it: the middle

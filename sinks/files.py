@@ -250,8 +250,9 @@ class JsonlSink(Sink):
                                "(make another sink for another graph)")
         self._failed = False
         self.committed = None
-        self._file = AtomicFile(self.path, fsync=self.fsync)
-        await self._file.open()
+        file = AtomicFile(self.path, fsync=self.fsync)
+        await file.open()
+        self._file = file  # only once open: a sink that failed to open may be opened again
 
     async def write(self, frame: Frame) -> None:
         if self._file is None:

@@ -17,9 +17,9 @@ class Source:
     (None: as fast as the consumer takes them): the first frame goes out at once, whatever
     seq it has (a stream resumed at a checkpoint's position starts at once), and each next one
     ``(seq - previous seq) / fps`` seconds after the one before was due. A frame that comes
-    late (the source, or its consumer, stalled) goes out at once and the schedule restarts from
-    it: no burst to catch up. Where the seqs go back (a clip that starts over), the frame is
-    due one period after the one before.
+    late goes out at once; if a period or more late (the source, or its consumer, stalled), the
+    schedule restarts from it: no burst to catch up. Where the seqs go back (a clip that starts
+    over), the frame is due one period after the one before.
     """
 
     name = "source"
@@ -50,7 +50,7 @@ class Source:
                         due += (frame.seq - previous if frame.seq > previous else 1) / self.fps
                         if due > t:
                             await asyncio.sleep(due - t)
-                        else:  # late: the schedule restarts here
+                        elif t - due >= 1 / self.fps:  # a period or more late: restart here
                             due = t
                     previous = frame.seq
                     frame.t_capture = now()
@@ -78,9 +78,9 @@ class _Iterable(Source):
 async def iterate_frames(items: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Frame]:
     """The items of any (async) iterable as frames; payloads get seq 0, 1, 2, …
 
-    An iterator that has ``aclose`` (an async generator, a :class:`Source`) or ``close`` (a
-    generator) is closed when this generator is, so that its ``finally`` blocks run when the
-    consumer stops early.
+    An async iterator that has ``aclose`` (an async generator, a :class:`Source`), or a
+    generator, is closed when this generator is, so that its ``finally`` blocks run when the
+    consumer stops early (other iterators are left open: they are the caller's).
     """
     counter = itertools.count()
     if hasattr(items, "__aiter__"):

@@ -23,9 +23,10 @@ class RealTime(Source):
     :attr:`dropped`. With ``policy="block"`` nothing is dropped and a slow consumer slows the
     clock down instead.
 
-    Pacing: frame k is emitted at ``t0 + k / fps`` while the source keeps up; after a late
-    frame the schedule restarts from it (the next frame comes a period after it), so a slow
-    source is never followed by a burst.
+    Pacing: frame k is emitted at ``t0 + k / fps`` while the source keeps up (a frame a little
+    late does not move the schedule); after a frame a period or more late, the schedule
+    restarts from it (the next frame comes a period after it), so a slow source is never
+    followed by a burst.
 
     After (or during) an iteration, ``produced == delivered + dropped + (frames still queued)``;
     once the stream has ended, ``produced == delivered + dropped``. Each frame's ``t_capture``
@@ -100,8 +101,11 @@ class RealTime(Source):
                     frame.t_capture = now()
                     await channel.send(frame)
                     self.produced += 1
-                    # The next frame is due a period after this one was due, or after it went
-                    # out if it was late (or a blocking send waited): never at once.
-                    deadline = max(deadline, self.clock()) + self.period
+                    # The next frame is due a period after this one was due; if that time has
+                    # passed already (this frame went out a period or more late, or a blocking
+                    # send waited that long), a period after now: never at once.
+                    deadline += self.period
+                    if deadline <= self.clock():
+                        deadline = self.clock() + self.period
         finally:
             channel.close()  # the consumer gets the frames already queued, then the end (or the error)

@@ -178,6 +178,26 @@ async def test_a_generator_source_is_closed_when_its_consumer_stops():
     with pytest.raises(pa.PipelineError, match="disk full"):
         await pa.run(camera("graph") >> pa.Pipeline([nn.Identity()], devices=pa.cpu_devices(1)) >> CallbackSink(fail))
     assert closed == ["loop", "stream", "graph"]
+
+    class Camera:  # an iterator of the caller's, with a close() of its own: left open
+        closed = False
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            return torch.zeros(1, 2)
+
+        def close(self):
+            self.closed = True
+
+    camera = Camera()
+    async with pa.Pipeline([nn.Identity()], devices=pa.cpu_devices(1)) as pipe:
+        async with pipe.stream(camera) as outputs:
+            async for frame in outputs:
+                if frame.seq == 2:
+                    break
+    assert not camera.closed
     await assert_clean()
 
 

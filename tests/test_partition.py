@@ -255,6 +255,14 @@ async def test_a_tensor_shared_between_learning_stages_is_refused_with_its_names
         pipe = pa.Pipeline(nn.Sequential(enc, nn.ReLU(), dec), devices=devices, balance=balance, learning=learn)
         async with pipe:
             assert len([f async for f in pipe.stream(frames)]) == 4
+    # frozen, or a constant buffer: no optimiser steps it
+    enc.weight.requires_grad_(False)
+    scale = torch.ones(4)
+    enc.register_buffer("scale", scale)
+    dec.register_buffer("scale", scale)
+    pipe = pa.Pipeline(nn.Sequential(enc, nn.ReLU(), dec), devices=pa.cpu_devices(2), balance=[2, 1], learning=learning)
+    async with pipe:
+        assert len([f async for f in pipe.stream(frames)]) == 4
 
 
 # -- profile_layers -----------------------------------------------------------------------------

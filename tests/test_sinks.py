@@ -274,6 +274,15 @@ async def test_a_jsonl_sink_open_already_is_refused(tmp_path):
         await sink.open()
     await sink.abort()
     assert listing(tmp_path) == []  # the first temporary file is not left behind
+    (tmp_path / "taken").mkdir()
+    sink = JsonlSink(tmp_path / "taken")
+    with pytest.raises(IsADirectoryError):
+        await sink.open()
+    sink.path = tmp_path / "out.jsonl"  # a sink that failed to open may be opened again
+    await sink.open()
+    await sink.write(pa.Frame(0, torch.zeros(1)))
+    await sink.close()
+    assert sink.committed == tmp_path / "out.jsonl"
 
 
 @pytest.mark.parametrize("fsync", [True, False])

@@ -506,6 +506,33 @@ async def test_a_paced_source_keeps_its_period_after_a_slow_start_a_stall_and_a_
     assert gaps == pytest.approx([0.1, 0.1, 0.35, 0.1, 0.1, 0.1], abs=1e-6)
 
 
+async def test_pacing_keeps_its_rate_through_small_delays(monkeypatch):
+    """A sleep that wakes late, or a consumer a little (less than a period) late, does not move
+    the schedule: the rate stays fps (a restart on every late wake-up made it drift slow)."""
+    import partime_async.sources.base as base
+    import partime_async.sources.realtime as realtime
+
+    class Oversleeping(FakeClock):
+        async def sleep(self, seconds: float) -> None:
+            await super().sleep(seconds + 0.002)  # the loop wakes 2 ms late
+
+    clock = Oversleeping()
+    monkeypatch.setattr(realtime, "now", clock)
+    emitted = [f.t_capture for f in await collect(RealTime(range(50), fps=100, clock=clock, sleep=clock.sleep))]
+    assert emitted[-1] - emitted[0] == pytest.approx(49 / 100, abs=0.0021)  # before: 49 x 2 ms slower
+
+    clock = FakeClock()
+    monkeypatch.setattr(base, "now", clock)
+    monkeypatch.setattr(base, "asyncio", SimpleNamespace(sleep=clock.sleep))
+    stamps = []
+    async for frame in from_iterable([torch.zeros(1)] * 7, fps=10):
+        stamps.append(frame.t_capture)
+        if frame.seq == 3:
+            clock.t += 0.15  # the consumer holds frame 3 for 1.5 periods: frame 4 is half a period late
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    assert gaps == pytest.approx([0.1, 0.1, 0.1, 0.15, 0.05, 0.1], abs=1e-6)  # before: [..., 0.15, 0.1, 0.1]
+
+
 async def test_a_paced_source_resumed_at_a_later_seq_starts_at_once(monkeypatch):
     # Pacing is relative to the stream's first frame: a camera resumed at frame 300 must not
     # wait 300 / fps seconds before its first frame. The waits it asks for are recorded.

@@ -244,6 +244,24 @@ def test_check_tensors_messages():
     check_tensors(torch.tensor([1, 2], dtype=torch.int64), 3, finite=True)  # integers are always finite
 
 
+async def test_a_payload_of_a_pytree_type_registered_without_key_paths_passes():
+    class Pair:
+        def __init__(self, a, b):
+            self.a, self.b = a, b
+
+    pytree.register_pytree_node(Pair, lambda p: ([p.a, p.b], None), lambda leaves, _: Pair(*leaves))
+
+    class Sum(nn.Module):
+        def forward(self, pair):
+            return pair.a + pair.b
+
+    pipe = pa.Pipeline([Sum(), nn.Identity()], devices=pa.cpu_devices(2, threads=1), balance=[1, 1])
+    outs = await run_stream(pipe, [Pair(torch.zeros(1), torch.full((1,), float(i))) for i in range(4)])
+    assert [float(f.data) for f in outs] == [0.0, 1.0, 2.0, 3.0]
+    with pytest.raises(pa.FrameError, match="payload leaf 1 is a int"):  # no key path to name it by
+        check_tensors(Pair(torch.zeros(1), 5), 0, finite=False)
+
+
 # -- constructor arguments ------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, words", [
     ({"on_error": "ignore"}, "on_error"),
