@@ -20,8 +20,8 @@ kinds:
 ``d2d``       CUDA: the copy from the previous stage's device
 ``d2h``       CUDA, last stage: the copy of the output back to the host
 ``deliver``   stage ``-1``: ``t0`` = the frame's capture time, ``t1`` = when it left the last stage
-              (recorded once its reader has it)
-``discard``   stage ``-1``, as ``deliver``, for a frame whose reader went away (never read)
+              for its reader (a stream's frame counts as delivered once read)
+``discard``   stage ``-1``, as ``deliver``, for a frame whose reader had gone when it left
 ============  ===========================================================================
 
 Queue waits are not recorded but derived (:func:`wait_intervals`): a frame waits before stage
@@ -30,7 +30,9 @@ first span at stage k.
 
 Spans name a frame by its seq. Where seqs repeat in one run (a stream and ``submit()`` calls,
 each numbering from 0; two streams one after the other), the derived waits and the trace's
-flows tell frames of equal seq apart by their order (:func:`frame_ids`).
+flows tell frames of equal seq apart by their order (:func:`frame_ids`). One case they cannot:
+a frame skipped by a later stage (``on_error="skip"``) leaves no span there, so the next frame
+of its seq is matched to it at the stages after that one.
 
 :meth:`Pipeline.metrics` summarises it all in a :class:`Report`; :func:`prometheus_text`
 renders the same numbers in Prometheus' text exposition format.

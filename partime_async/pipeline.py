@@ -704,10 +704,10 @@ class Pipeline:
         (payloads get seq 0, 1, 2, …). Nothing starts until the first ``__anext__``. A source
         that raises fails the pipeline with a :class:`PipelineError` naming the source. To
         stop reading early, close the stream (``async with pipe.stream(src) as outputs:``
-        or ``await outputs.aclose()``): the source is closed (an async generator or a
-        :class:`~partime_async.sources.Source` by ``aclose()``, a generator by ``close()``;
-        another iterator is the caller's and left open) and the frames still in flight are
-        discarded without blocking the pipeline. A stream left unclosed is closed when it
+        or ``await outputs.aclose()``): the source is closed (whatever has ``aclose()``: an
+        async generator, a :class:`~partime_async.sources.Source`; a generator by ``close()``;
+        another sync iterator is the caller's and left open) and the frames still in flight
+        are discarded without blocking the pipeline. A stream left unclosed is closed when it
         is garbage-collected, or by :meth:`stop` when the task stopping is the one that read
         it (``break`` out of ``async for``, then leave ``async with pipe:``). A stream object
         kept alive after its reader stopped reading must be closed: :meth:`stop` finishes
@@ -816,25 +816,16 @@ class Pipeline:
         """The frames a closing stream's reader never took: discarded (``counted``: the stream
         is of this run)."""
         while len(out):
-            frame = out.receive_nowait()
+            out.receive_nowait()
             if counted:
-                self._discard(frame)
-
-    def _discard(self, frame: Frame) -> None:
-        """``frame`` finished, but its reader went away: discarded (counted, and a ``discard``
-        span, so that the frames after it are still told apart by order)."""
-        self._discarded += 1
-        if self._spans is not None:
-            self._spans.append((-1, "discard", frame.seq, frame.t_capture, frame.t_done))
+                self._discarded += 1
 
     def _handed(self, frame: Frame) -> None:
         """``frame`` reached its reader (a stream's, or a submitter): delivered. Counted then,
         not when it left the last stage, so that the counters only grow (Prometheus' rate()
-        needs it) and the latency percentiles cover delivered frames only."""
+        needs it: a stream closed with frames unread turns those into discarded ones)."""
         self._delivered += 1
         self._latency_sum_s += frame.t_done - frame.t_capture
-        if self._spans is not None:
-            self._spans.append((-1, "deliver", frame.seq, frame.t_capture, frame.t_done))
 
     def _named_layers(self) -> nn.Sequential:
         """A new ``nn.Sequential`` of the layers themselves (no copies) under their names in
@@ -933,9 +924,10 @@ class Pipeline:
 class Egress:
     """After the last stage: each finished job goes straight to its route, in order, from the
     last stage's own task (an egress task behind one more channel would cost the loop a task
-    switch per frame). It stamps ``Frame.t_done`` and settles the frame: an answer to a
-    ``submit()`` is delivered now (:meth:`Pipeline._handed`), a stream's frame when its reader
-    takes it, and a frame whose reader went away is discarded. The sending half of a
+    switch per frame). It stamps ``Frame.t_done``, records the frame's ``deliver`` span (or
+    ``discard``: its reader went away) and settles it: an answer to a ``submit()`` is counted
+    as delivered now (:meth:`Pipeline._handed`), a stream's frame when its reader takes it (or
+    as discarded if the stream closes first). The sending half of a
     channel (:class:`~partime_async.executor.Outbox`): a reader that is behind makes the last
     stage wait, as a full channel would."""
 
@@ -960,8 +952,12 @@ class Egress:
 
     def _settled(self, frame: Frame, route: Route, gone: bool) -> None:
         pipe = self._pipe
+        # Every frame that leaves the last stage gets its stage -1 span here, in order (what
+        # tells frames of a repeated seq apart): deliver, or discard if its reader had gone.
+        if pipe._spans is not None:
+            pipe._spans.append((-1, "discard" if gone else "deliver", frame.seq, frame.t_capture, frame.t_done))
         if gone:  # its reader went away: not delivered to anyone
-            pipe._discard(frame)
+            pipe._discarded += 1
         elif not isinstance(route, StreamRoute):  # a stream's frame is delivered when read
             pipe._handed(frame)
         pipe._position = frame.seq + 1

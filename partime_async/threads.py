@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import types
 import warnings
 from collections import deque
+from collections.abc import Generator
 from typing import Any, Awaitable, Callable, TypeVar
 
 T = TypeVar("T")
@@ -79,7 +79,7 @@ async def aclose_to_the_end(iterator: Any) -> None:
     aclose = getattr(iterator, "aclose", None)
     if aclose is not None:
         await to_the_end(aclose())
-    elif isinstance(iterator, types.GeneratorType):
+    elif isinstance(iterator, Generator):  # (Cython's generators too)
         iterator.close()
 
 

@@ -13,7 +13,8 @@ frame before each stage is an async slice (``"ph": "b"``/``"e"``, category ``wai
 has exactly one flow (``"ph": "s"``, then ``"t"``, ending with ``"f"``) that follows it through
 the forward spans of the stages, in order; its ``id`` is the frame's seq, or for the n-th later
 frame of a seq that repeats (:func:`~partime_async.metrics.frame_ids`), ``seq + n * (max seq -
-min seq + 1)``. Timestamps are microseconds from the start of the run.
+min seq + 1)`` (where that would pass 2**53, every flow's id is its frame's number instead).
+Timestamps are microseconds from the start of the run.
 """
 from __future__ import annotations
 
@@ -84,9 +85,11 @@ def chrome_trace(spans: Sequence[Span], stage_names: Sequence[str] = (), origin:
     # A flow's id: the frame's seq; for the n-th later frame of a repeated seq, seq + n * span
     # of the seqs (an int: Perfetto reads a string id as hex, and drops "5.1")
     stride = int(frames[:, 0].max(initial=0) - frames[:, 0].min(initial=0)) + 1
+    repeats = int(frames[:, 1].max(initial=0))
+    dense = repeats and abs(int(frames[:, 0].max(initial=0))) + repeats * stride >= 1 << 53  # beyond a double
     for frame, points in forward.items():
         seq, n = frames[frame].tolist()
-        flow_id = seq + n * stride
+        flow_id = frame if dense else seq + n * stride
         points.sort()
         # s on the first span, t on each next, f on the last (a frame seen by one span only
         # starts and ends its flow there). A point binds to the slice enclosing it: the middle

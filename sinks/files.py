@@ -250,9 +250,12 @@ class JsonlSink(Sink):
                                "(make another sink for another graph)")
         self._failed = False
         self.committed = None
-        file = AtomicFile(self.path, fsync=self.fsync)
-        await file.open()
-        self._file = file  # only once open: a sink that failed to open may be opened again
+        self._file = file = AtomicFile(self.path, fsync=self.fsync)  # before the await: a second open() is refused
+        try:
+            await file.open()
+        except BaseException:
+            self._file = None  # a sink that failed to open may be opened again
+            raise
 
     async def write(self, frame: Frame) -> None:
         if self._file is None:

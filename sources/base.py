@@ -17,8 +17,9 @@ class Source:
     (None: as fast as the consumer takes them): the first frame goes out at once, whatever
     seq it has (a stream resumed at a checkpoint's position starts at once), and each next one
     ``(seq - previous seq) / fps`` seconds after the one before was due. A frame that comes
-    late goes out at once; if a period or more late (the source, or its consumer, stalled), the
-    schedule restarts from it: no burst to catch up. Where the seqs go back (a clip that starts
+    late goes out at once: less than a period late, the schedule holds (the next frame may
+    follow sooner); a period or more (the source, or its consumer, stalled), the schedule
+    restarts from it, with no burst to catch up. Where the seqs go back (a clip that starts
     over), the frame is due one period after the one before.
     """
 

@@ -279,6 +279,10 @@ async def test_a_jsonl_sink_open_already_is_refused(tmp_path):
     with pytest.raises(IsADirectoryError):
         await sink.open()
     sink.path = tmp_path / "out.jsonl"  # a sink that failed to open may be opened again
+    results = await asyncio.gather(sink.open(), sink.open(), return_exceptions=True)  # two graphs at once
+    assert results[0] is None and isinstance(results[1], RuntimeError)
+    await sink.abort()
+    assert listing(tmp_path) == ["taken"]
     await sink.open()
     await sink.write(pa.Frame(0, torch.zeros(1)))
     await sink.close()

@@ -141,6 +141,12 @@ def test_copy_streams_get_their_own_tracks():
     json.dumps(doc)  # serialisable as is
 
 
+def test_flow_ids_of_repeated_huge_seqs_stay_exact_ints():
+    spans = [Span(0, "compute", seq, t, t + 0.001) for t, seq in enumerate([0, 1 << 62, 0, 1 << 62, 0])]
+    flows_by_id = flows(chrome_trace(spans)["traceEvents"])
+    assert len(flows_by_id) == 5 and all(isinstance(i, int) and 0 <= i < 1 << 53 for i in flows_by_id)
+
+
 def test_back_to_back_slices_never_overlap_after_rounding():
     t = [1000.0]  # as CUDA events time consecutive kernels: each span ends where the next begins
     for i in range(2000):
