@@ -933,6 +933,7 @@ class Egress:
 
     def __init__(self, pipe: Pipeline) -> None:
         self._pipe = pipe
+        self._record = pipe._spans.append if pipe._spans is not None else None
 
     def send_nowait(self, job: Job) -> bool:
         frame, route = job.frame, job.route
@@ -951,11 +952,11 @@ class Egress:
         """Nothing to do: each route closes itself once all its frames have settled."""
 
     def _settled(self, frame: Frame, route: Route, gone: bool) -> None:
-        pipe = self._pipe
         # Every frame that leaves the last stage gets its stage -1 span here, in order (what
         # tells frames of a repeated seq apart): deliver, or discard if its reader had gone.
-        if pipe._spans is not None:
-            pipe._spans.append((-1, "discard" if gone else "deliver", frame.seq, frame.t_capture, frame.t_done))
+        if self._record is not None:
+            self._record((-1, "discard" if gone else "deliver", frame.seq, frame.t_capture, frame.t_done))
+        pipe = self._pipe
         if gone:  # its reader went away: not delivered to anyone
             pipe._discarded += 1
         elif not isinstance(route, StreamRoute):  # a stream's frame is delivered when read
