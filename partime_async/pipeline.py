@@ -240,7 +240,7 @@ class Pipeline:
             :meth:`export_trace` and :func:`partime_async.plot.timeline`. On by default: a
             tuple appended per span to a ring of the latest
             :data:`~partime_async.metrics.SPAN_CAPACITY` (about 1 000 instructions), lost in
-            the noise for a real model; for stages that do next to nothing, 2.5-4.2% more
+            the noise for a real model; for stages that do next to nothing, 1-4% more
             modelled CPU cycles per frame, counted under cachegrind
             (``bench/metrics_overhead.py``). An
             int ``n`` keeps the latest ``n`` spans instead (longer traces; or a ring that
