@@ -278,19 +278,6 @@ async def test_a_cancelled_error_raised_by_a_sink_itself_fails_the_run_instead_o
     await assert_clean()
 
 
-async def test_a_cancelled_error_raised_by_a_sinks_open_itself_fails_the_run_instead_of_hanging():
-    class Uploader(Collect):
-        async def open(self) -> None:
-            raise asyncio.CancelledError("the connection the sink awaited was cancelled")
-
-    pipe = pa.Pipeline([nn.Identity()], devices=pa.cpu_devices(1))
-    run = pa.run(from_iterable(marked(i) for i in range(5)) >> pipe >> Uploader(name="up"))
-    with pytest.raises(pa.PipelineError, match="CancelledError raised by the sink") as info:
-        await asyncio.wait_for(run, 60)  # a guard: before, the run waited for this sink to open forever
-    assert info.value.component == "sink up" and info.value.seq is None
-    await assert_clean()
-
-
 class _CloseFails(Collect):
     def __init__(self, *, fail_write_at: int | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -560,13 +547,18 @@ async def test_start_with_a_sample_that_is_not_a_payload_says_what_a_payload_is(
     await assert_clean()
 
 
-async def test_a_cancelled_error_raised_by_a_sinks_close_itself_is_a_failure_of_that_sink():
-    class CloseCancelled(Collect):
-        async def close(self) -> None:
-            raise asyncio.CancelledError("a flush the sink awaited was cancelled")
+@pytest.mark.parametrize("method, words", [("open", r"CancelledError raised by the sink itself \(not a cancel"),
+                                           ("close", "CancelledError raised by the sink itself while closing")])
+async def test_a_cancelled_error_raised_by_a_sinks_open_or_close_itself_is_a_failure_of_that_sink(method, words):
+    """Not a cancellation of the graph: the sink's own (something it awaited was cancelled).
+    An open() that raised it left the graph waiting for the sink to open, for ever."""
+    async def cancelled(self) -> None:
+        raise asyncio.CancelledError(f"something the sink's {method}() awaited was cancelled")
 
+    sink = type("Own", (Collect,), {method: cancelled})(name="own")
     pipe = pa.Pipeline([nn.Identity()], devices=pa.cpu_devices(1))
-    with pytest.raises(pa.PipelineError, match="CancelledError raised by the sink itself while closing") as info:
-        await pa.run(from_iterable(marked(i) for i in range(3)) >> pipe >> CloseCancelled(name="flusher"))
-    assert info.value.component == "sink flusher" and asyncio.current_task().cancelling() == 0
+    with pytest.raises(pa.PipelineError, match=words) as info:
+        await asyncio.wait_for(pa.run(from_iterable(marked(i) for i in range(3)) >> pipe >> sink), 60)
+    assert info.value.component == "sink own" and info.value.seq is None
+    assert asyncio.current_task().cancelling() == 0
     await assert_clean()
