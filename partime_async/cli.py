@@ -218,8 +218,8 @@ async def demo(frames: int = 600, size: int = 64, stages: int | None = None, lea
     """The main job; returns the summary numbers (also printed). ``mode``: how it learns
     (None: ``partime``; must be None with ``learn=False``). ``stages``: CPU stages (None: one
     per core, at most 4); with CUDA, GPU stages (None: one per GPU). ``trace``: write the
-    run's Chrome/Perfetto trace there; ``plot``: draw its timeline there (PNG). Raises ``ValueError`` up front for options
-    it cannot honour (:func:`check_demo_options`)."""
+    run's Chrome/Perfetto trace there; ``plot``: draw its timeline there (PNG). Raises
+    ``ValueError`` up front for options it cannot honour (:func:`check_demo_options`)."""
     check_demo_options(stages, learn, mode, trace, plot)
     mode = mode or "partime"
     sequential = learn and mode == "sequential"  # the whole model on one device
@@ -311,12 +311,17 @@ def _bench_names() -> str:
         folder = _bench_dir()
     except SystemExit:
         return ""
-    return ": " + ", ".join(sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_")))
+    return ": " + ", ".join(_benchmarks(folder))
+
+
+def _benchmarks(folder: Path) -> list[str]:
+    """The benchmarks in ``folder`` (its scripts, helpers left out), by name."""
+    return sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_"))
 
 
 def bench(names: Sequence[str], extra: Sequence[str]) -> int:
     folder = _bench_dir()
-    available = sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_"))
+    available = _benchmarks(folder)
     chosen = list(names) or [n for n in available if n not in LONG_BENCHMARKS]
     unknown = [n for n in chosen if n not in available]
     if unknown:

@@ -57,6 +57,8 @@ KINDS = ("compute", "backward", "step", "h2d", "d2d", "d2h", "deliver", "discard
 """The kinds of span a pipeline records (the table above)."""
 FORWARD_KINDS = frozenset({"h2d", "d2d", "compute", "d2h"})
 """Kinds on a frame's way forward through a stage (the path its trace flow follows)."""
+OUT_KINDS = frozenset({"deliver", "discard"})
+"""Kinds of a frame's leaving the last stage (stage ``-1``): one per frame, in order."""
 
 
 class Span(NamedTuple):
@@ -104,16 +106,16 @@ def frame_ids(c: Columns) -> tuple[np.ndarray, np.ndarray]:
     ``(seq, n)``. Frames of equal seq (seqs repeat where several feeds number their own) are
     told apart by order: every stage takes frames in the order they were admitted, so the n-th
     span of seq s of one kind at one stage (by start; a delivery or discard by its time)
-    belongs to the n-th frame of seq s there. ``n`` is 0 where a seq does not repeat. (Where the ring has
-    lost the earlier spans of a repeated seq at one stage but not at the next, the two are
-    matched one frame apart.)"""
+    belongs to the n-th frame of seq s there. ``n`` is 0 where a seq does not repeat. (Where
+    the ring has lost the earlier spans of a repeated seq at one stage but not at the next,
+    the two are matched one frame apart.)"""
     kinds = np.zeros(len(c.kind), np.int64)
     for code, kind in enumerate(KINDS, 1):  # a comparison per known kind is 5x faster than np.unique on strings
         kinds[c.kind == kind] = code
     if not kinds.all():  # spans made by hand, of other kinds
         kinds = np.unique(c.kind, return_inverse=True)[1].reshape(-1)
-    out = (c.kind == "deliver") | (c.kind == "discard")  # a frame leaves by one or the other, in order:
-    kinds[out] = -1                                       # one group
+    out = np.isin(c.kind, list(OUT_KINDS))  # a frame leaves by one or the other, in order: one group
+    kinds[out] = -1
     order = np.lexsort((np.where(out, c.t1, c.t0), c.seq, kinds, c.stage))
     stage, kind, seq = c.stage[order], kinds[order], c.seq[order]
     first = np.ones(len(order), bool)  # the first of its (stage, kind, seq) group
@@ -147,7 +149,7 @@ def wait_intervals(spans: Sequence[tuple[int, str, int, float, float]]) -> Colum
     first[1:] = fkey[1:] != fkey[:-1]
     arrive_key, arrive = fkey[first], ft0[first]
     # departure from (stage, frame): the end of its compute; from the source (-1): the capture
-    compute, deliver = c.kind == "compute", (c.kind == "deliver") | (c.kind == "discard")
+    compute, deliver = c.kind == "compute", np.isin(c.kind, list(OUT_KINDS))
     leave_key = np.concatenate([key[compute], key[deliver]])
     leave = np.concatenate([c.t1[compute], c.t0[deliver]])
     order = np.argsort(leave_key, kind="stable")

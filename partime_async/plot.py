@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
-from .metrics import Columns, Span, as_spans, frame_ids
+from .metrics import OUT_KINDS, Columns, Span, as_spans, frame_ids
 from .trace import track_name, track_of
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ def timeline(source: Pipeline | Iterable[Span | tuple[int, str, int, float, floa
             raise ValueError("no spans to draw: this pipeline records none (metrics=False); "
                              "create it with metrics=True")
         raise ValueError("no spans to draw: stream some frames through the pipeline first")
-    work = [s for s in spans if s.kind not in ("deliver", "discard")]
+    work = [s for s in spans if s.kind not in OUT_KINDS]
     delivered = sorted((s for s in spans if s.kind == "deliver"), key=lambda s: s.t1)
     origin = min([s.t0 for s in work] + [s.t1 for s in delivered] + ([origin] if origin is not None else []))
 

@@ -23,7 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .metrics import FORWARD_KINDS, Columns, Span, frame_ids, wait_intervals
+from .metrics import FORWARD_KINDS, OUT_KINDS, Columns, Span, frame_ids, wait_intervals
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -36,7 +36,7 @@ DELIVER_TRACK = (1 << 30, 0)
 def track_of(span: Span) -> tuple[int, int]:
     """Sort key of the track a span belongs on: (stage, lane) with lanes 0 = the stage itself,
     1 = copy-in, 2 = copy-out; deliveries after every stage."""
-    if span.kind in ("deliver", "discard"):
+    if span.kind in OUT_KINDS:
         return DELIVER_TRACK
     return (span.stage, 1 if span.kind in COPY_IN else 2 if span.kind == "d2h" else 0)
 
@@ -71,7 +71,7 @@ def chrome_trace(spans: Sequence[Span], stage_names: Sequence[str] = (), origin:
     forward: dict[int, list[tuple[float, int, float, float]]] = defaultdict(list)  # frame -> (t0, tid, ts, dur)
     for s, frame in zip(spans, ids.tolist()):
         tid = tids[track_of(s)]
-        if s.kind in ("deliver", "discard"):
+        if s.kind in OUT_KINDS:
             events.append({"ph": "i", "s": "t", "pid": PID, "tid": tid, "name": s.kind, "ts": us(s.t1),
                            "args": {"seq": s.seq, "latency_ms": round(1e3 * s.duration, 3)}})
             continue

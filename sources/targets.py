@@ -16,8 +16,8 @@ class NextFrameTargets(Source):
     joined by seq.
 
     The target is a copy of that payload (the payload itself goes on into the model, which may
-    modify it in place). Frame t is emitted once frame t + horizon has arrived (the target exists only then), so
-    each frame is ``horizon`` frames late. A frame whose target never comes (the last
+    modify it in place). Frame t is emitted once frame t + horizon has arrived (the target
+    exists only then), so each frame is ``horizon`` frames late. A frame whose target never comes (the last
     ``horizon`` frames of the stream; frames before a gap in the seqs, as a real-time source
     that drops frames leaves; the frames before a seq that goes back, as when a source starts
     over) is not emitted, and counted in :attr:`unpaired`; the first such gap in a stream
