@@ -300,7 +300,7 @@ async def time_stream(pipe, frames: Sequence[object], on_output: Callable[[objec
     return seconds
 
 
-def _identity(x: object) -> object:
+def _identity(x: object, seq: int) -> object:
     return x
 
 

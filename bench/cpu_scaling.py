@@ -121,7 +121,7 @@ class Ours:
         stats = pipe.stats()
         self.busy.append([s.busy_s / dt for s in stats.stages])
         self.balances[str(stats.balance)] += 1
-        self.inline[str([d.inline for d in pipe.devices])] += 1
+        self.inline[str([s.inline for s in stats.stages])] += 1
         return dt
 
 

@@ -9,7 +9,7 @@ stream (as a CudaDevice's compute stream), and each run is timed with perf_count
 the loop of frames followed by ``torch.cuda.synchronize()``:
 
 * ``eager``    the plain layer loop under ``torch.no_grad()``, as the stage executor runs it;
-* ``graphed``  ``partime_async.cuda_graphs.GraphedStage`` around that same loop: per frame,
+* ``graphed``  ``partime_async.devices.cuda_graphs.GraphedStage`` around that same loop: per frame,
                a copy into the static input, one graph replay, a clone of the static output
                (captured before timing, on the warm-up frames);
 * ``learn_eager``    one online-learning step per frame on a copy of the stage (training
@@ -17,7 +17,7 @@ the loop of frames followed by ``torch.cuda.synchronize()``:
                      (``torch.autograd.grad`` w.r.t. the input and the parameters, from a fixed
                      output gradient), an Adam step (PyTorch's default multi-tensor kernels);
 * ``learn_graphed``  the same with the forward and backward as
-                     ``partime_async.cuda_graphs.GraphedLearningStage`` replays (the Adam step
+                     ``partime_async.devices.cuda_graphs.GraphedLearningStage`` replays (the Adam step
                      stays eager in both).
 
 Interleaved repeats (order alternating), medians; the last line printed is the ratio
@@ -49,7 +49,7 @@ if __package__ in (None, ""):  # run as a script: make `bench._common` importabl
 import torch
 from torch import nn
 
-from partime_async.cuda_graphs import GraphedLearningStage, GraphedStage
+from partime_async.devices.cuda_graphs import GraphedLearningStage, GraphedStage
 from bench import _common as C
 
 GOAL = 1.0

@@ -72,7 +72,7 @@ def span_cost_s() -> float:
     """Seconds one span append costs, as a stage makes it: a tuple into a full ring, whose
     oldest span is freed. An upper bound: the two floats are made here too (a stage has them
     from the clock reads it makes anyway)."""
-    setup = ("from collections import deque; from partime_async.metrics import SPAN_CAPACITY\n"
+    setup = ("from collections import deque; from partime_async.observe import SPAN_CAPACITY\n"
              "ring = deque(((1, 'compute', i, i * 1.0, i * 1.0) for i in range(SPAN_CAPACITY)), "
              "maxlen=SPAN_CAPACITY)\nrecord = ring.append\n"
              "class Device: seq = 7\ndevice = Device(); index = 1; t0 = 1.0; t1 = 2.0")
@@ -165,7 +165,7 @@ def child(name: str, state: str, frames: int, capacity: int | None) -> None:
 
 def counted(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     """``--valgrind``: instructions and modelled cycles per frame, metrics on vs off."""
-    from partime_async.metrics import SPAN_CAPACITY
+    from partime_async.observe import SPAN_CAPACITY
 
     if shutil.which("valgrind") is None:
         raise SystemExit("--valgrind needs valgrind on the PATH (e.g. `apt install valgrind`)")

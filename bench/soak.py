@@ -64,7 +64,7 @@ import partime_async as pa
 from bench import _common as C
 from partime_async.checkpoint import load
 from partime_async.cli import demo_learning, demo_model, demo_source
-from partime_async.errors import PipelineError
+from partime_async.core.errors import PipelineError
 from partime_async.graph import loop_factory
 from partime_async.sinks import Checkpoint, Sink
 

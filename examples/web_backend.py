@@ -19,7 +19,7 @@ The pipeline starts and stops with the app (``cleanup_ctx``); handlers share it.
 ``GET /metrics``
     JSON of ``pipe.stats()``: frames, throughput, per-stage busy fraction, stream clients.
     ``?format=prometheus`` gives the Prometheus text exposition format instead
-    (``partime_async.metrics.prometheus_text``), for a Prometheus scrape job.
+    (``partime_async.observe.prometheus_text``), for a Prometheus scrape job.
 
 ``--smoke`` serves on an ephemeral port of 127.0.0.1, makes a few requests, checks each
 answer against the unsplit model, and exits 0. Needs aiohttp, the ``web`` extra (in a
@@ -246,7 +246,7 @@ async def metrics(request: web.Request) -> web.Response:
     if request.query.get("format") == "prometheus":
         from prometheus_client import CONTENT_TYPE_LATEST
 
-        from partime_async.metrics import prometheus_text
+        from partime_async.observe import prometheus_text
 
         return web.Response(body=prometheus_text(request.app[PIPE]).encode(),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -5,15 +5,22 @@
     async with pipe:
         async for out in pipe.stream(source):
             ...
+
+The packages, in the order they import each other (docs/ARCHITECTURE.md): ``core`` (frames,
+errors, checks, counters), ``aio`` (channels, threads and the loop), ``devices`` (where a
+stage runs), ``partition`` (what each stage holds), ``transport`` and ``programs`` (how jobs
+move; what a stage computes), ``stage`` (the runner), ``pipeline`` (the facade), ``graph``
+(source >> pipeline >> sinks), and ``observe`` (spans, reports, traces), read by the pipeline.
 """
-from .channel import Channel, ChannelClosed, EndOfStream
+from .aio.channel import Channel, ChannelClosed, EndOfStream
+from .core.errors import FrameDropped, FrameError, PipelineClosed, PipelineError
+from .core.frame import Frame
+from .core.stats import PipelineStats
+from .core.validation import InputSpec, TensorSpec
 from .devices import CpuDevice, CudaDevice, Device, cpu_devices
-from .errors import FrameDropped, FrameError, PipelineClosed, PipelineError
-from .frame import Frame
 from .graph import Graph, run, run_sync
-from .learning import OnlineLearning
-from .pipeline import Pipeline, PipelineStats
-from .validation import InputSpec, TensorSpec
+from .pipeline import Pipeline
+from .programs import OnlineLearning
 
 __all__ = [
     "Channel", "ChannelClosed", "CpuDevice", "CudaDevice", "Device", "EndOfStream", "Frame",

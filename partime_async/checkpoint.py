@@ -1,79 +1,23 @@
-"""Consistent checkpoints of a learning pipeline, taken while frames keep flowing.
+"""Checkpoint files: written atomically (a temporary file, flushed, renamed, the folder
+flushed), read back with :func:`load`.
 
-A checkpoint "at frame t" is a cut through the schedule: every stage contributes its state
-as it is right after its work for frame t (its forward of t and the optimiser step that
-follows it), captured on the stage's own device thread, in order with its other work, so no
-update is half-applied and no stage waits. The frame that closes the cut carries a
-:class:`Snapshot` as ``frame.checkpoint``; the checkpoint sink awaits it and writes it
-atomically. Without learning the weights do not change while frames flow, and the snapshot
-is the model and the position.
-
-Cuts are taken every ``every`` admitted frames for each :class:`~partime_async.sinks.Checkpoint`
-sink that is open (several sinks, several periods; a sink that is not running asks for none).
-
-Resuming from a checkpoint restores exactly those weights and optimiser states, and the
-stream goes on at ``state["position"]`` (t + 1). What the cut leaves out: gradients that were
-still owed for frames before t (in flight between the stages) — the resumed pipeline starts a
-fresh warm-up, as at the start of a stream.
+The states they hold are a pipeline's :meth:`~partime_async.Pipeline.state_dict`, or one taken
+at a consistent cut while frames flow (:mod:`partime_async.pipeline.cuts`, written by the
+:class:`~partime_async.sinks.Checkpoint` sink).
 """
 from __future__ import annotations
 
-import copy
 import errno
 import io
 import os
 import secrets
 import tempfile
 from pathlib import Path
-from typing import Any, Awaitable
+from typing import Any
 
 import torch
 
-from .threads import in_thread
-
-class Snapshot:
-    """One cut at frame ``seq``, for the checkpoint sinks whose period is in ``periods``
-    (frames admitted in the run, counted from 1: a sink with period N takes the cut at the
-    N-th, 2N-th, … frame admitted; a cut whose frame a drop policy dropped before stage 0
-    moves to the newest frame still queued). With learning, filled in by the stage executors as
-    they pass it (``n_stages`` parts); without, ``n_stages`` is 0."""
-
-    def __init__(self, seq: int, periods: frozenset[int], n_stages: int) -> None:
-        self.seq = seq
-        self.periods = periods
-        self._parts: list[Awaitable[Any] | None] = [None] * n_stages
-
-    def add(self, stage: int, part: Awaitable[Any]) -> None:
-        self._parts[stage] = part
-
-    async def state(self, pipe: Any) -> dict[str, Any]:
-        """The pipeline's state at this cut, shaped like :meth:`Pipeline.state_dict`."""
-        if not self._parts:  # no learning: the weights do not change while streaming
-            state = pipe.state_dict()
-            state["position"] = self.seq + 1
-            return state
-        model: dict[str, torch.Tensor] = {}
-        learners = []
-        offset = 0
-        for k, part in enumerate(self._parts):
-            if part is None:
-                raise RuntimeError(f"stage {k} did not contribute to the checkpoint at frame {self.seq}")
-            (module_state, learner_state), ready = await part
-            if ready is not None:  # copied on a GPU stream: complete before anyone reads it
-                await in_thread(ready.synchronize)
-            for key, value in module_state.items():  # keyed by the stage's layer index: the model's names
-                index, _, rest = key.partition(".")
-                model[f"{pipe.layer_names[int(index) + offset]}.{rest}"] = value
-            offset += pipe.balance[k]
-            learners.append(learner_state)
-        return {"model": model, "balance": list(pipe.balance), "learners": learners,
-                "position": self.seq + 1, "next_seq": pipe._next_seq_value()}
-
-
-def stage_state(module: torch.nn.Module, learner: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A copy of one stage's weights and learner state (run on the stage's device thread)."""
-    return copy.deepcopy((module.state_dict(), learner.state_dict()))
-
+from .aio.threads import in_thread
 
 # Flags of a new file for writing that is surely ours: never an existing one, never a link.
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
@@ -143,7 +87,7 @@ def fsync_folder(folder: Path) -> None:
 
 async def save_atomic_async(obj: Any, path: str | Path) -> Path:
     """:func:`save_atomic` on a worker thread, keeping the event loop free. Cancelled while the
-    thread writes, it waits for that write to end (:func:`~partime_async.threads.in_thread`,
+    thread writes, it waits for that write to end (:func:`~partime_async.aio.threads.in_thread`,
     up to its grace period): a run that returns leaves no checkpoint being written behind it."""
     return await in_thread(save_atomic, obj, path)
 

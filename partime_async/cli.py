@@ -7,7 +7,7 @@ running loss, per-stage busy %, drops) and closes with a summary that includes t
 over the unsplit model (its best over 1 and all cores' threads, measured on the stream's first
 frames before and after the pipelined run). It runs on uvloop when
 installed. ``--trace FILE`` writes the run's Perfetto trace and ``--plot FILE`` its timeline
-picture (see :mod:`partime_async.metrics`).
+picture (see :mod:`partime_async.observe`).
 """
 from __future__ import annotations
 
@@ -25,14 +25,13 @@ from typing import Any, AsyncIterator, Callable, Sequence, TextIO
 import torch
 from torch import nn
 
-from partime_async.sinks import Sink
-
+from .aio.threads import in_thread
+from .core.frame import Frame, now
+from .core.stats import PipelineStats
 from .devices import Device, available_cores, cpu_devices
-from .frame import Frame, now
-from .graph import loop_factory, run
-from .learning import MODES, OnlineLearning
-from .pipeline import Pipeline, PipelineStats
-from .threads import in_thread
+from .graph import Sink, loop_factory, run
+from .pipeline import Pipeline
+from .programs import MODES, OnlineLearning
 
 
 def demo_model(channels: int = 3, width: int = 32, depth: int = 8) -> nn.Sequential:
@@ -279,7 +278,7 @@ async def demo(frames: int = 600, size: int = 64, stages: int | None = None, lea
     if trace is not None:
         out.write(f"trace written to {pipe.export_trace(trace)} (open it in https://ui.perfetto.dev)\n")
     if plot is not None:
-        from .plot import timeline
+        from .observe import timeline
 
         out.write(f"timeline written to {timeline(pipe, plot)}\n")
     return summary

@@ -9,29 +9,86 @@ the whole graph). The first failure anywhere cancels everything and :func:`run` 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Awaitable, Literal, Sequence
+from typing import Any, AsyncIterator, Awaitable, Literal, Protocol, Sequence
 
-from .channel import Channel
-from .errors import PipelineError, primary_error
-from .frame import Frame
-from .threads import to_the_end
+from .aio.channel import POLICIES, Channel, Policy
+from .aio.threads import to_the_end
+from .core.errors import PipelineError, primary_error
+from .core.frame import Frame
+from .core.stats import PipelineStats
 
-if TYPE_CHECKING:
-    from .pipeline import Pipeline, PipelineStats
-    from partime_async.sinks import Sink
+
+class Streaming(Protocol):
+    """What a graph runs between its source and its sinks (a :class:`~partime_async.Pipeline`)."""
+
+    async def __aenter__(self) -> Any: ...
+
+    async def __aexit__(self, *exc_info: Any) -> Any: ...
+
+    def stream(self, source: Any) -> AsyncIterator[Frame]: ...
+
+    def stats(self) -> PipelineStats: ...
+
+
+class Sink:
+    """Receives a graph's output frames, in order.
+
+    Subclasses implement :meth:`write` (and :meth:`open` / :meth:`close` when they hold
+    resources: :func:`partime_async.run` calls ``close`` after success and :meth:`abort`,
+    which is ``close`` unless overridden, after a failure or cancellation; either runs to
+    its end on a task of its own, even if the run is cancelled meanwhile). ``capacity`` and
+    ``policy`` configure the channel that feeds this sink alone: ``"block"`` slows the graph
+    to this sink's pace; a drop policy lets the sink fall behind and counts what it missed in
+    :attr:`dropped`. The sinks of a graph are handed the same :class:`Frame` objects: treat
+    them as read-only (copy a frame before changing it). The sinks that ship are in
+    :mod:`partime_async.sinks`.
+    """
+
+    name = "sink"
+
+    def __init__(self, *, capacity: int = 8, policy: Policy = "block", name: str | None = None) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown sink policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
+            raise ValueError(f"sink capacity must be an int >= 1 (frames queued for this sink), got {capacity!r}")
+        self.capacity = capacity
+        self.policy: Policy = policy
+        if name is not None:
+            self.name = name
+        self.written = 0
+        self.dropped = 0
+
+    async def open(self) -> None:
+        """Acquire resources before the first frame."""
+
+    async def write(self, frame: Frame) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Flush and release after success. Once :meth:`open` succeeded, :func:`partime_async.run`
+        calls exactly one of ``close()`` and :meth:`abort`, after the whole graph has ended."""
+
+    async def abort(self) -> None:
+        """Release after a failure or cancellation anywhere in the graph (a file sink
+        discards its file here); by default the same as :meth:`close`."""
+        await self.close()
+
+    def count_drop(self, frame: Frame) -> None:
+        self.dropped += 1
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} written={self.written} dropped={self.dropped}>"
 
 
 class Graph:
     """A source, a pipeline and its sinks; build it with ``>>`` and start it with :func:`run`."""
 
-    def __init__(self, source: Any, pipeline: Pipeline, sinks: Sequence[Sink] = ()) -> None:
+    def __init__(self, source: Any, pipeline: Streaming, sinks: Sequence[Sink] = ()) -> None:
         self.source = source
         self.pipeline = pipeline
         self.sinks = list(sinks)
 
     def __rshift__(self, sinks: Sink | Sequence[Sink]) -> Graph:
-        from partime_async.sinks import Sink
-
         added = list(sinks) if isinstance(sinks, (list, tuple)) else [sinks]
         for i, sink in enumerate(added):
             if not isinstance(sink, Sink):

@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from partime_async.checkpoint import save_atomic_async
-from partime_async.frame import Frame
+from partime_async.core.frame import Frame
 
 from .base import Sink
 
@@ -19,7 +19,7 @@ class Checkpoint(Sink):
         pipe.load_state_dict(state)           # then stream from state["position"]
 
     With learning, each checkpoint is a consistent cut taken by the stages as frame t passes
-    them (see :mod:`partime_async.checkpoint`); without, it is the model and the position.
+    them (see :mod:`partime_async.pipeline.cuts`); without, it is the model and the position.
     The pipeline takes cuts for this sink from when it is opened (a graph opens its sinks
     before the first frame) until it is closed; several sinks may checkpoint one pipeline,
     each at its own period. Its channel always blocks (a drop policy is refused): a frame it
@@ -57,7 +57,7 @@ class Checkpoint(Sink):
 
     async def open(self) -> None:
         if not self._asked:
-            self.pipe._ask_checkpoints(self.every)
+            self.pipe.cuts.ask(self.every)
             self._asked = True
 
     async def write(self, frame: Frame) -> None:
@@ -65,15 +65,15 @@ class Checkpoint(Sink):
             raise RuntimeError("this Checkpoint sink is not open: the pipeline takes cuts only for open checkpoint "
                                "sinks; run it in a graph (pa.run(source >> pipe >> sink)) or `await sink.open()` "
                                "before the frames flow")
-        snapshot = frame.checkpoint
-        if snapshot is None or self.every not in snapshot.periods:  # none, or another sink's cut
+        cut = frame.checkpoint
+        if cut is None or self.every not in cut.periods:  # none, or another sink's cut
             return
-        state = await snapshot.state(self.pipe)
+        state = await cut.state()
         self.saved.append(await save_atomic_async(state, self.path_of(frame.seq)))
 
     async def close(self) -> None:
         if self._asked:
-            self.pipe._stop_checkpoints(self.every)
+            self.pipe.cuts.release(self.every)
             self._asked = False
 
 

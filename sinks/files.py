@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from partime_async.checkpoint import create_temporary, fsync_folder
-from partime_async.frame import Frame, Payload, tree_map
-from partime_async.threads import to_the_end
+from partime_async.core.frame import Frame, Payload, tree_map
+from partime_async.aio.threads import to_the_end
 
 from .base import Sink
 
@@ -220,7 +220,7 @@ class JsonlSink(Sink):
     ends well.
 
     Each line is ``{"seq", "t_capture", "t_done", "latency", "meta", "output"}``: timestamps
-    in seconds of :func:`partime_async.frame.now` (monotonic; latency = t_done - t_capture),
+    in seconds of :func:`partime_async.core.frame.now` (monotonic; latency = t_done - t_capture),
     the frame's metadata, and ``to_json(frame)`` (default: :func:`summarize` of its payload).
     Values JSON cannot hold are converted: one-element tensors and NumPy scalars to numbers,
     other tensors to their summary, anything else to its ``repr``; non-finite floats are

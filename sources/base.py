@@ -5,8 +5,8 @@ import asyncio
 import itertools
 from typing import Any, AsyncIterable, AsyncIterator, Iterable
 
-from partime_async.frame import Frame, now
-from partime_async.threads import aclose_to_the_end
+from partime_async.core.frame import Frame, now
+from partime_async.aio.threads import aclose_to_the_end
 
 
 class Source:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from partime_async.frame import Frame
+from partime_async.core.frame import Frame
 
 from .base import Source
 

@@ -19,8 +19,8 @@ import aiofiles
 import numpy as np
 import torch
 
-from partime_async.frame import Frame
-from partime_async.threads import to_the_end
+from partime_async.core.frame import Frame
+from partime_async.aio.threads import to_the_end
 
 from .base import Source
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, AsyncIterator
 
-from partime_async.frame import Frame
+from partime_async.core.frame import Frame
 
 from .base import Source, iterate_frames
 

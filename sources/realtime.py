@@ -5,9 +5,9 @@ import asyncio
 import contextlib
 from typing import Any, AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 
-from partime_async.channel import Channel, Policy
-from partime_async.frame import Frame, now
-from partime_async.threads import retrieve, to_the_end
+from partime_async.aio.channel import Channel, Policy
+from partime_async.core.frame import Frame, now
+from partime_async.aio.threads import retrieve, to_the_end
 
 from .base import Source, iterate_frames
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import asyncio
 from typing import AsyncIterator
 
-from partime_async.frame import Frame, Payload
-from partime_async.threads import to_the_end
+from partime_async.core.frame import Frame, Payload
+from partime_async.aio.threads import to_the_end
 
 from .base import Source
 

@@ -6,7 +6,7 @@ from typing import AsyncIterator
 
 import torch
 
-from partime_async.frame import Frame
+from partime_async.core.frame import Frame
 
 from .base import Source
 

@@ -6,7 +6,7 @@ import warnings
 from collections import deque
 from typing import Any, AsyncIterable, AsyncIterator
 
-from partime_async.frame import Frame, clone
+from partime_async.core.frame import Frame, clone
 
 from .base import Source, iterate_frames
 

@@ -140,7 +140,7 @@ async def test_ticket_is_handed_on_at_launch_and_depth_gates_the_next():
     device = HostCuda(0, depth=2)
     device.start(asyncio.get_running_loop())
     try:
-        tickets = [device.submit(lambda v: v * 2, torch.ones(2)) for _ in range(3)]
+        tickets = [device.submit(lambda v, seq: v * 2, torch.ones(2)) for _ in range(3)]
         assert tickets[0].done() and tickets[1].done() and not tickets[2].done()
         y, ready = tickets[0].result()
         assert isinstance(ready, StandInEvent) and torch.equal(y, torch.full((2,), 2.0))
@@ -195,7 +195,7 @@ async def test_graphs_on_learning_stages_wrap_what_can_be_graphed_and_change_not
     GraphedLearningStage (here, on host tensors, it falls back to eager saying why, once per
     stage); a delayed stashed stage is not graphed, with a warning; the weights learned are
     those of graphs=False. The graphs themselves run in tests/gpu."""
-    from partime_async.cuda_graphs import GraphedLearningStage
+    from partime_async.devices.cuda_graphs import GraphedLearningStage
 
     def learning() -> pa.OnlineLearning:
         return pa.OnlineLearning(loss=nn.MSELoss(), optimizer=lambda p: torch.optim.SGD(p, lr=0.05), mode=mode)

@@ -19,7 +19,7 @@ def started(device: pa.CpuDevice) -> pa.CpuDevice:
     return device
 
 
-def get_threads(_):
+def get_threads(_, seq):
     return torch.get_num_threads()
 
 
@@ -36,7 +36,7 @@ async def test_worker_uses_its_own_intra_op_thread_count(threads):
     assert torch.get_num_threads() == main_threads  # the loop thread's count is left alone
 
 
-def noop(_):
+def noop(_, seq):
     return None  # touches no torch function
 
 
@@ -58,7 +58,7 @@ async def test_each_device_keeps_its_own_thread_count():
 async def test_worker_thread_is_named_and_joined_on_close():
     device = started(pa.CpuDevice(7, threads=1))
     assert "partime-cpu:7" in partime_threads()
-    name, _ = await device.submit(lambda _: threading.current_thread().name, None)
+    name, _ = await device.submit(lambda _, seq: threading.current_thread().name, None)
     assert name == "partime-cpu:7"
     device.close()
     device.close()  # idempotent
@@ -69,7 +69,7 @@ async def test_work_runs_in_submission_order():
     device = started(pa.CpuDevice(0, threads=1))
     order = []
 
-    def job(i):
+    def job(i, seq):
         time.sleep(0.0002 * (i % 3))
         order.append(i)
         return i
@@ -85,13 +85,13 @@ async def test_work_runs_in_submission_order():
 async def test_an_exception_in_a_job_reaches_its_awaiter_and_the_worker_survives():
     device = started(pa.CpuDevice(0, threads=1))
 
-    def fail(_):
+    def fail(_, seq):
         raise KeyError("nope")
 
     try:
         with pytest.raises(KeyError):
             await device.submit(fail, None)
-        result, _ = await device.submit(lambda x: x + 1, 41)
+        result, _ = await device.submit(lambda x, seq: x + 1, 41)
         assert result == 42
     finally:
         device.close()
@@ -127,7 +127,7 @@ async def test_device_can_be_restarted_after_close():
     device.close()
     started(device)
     try:
-        result, _ = await device.submit(lambda x: x * 2, 21)
+        result, _ = await device.submit(lambda x, seq: x * 2, 21)
         assert result == 42
     finally:
         device.close()
@@ -138,7 +138,7 @@ async def test_close_cancels_the_pending_submits():
     device = started(pa.CpuDevice(0, threads=1))
     running = threading.Event()
 
-    def slow(x):
+    def slow(x, seq):
         if x == 0:
             running.set()
             deadline = time.monotonic() + 10
@@ -158,7 +158,7 @@ async def test_close_cancels_the_pending_submits():
 
 async def test_submit_before_start_is_an_error():
     with pytest.raises(RuntimeError, match="not running"):
-        pa.CpuDevice(0).submit(lambda x: x, 1)
+        pa.CpuDevice(0).submit(lambda x, seq: x, 1)
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
@@ -174,7 +174,7 @@ async def test_submit_to_a_dead_worker_fails_instead_of_hanging(monkeypatch):
     assert not device._thread.is_alive()
     try:
         with pytest.raises(RuntimeError, match="died"):  # at once, or through the future: never a hang
-            await asyncio.wait_for(device.submit(lambda x: x, 1), 2)
+            await asyncio.wait_for(device.submit(lambda x, seq: x, 1), 2)
     finally:
         device.close()
 
@@ -196,8 +196,8 @@ def test_cpu_devices():
     assert all(d.threads == max(1, available_cores() // 2) for d in devs)
     assert all(d.inline_mode == "auto" for d in devs)
     assert [d.threads for d in pa.cpu_devices(3, threads=2)] == [2, 2, 2]
-    assert all(d.inline is True for d in pa.cpu_devices(2, inline=True))
-    assert all(d.inline is False and d.inline_mode is False for d in pa.cpu_devices(2, inline=False))
+    assert all(d.inline_mode is True for d in pa.cpu_devices(2, inline=True))
+    assert all(d.inline_mode is False for d in pa.cpu_devices(2, inline=False))
     assert len(pa.cpu_devices()) == available_cores()
     with pytest.raises(ValueError):
         pa.cpu_devices(0)
@@ -236,7 +236,7 @@ async def test_forced_inline_setting_decides_where_a_stage_runs(inline):
     recorders = [RecordThread(), RecordThread()]
     pipe = pa.Pipeline(recorders, devices=pa.cpu_devices(2, inline=inline), balance=[1, 1])
     await run_stream(pipe, [torch.zeros(1)] * 3)
-    assert [d.inline for d in pipe.devices] == [inline, inline]
+    assert [s.inline for s in pipe.stats().stages] == [inline, inline]
     for k, rec in enumerate(recorders):
         want = threading.main_thread().name if inline else f"partime-cpu:{k}"
         assert rec.threads == [want] * 3
@@ -254,8 +254,8 @@ async def test_auto_inline_runs_a_tiny_stage_inline_and_a_heavy_one_on_its_threa
     async with pipe:
         out = await pipe.submit(x)
     assert out.shape == (64, 2048)
-    assert pipe.devices[0].inline is True   # nn.Identity: far cheaper than a thread hand-off
-    assert pipe.devices[1].inline is False  # a 2048x2048 matmul on 64 rows: far dearer
+    assert pipe.stats().stages[0].inline is True   # nn.Identity: far cheaper than a thread hand-off
+    assert pipe.stats().stages[1].inline is False  # a 2048x2048 matmul on 64 rows: far dearer
 
 
 async def test_stats_report_which_stages_run_inline():

@@ -606,7 +606,7 @@ async def test_a_checkpoint_sink_writes_only_once_opened_and_opening_twice_asks_
     await sink.open()
     await pa.run(make_frames(4) >> pipe >> sink)  # run() opens it again, and closes it
     assert [p.name for p in sink.saved] == ["c.pt", "c.pt"]
-    assert not pipe._checkpoint_periods  # no cuts asked for any more
+    assert not pipe.cuts.periods  # no cuts asked for any more
 
 
 async def test_state_dict_refuses_while_a_learning_pipeline_streams():

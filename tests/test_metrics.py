@@ -10,8 +10,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
 import partime_async as pa
-import partime_async.metrics
-from partime_async.metrics import Columns, frame_ids, prometheus_text, wait_intervals
+import partime_async.observe.spans
+from partime_async.observe import Columns, frame_ids, prometheus_text, wait_intervals
 from pa_helpers import Sleep, run_stream
 
 N = 24
@@ -101,7 +101,7 @@ async def test_a_slow_stage_is_the_bottleneck(path):
     await run_stream(pipe, xs(30))
     report = pipe.metrics()
     slow, others = report.stages[1], [report.stages[0], report.stages[2]]
-    assert report.bottleneck == slow.name == pipe.executors[1].name
+    assert report.bottleneck == slow.name == pipe.stats().stages[1].name
     assert slow.busy > 1.5 * max(s.busy for s in others)
     assert slow.compute_median_s > 2 * max(s.compute_median_s for s in others)
     assert all(s.frames_in == s.frames_out == 30 and s.queued == 0 for s in report.stages)
@@ -185,7 +185,7 @@ async def test_metrics_off_records_nothing(tmp_path):
 
 
 async def test_the_ring_is_bounded(monkeypatch):
-    monkeypatch.setattr(partime_async.metrics, "SPAN_CAPACITY", 50)
+    monkeypatch.setattr(partime_async.observe.spans, "SPAN_CAPACITY", 50)
     pipe = pa.Pipeline(sleepy(0, 0), devices=pa.cpu_devices(2, threads=1), balance=[1, 1])
     await run_stream(pipe, xs(100))
     spans = pipe.spans()

@@ -524,4 +524,4 @@ async def test_a_run_cancelled_while_its_sinks_close_still_closes_every_one(tmp_
         await run
     assert len((tmp_path / "x.jsonl").read_text().splitlines()) == 4
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
-    assert not pipe._checkpoint_periods
+    assert not pipe.cuts.periods

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from partime_async.devices import CudaDevice, EventWaiter
-from partime_async.threads import LoopNotifier, to_the_end
+from partime_async.aio.threads import LoopNotifier, to_the_end
 
 
 class FakeEvent:

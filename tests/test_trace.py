@@ -10,9 +10,9 @@ from torch import nn
 
 import partime_async as pa
 from partime_async import cli
-from partime_async.metrics import Span
-from partime_async.plot import timeline
-from partime_async.trace import chrome_trace
+from partime_async.observe import Span
+from partime_async.observe import timeline
+from partime_async.observe import chrome_trace
 from pa_helpers import Sleep, run_stream
 
 N = 20

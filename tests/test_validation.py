@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 import partime_async as pa
-from partime_async.validation import check_tensors
+from partime_async.core.validation import check_tensors
 from pa_helpers import assert_clean, assert_outputs, reference, run_stream
 
 

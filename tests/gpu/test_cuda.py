@@ -114,7 +114,7 @@ async def test_gpu_hand_off_carries_a_pending_event_and_depth_bounds_the_queue()
         x = torch.ones(1, 16, device="cuda")
         cycles = 200_000_000  # ~0.1 s of GPU time per frame on an H100/H200
 
-        def slow(v):
+        def slow(v, seq):
             torch.cuda._sleep(cycles)
             return v * 2
 
@@ -140,12 +140,12 @@ async def test_stage_error_raised_at_launch_reaches_the_ticket():
     device = pa.CudaDevice(0)
     device.start(asyncio.get_running_loop())
     try:
-        def bad(v):
+        def bad(v, seq):
             raise ValueError("bad stage")
 
         with pytest.raises(ValueError, match="bad stage"):
             await device.submit(bad, torch.ones(2))
-        y, ready = await device.submit(lambda v: v + 1, torch.ones(2))  # the device goes on
+        y, ready = await device.submit(lambda v, seq: v + 1, torch.ones(2))  # the device goes on
         assert torch.equal(await device.download(y, ready), torch.full((2,), 2.0))
     finally:
         device.close()

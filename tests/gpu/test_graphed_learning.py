@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import partime_async as pa
-from partime_async.cuda_graphs import GraphedLearningStage
+from partime_async.devices.cuda_graphs import GraphedLearningStage
 
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
               pytest.mark.usefixtures("deterministic_cudnn")]

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from partime_async import cuda_graphs
-from partime_async.cuda_graphs import GraphedStage
+from partime_async.devices import cuda_graphs
+from partime_async.devices.cuda_graphs import GraphedStage
 
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
               pytest.mark.usefixtures("deterministic_cudnn")]

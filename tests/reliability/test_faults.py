@@ -98,17 +98,17 @@ def worker_dies(stage: int, seq: int, fired: list[float]) -> Iterator[None]:
     code) right after it finishes frame ``seq``: the frames after it find no worker."""
     post = CpuDevice.post
 
-    def dying_post(self: CpuDevice, task: Callable[[], None], future: Any) -> None:
+    def dying_post(self: CpuDevice, task: Callable[[], None], future: Any, frame: int = -1) -> None:
         if self.index != stage:
-            return post(self, task, future)
+            return post(self, task, future, frame)
 
         def then_die() -> None:
             task()
-            if self.seq == seq:
+            if frame == seq:
                 fired.append(time.perf_counter())
                 raise SystemExit("injected: the worker thread dies")
 
-        return post(self, then_die, future)
+        return post(self, then_die, future, frame)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(CpuDevice, "post", dying_post)

@@ -11,38 +11,35 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
-from .metrics import OUT_KINDS, Columns, Span, as_spans, frame_ids
+from .observation import Observable, Observation
+from .spans import OUT_KINDS, Columns, Span, as_spans, frame_ids
 from .trace import track_name, track_of
-
-if TYPE_CHECKING:
-    from .pipeline import Pipeline
 
 COLOURS = 20  # the tab20 colour map's colours, cycled by seq
 
 
-def timeline(source: Pipeline | Iterable[Span | tuple[int, str, int, float, float]], path: str | Path, *,
-             title: str | None = None, stage_names: Sequence[str] = ()) -> Path:
+def timeline(source: Observable | Observation | Iterable[Span | tuple[int, str, int, float, float]],
+             path: str | Path, *, title: str | None = None, stage_names: Sequence[str] = ()) -> Path:
     """Draw ``source``'s spans (a :class:`Pipeline` run with metrics on, or spans as from
     :meth:`Pipeline.spans`) into the image file ``path`` (PNG, or any format matplotlib
     writes, from the suffix). ``stage_names`` labels the rows (default: a pipeline's own stage
     names, else ``stage k``). Returns the path. Raises ``ValueError`` if there is no span."""
     from matplotlib.figure import Figure
 
-    from .pipeline import Pipeline
-
     origin: float | None = None
-    if isinstance(source, Pipeline):
-        spans = source.spans()
-        stage_names = stage_names or [e.name for e in source.executors]
-        origin = source._t_start
+    obs = source.observation() if isinstance(source, Observable) else source
+    if isinstance(obs, Observation):
+        spans = as_spans(obs.spans)
+        stage_names = stage_names or [s.name for s in obs.stats.stages]
+        origin = obs.t_start
     else:
         spans = as_spans(source)
     if not spans:
-        if isinstance(source, Pipeline) and not source.metrics_enabled:
+        if isinstance(obs, Observation) and not obs.metrics:
             raise ValueError("no spans to draw: this pipeline records none (metrics=False); "
                              "create it with metrics=True")
         raise ValueError("no spans to draw: stream some frames through the pipeline first")

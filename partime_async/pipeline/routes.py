@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 
-from .channel import Channel, ChannelClosed
-from .errors import FrameDropped, PipelineError
-from .frame import Frame
+from ..aio.channel import Channel, ChannelClosed
+from ..core.errors import FrameDropped, PipelineError
+from ..core.frame import Frame
 
 
 class Route:

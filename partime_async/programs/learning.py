@@ -41,7 +41,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils import _pytree as pytree
 
-from .frame import Payload
+from ..core.frame import Payload
 
 Mode = Literal["sequential", "partime", "stashed"]
 MODES: tuple[str, ...] = ("sequential", "partime", "stashed")
@@ -163,14 +163,14 @@ class StageLearner:
         self.steps = 0
         self.dropped_gradients = 0
         self._stash = config.mode == "stashed" and not config.recompute and self.delay > 0
-        # The learning forward as CUDA graphs (set by the executor of a CudaDevice(graphs=True)
+        # The learning forward as CUDA graphs (set by the program of a CudaDevice(graphs=True)
         # stage); None: eager.
         self.graphed: Callable[[Payload], Payload] | None = None
 
     @property
     def graphable(self) -> bool:
         """Whether every backward of this stage follows its forward before the next forward
-        (what a graphed forward + backward needs, see :mod:`partime_async.cuda_graphs`):
+        (what a graphed forward + backward needs, see :mod:`partime_async.devices.cuda_graphs`):
         true for ``partime`` and for stages without a delay; a delayed ``stashed`` stage keeps
         several frames' graphs."""
         return self.config.mode != "stashed" or self.delay == 0

@@ -1,30 +1,87 @@
-"""Splitting a model into contiguous stages.
+"""Splitting an ``nn.Sequential`` (or a list of modules) into contiguous runs of its layers.
 
 ``balance`` is one of
 
 * a list of layer counts, one per device (``[3, 5]``: layers 0-2 on the first device),
 * ``"params"``: equalise parameter counts,
 * ``"time"``: profile every layer on the device that may run it, then pick the contiguous
-  split that minimises the slowest stage (optimal by dynamic programming; a greedy split can
-  be far off when costs are uneven).
+  split that minimises the slowest stage (:func:`~partime_async.partition.balance.min_max_partition`).
 """
 from __future__ import annotations
 
-import statistics
-from typing import Sequence
+from collections import OrderedDict
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .frame import Payload, clone, now
+from ..core.frame import Payload
+from ..devices import Device
+from .balance import min_max_partition
+from .plan import StagePlan
+from .profile import profile_layers
 
 
-class LayerFailed(RuntimeError):
-    """A layer raised while being profiled; the original exception is the ``__cause__``."""
+class SequentialSplit:
+    """A model whose layers run one after another (each one's output is the next one's
+    input), cut into contiguous runs of layers: a :class:`~partime_async.partition.plan.Partitioner`.
 
-    def __init__(self, index: int, layer: nn.Module) -> None:
-        self.index = index
-        super().__init__(f"layer {index} ({type(layer).__name__})")
+    Stage modules share the model's parameters (they are new ``nn.Sequential`` s of the same
+    layer objects). ``layers`` are the units; ``names`` their names in the model (an
+    ``nn.Sequential``'s child names, a list's indices), so that states are keyed as the model's.
+    """
+
+    def __init__(self, model: nn.Module | Sequence[nn.Module]) -> None:
+        self.layers = layers_of(model)
+        self.names = (list(model._modules) if isinstance(model, nn.Sequential)  # a repeated module too
+                      else [str(i) for i in range(len(self.layers))])
+
+    @property
+    def units(self) -> int:
+        return len(self.layers)
+
+    def check_balance(self, balance: Sequence[int], n_stages: int) -> list[int]:
+        return check_balance(balance, len(self.layers), n_stages)
+
+    def balance_by_params(self, n_stages: int) -> list[int]:
+        return balance_by_params(self.layers, n_stages)
+
+    def profile(self, sample: Payload) -> list[float]:
+        return profile_layers(self.layers, sample)
+
+    def to(self, device: torch.device) -> None:
+        for layer in self.layers:
+            layer.to(device)
+
+    def check_shared(self, balance: Sequence[int], *, learning: bool, one_device: bool) -> None:
+        check_unshared(self.layers, self.names, balance, learning=learning, one_device=one_device)
+
+    def plans(self, balance: Sequence[int], devices: Sequence[Device]) -> list[StagePlan]:
+        plans, start = [], 0
+        for k, (module, device) in enumerate(zip(split(self.layers, balance), devices)):
+            end = start + balance[k]
+            module.to(device.torch_device)
+            plans.append(StagePlan(
+                index=k, module=module, devices=(device,), inputs=(self.names[start - 1] if start else "input",),
+                outputs=(self.names[end - 1],), units=balance[k],
+                state_names={str(i): self.names[start + i] for i in range(balance[k])}, last=k == len(balance) - 1))
+            start = end
+        return plans
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._named().state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        named, numbered = self._named(), nn.Sequential(*self.layers)
+        if state.keys() == numbered.state_dict().keys() != named.state_dict().keys():
+            numbered.load_state_dict(state)  # saved before states took the model's names
+        else:
+            named.load_state_dict(state)
+
+    def _named(self) -> nn.Sequential:
+        """A new ``nn.Sequential`` of the layers themselves (no copies) under their names in
+        the model: its ``state_dict`` is keyed as the model's."""
+        return nn.Sequential(OrderedDict(zip(self.names, self.layers)))
 
 
 def layers_of(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
@@ -91,82 +148,7 @@ def split(layers: Sequence[nn.Module], balance: Sequence[int]) -> list[nn.Sequen
     return stages
 
 
-def min_max_partition(costs: Sequence[float] | Sequence[Sequence[float]], n_stages: int) -> list[int]:
-    """The contiguous partition into ``n_stages`` non-empty parts minimising the costliest part.
-
-    ``costs`` is either one cost per layer, or one such row per stage (heterogeneous devices:
-    ``costs[k][i]`` is layer i's cost on stage k's device). Ties go to the earliest split.
-    Exact dynamic programme, O(n_stages * n_layers^2).
-    """
-    rows = [list(costs)] * n_stages if not costs or not isinstance(costs[0], (list, tuple)) else [list(r) for r in costs]
-    n = len(rows[0])
-    if len(rows) != n_stages or any(len(r) != n for r in rows):
-        raise ValueError("costs must have one row per stage, each with one cost per layer")
-    if n_stages < 1 or n < n_stages:
-        raise ValueError(f"cannot split {n} layers into {n_stages} non-empty stages; use at most {n} devices")
-    prefix = []
-    for row in rows:
-        acc = [0.0]
-        for c in row:
-            acc.append(acc[-1] + c)
-        prefix.append(acc)
-    inf = float("inf")
-    # best[k][j]: least max-cost of putting layers [0, j) on stages 0..k; cut[k][j]: start of stage k
-    best = [[inf] * (n + 1) for _ in range(n_stages)]
-    cut = [[0] * (n + 1) for _ in range(n_stages)]
-    for j in range(1, n + 1):
-        best[0][j] = prefix[0][j]
-    for k in range(1, n_stages):
-        p = prefix[k]
-        for j in range(k + 1, n + 1):
-            for i in range(k, j):
-                value = max(best[k - 1][i], p[j] - p[i])
-                if value < best[k][j]:
-                    best[k][j], cut[k][j] = value, i
-    balance, j = [], n
-    for k in range(n_stages - 1, 0, -1):
-        i = cut[k][j]
-        balance.append(j - i)
-        j = i
-    balance.append(j)
-    return balance[::-1]
-
-
 def balance_by_params(layers: Sequence[nn.Module], n_stages: int) -> list[int]:
     """Equalise parameter counts (a layer without parameters weighs as much as one parameter)."""
     costs = [max(1, sum(p.numel() for p in layer.parameters())) for layer in layers]
     return min_max_partition(costs, n_stages)
-
-
-def profile_layers(layers: Sequence[nn.Module], sample: Payload, *, repeats: int = 7, warmup: int = 2) -> list[float]:
-    """Median seconds of each layer on ``sample``'s device, run in order (layer i sees layer
-    i-1's output). Each pass starts from a copy of ``sample``, which is left as it was (a layer
-    may modify its input in place).
-
-    Whole passes are timed layer by layer, ``warmup`` passes discarded, so that a transient
-    (a cold cache, another process) spreads over all layers instead of biasing one. Runs
-    without autograd; buffers (e.g. BatchNorm statistics) are restored, so profiling leaves
-    the model as it found it.
-    """
-    saved = [{k: b.clone() for k, b in layer.named_buffers()} for layer in layers]
-    cuda = any(p.is_cuda for layer in layers for p in layer.parameters())
-    samples: list[list[float]] = [[] for _ in layers]
-    try:
-        with torch.no_grad():
-            for rep in range(warmup + repeats):
-                x = clone(sample)
-                for i, layer in enumerate(layers):
-                    t0 = now()
-                    try:
-                        x = layer(x)
-                    except Exception as exc:
-                        raise LayerFailed(i, layer) from exc
-                    if cuda:
-                        torch.cuda.synchronize()
-                    if rep >= warmup:
-                        samples[i].append(now() - t0)
-    finally:
-        for layer, buffers in zip(layers, saved):
-            for name, value in layer.named_buffers():
-                value.copy_(buffers[name])
-    return [statistics.median(s) for s in samples]

@@ -1,303 +1,37 @@
-"""Devices: where a stage runs, and how the event loop waits for it without blocking.
-
-One small abstraction hides CPU and CUDA from the stage executor:
-
-``device.submit(fn, payload, ready, seq=, kind=) -> Ticket``
-    Start ``fn(payload)`` on this device, after the work of every earlier ``submit``
-    (FIFO). ``payload`` may live on another device; ``ready`` is the event that says it is
-    complete there (``None`` for host tensors). The ticket is awaited on the event loop and
-    gives ``(result, ready)``: the result stays on this device, with the event that marks
-    it complete (``None`` when it already is), so the next device can take it over without a
-    host synchronisation. ``ready`` may still be pending: whoever reads the result waits for
-    it first (a device's ``submit`` and ``download`` do, on the GPU or off the loop thread).
-    ``seq`` and ``kind`` label the work for metrics (see :mod:`partime_async.metrics`).
-``device.download(payload, ready, seq=) -> awaitable`` a host copy of a result (for sinks).
-
-:class:`CpuDevice` owns one worker thread. Submitted work is queued to that thread, which
-runs it back to back (torch releases the GIL inside ops, so several CPU devices compute on
-several cores at once) and posts each result to the loop; a busy stage therefore never waits
-for the loop between two frames. Stages whose compute costs less than a thread hand-off can
-run ``inline`` on the loop thread instead (the pipeline measures both and decides).
+"""A GPU stage: its own streams, launches from the loop thread, completions seen by waiter threads.
 
 :class:`CudaDevice` launches from the loop thread onto its own compute stream, copies in on
 a copy stream (host tensors through page-locked memory from PyTorch's caching host allocator,
 device tensors device-to-device after waiting on the producer's event on the GPU), and hands
-its result on with its ready-event at once. An :class:`EventWaiter` thread per stream sleeps
-until events complete and tells the loop in batches, so the loop never polls and one loop
-keeps many GPUs and their copy engines busy.
+its result on with its ready-event at once (the CUDA ready-event hand-off: the next device
+waits on that event, on the GPU or off the loop thread). An :class:`EventWaiter` thread per
+stream sleeps until events complete and tells the loop in batches, so the loop never polls
+and one loop keeps many GPUs and their copy engines busy.
 
-Spans (metrics): on a CPU device the stage executor times its own work on the thread that
-runs it, and reads the frame's seq from :attr:`CpuDevice.seq`. A CUDA device times its copies
-and kernels itself with timing events (host clocks around asynchronous launches would time
-the launches), once the work is complete, into its ``spans`` ring when the executor set one.
+Spans (metrics): a CUDA device times its copies and kernels itself with timing events (host
+clocks around asynchronous launches would time the launches), once the work is complete,
+into the ring that :meth:`CudaDevice.record_into` gave it.
 """
 from __future__ import annotations
 
 import asyncio
-import os
 import queue
 import threading
-from abc import ABC, abstractmethod
 from collections import deque
-from typing import Any, Awaitable, Callable, Iterable, Sequence
+from typing import Any, Callable
 
 import torch
+from torch import nn
 
-from .frame import Payload, leaves, now, to_device, tree_map
-from .threads import LoopNotifier, resolve
+from ..aio.threads import LoopNotifier, resolve
+from ..core.frame import Payload, leaves, now, tree_map
+from ..core.stats import StageStats
+from .base import Device, Ticket, Work
+from .cuda_graphs import GraphedLearningStage, GraphedStage
 
-Ticket = Awaitable[tuple[Payload, Any]]
-"""Awaitable result of :meth:`Device.submit`: ``(result, ready_event_or_None)``."""
-
-
-def available_cores() -> int:
-    """Cores this process may run on (respects CPU affinity and cgroup pinning)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-class Device(ABC):
-    """A place where one stage runs. Created unstarted; the pipeline starts and closes it."""
-
-    torch_device: torch.device
-    inline: bool = False
-    died: BaseException | None = None
-    """What ended one of this device's threads while it served (None: nothing did). A frame
-    that finds the thread gone fails the run; if none did (it died after the last one), the
-    pipeline warns when it stops."""
-
-    @abstractmethod
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Acquire the resources (threads, streams); called on the loop thread."""
-
-    @abstractmethod
-    def submit(self, fn: Callable[[Payload], Payload], payload: Payload, ready: Any = None, *,
-               seq: int = -1, kind: str = "compute") -> Ticket:
-        """Run ``fn(payload)`` here after all earlier submissions; see the module docstring.
-
-        ``seq`` (the frame, -1 for none) and ``kind`` (``"compute"`` or ``"backward"``) label
-        the work in the spans this device records."""
-
-    @abstractmethod
-    async def download(self, payload: Payload, ready: Any, *, seq: int = -1) -> Payload:
-        """A host (CPU, pageable) copy of a payload produced on this device (``seq`` labels
-        its span, where the device records one)."""
-
-    @abstractmethod
-    def close(self) -> None:
-        """Release everything; joins threads. Pending tickets fail. Idempotent."""
-
-    @property
-    def name(self) -> str:
-        """How errors, statistics and traces name this device (``"cpu:1"``, ``"cuda:0"``)."""
-        return str(self.torch_device)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.torch_device})"
-
-
-# ---------------------------------------------------------------------------------------
-# CPU
-# ---------------------------------------------------------------------------------------
 _STOP = object()
 
 
-class WorkerDied(RuntimeError):
-    """A device's worker thread has left while the pipeline still runs (an error in the
-    thread's own machinery, not in a stage: those are delivered to the stage). Work queued
-    to it fails with this; the stage executor stops the pipeline, whatever ``on_error``."""
-
-    def __init__(self, device: Device, what: str) -> None:
-        super().__init__(f"the worker thread of {device.name} {what}")
-        self.device = device
-
-
-class CpuDevice(Device):
-    """A CPU stage with its own worker thread and intra-op thread count.
-
-    Args:
-        index: a label that tells CPU devices apart in names and traces.
-        threads: intra-op threads for this stage's ops (``torch.set_num_threads`` is per
-            thread under OpenMP, so each stage keeps its own). Default: the process's cores
-            divided by the number of CPU stages, at least 1 (set by the pipeline).
-        inline: run on the event-loop thread instead of the worker thread. ``"auto"`` lets the
-            pipeline decide by measuring the stage against a thread hand-off.
-    """
-
-    def __init__(self, index: int = 0, *, threads: int | None = None, inline: bool | str = "auto") -> None:
-        if threads is not None and (not isinstance(threads, int) or threads < 1):
-            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
-        if inline not in (True, False, "auto"):
-            raise ValueError(f"inline must be True, False or 'auto', got {inline!r}")
-        self.index = index
-        self.threads = threads
-        self.inline_mode = inline
-        self.inline = inline is True
-        self.torch_device = torch.device("cpu")
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._closing = False
-        self._dead = False  # the worker has left: nothing queued from now on would ever run
-        self._lock = threading.Lock()  # orders post() against the worker's last drain
-        self._notifier: LoopNotifier | None = None
-        self.seq = -1  # the frame whose work runs now, set on the thread that runs it (for spans)
-
-    def __repr__(self) -> str:
-        return f"CpuDevice({self.index}, threads={self.threads})"
-
-    @property
-    def name(self) -> str:
-        return f"cpu:{self.index}"
-
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        # The workers' torch.set_num_threads also moves the process-wide default that a thread
-        # takes at its first parallel op: fix the calling thread's own count before that.
-        torch.get_num_threads()
-        if self._thread is not None:
-            raise RuntimeError(f"{self.name} is already started; a device serves one pipeline at a time")
-        self._loop = loop
-        self._notifier = LoopNotifier(loop)
-        self._closing = self._dead = False
-        self.died = None
-        self._queue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._work, name=f"partime-{self.name}", daemon=True)
-        self._thread.start()
-
-    def submit(self, fn: Callable[[Payload], Payload], payload: Payload, ready: Any = None, *,
-               seq: int = -1, kind: str = "compute") -> Ticket:
-        future = self._loop.create_future() if self._loop is not None else None
-        if future is None:
-            raise RuntimeError(f"{self.name} is not running")
-
-        def task() -> None:
-            self.seq = seq
-            try:
-                result = (fn(_host_input(payload, ready)), None)
-            except BaseException as exc:  # delivered to the awaiting stage, never lost here
-                self.notify(future, None, exc)
-            else:
-                self.notify(future, result, None)
-
-        self.post(task, future)
-        return future
-
-    def post(self, task: Callable[[], None], future: asyncio.Future[Any]) -> None:
-        """Queue ``task`` for the worker thread, FIFO. Callable from any thread (a worker of
-        another device hands frames on this way, without the loop). ``future`` is what the
-        task will resolve: if the task never runs (shutdown, or the thread died), it is
-        cancelled or failed instead, so nobody waits forever."""
-        if self._thread is None or self._closing:
-            raise RuntimeError(f"{self.name} is not running")
-        with self._lock:
-            if self._dead:
-                raise WorkerDied(self, "has died; the pipeline must stop")
-            self._queue.put((task, future))
-
-    def notify(self, future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
-        """Resolve ``future`` on the loop, from the worker thread (batched: a busy pipeline
-        wakes the loop once per batch of results, see :class:`~partime_async.threads.LoopNotifier`)."""
-        self._notifier.notify(future, result, exc)
-
-    def run_inline(self, fn: Callable[[Payload], Payload], payload: Payload, ready: Any = None, *,
-                   seq: int = -1) -> Payload:
-        """Run ``fn`` on the calling (loop) thread; for stages cheaper than a hand-off."""
-        self.seq = seq
-        return fn(_host_input(payload, ready))
-
-    @property
-    def queued(self) -> int:
-        """Work waiting for the worker thread (approximate while frames flow)."""
-        return self._queue.qsize()
-
-    async def download(self, payload: Payload, ready: Any, *, seq: int = -1) -> Payload:
-        return payload
-
-    def close(self) -> None:
-        thread, self._thread = self._thread, None
-        if thread is None:
-            return
-        self._closing = True
-        self._queue.put(_STOP)
-        thread.join()
-
-    def _work(self) -> None:
-        item = None
-        try:
-            if self.threads is not None:
-                # ATen sets a new thread's intra-op count lazily, from the process-wide value,
-                # at its first parallel op; query first so that our setting is not overwritten.
-                torch.get_num_threads()
-                torch.set_num_threads(self.threads)
-            while (item := self._queue.get()) is not _STOP:
-                if self._closing:  # shutting down: whoever waited is being cancelled too
-                    self._loop.call_soon_threadsafe(item[1].cancel)
-                    continue
-                item[0]()
-                item = None
-        except RuntimeError:
-            pass  # the loop is closed: nobody is waiting any more
-        except BaseException as exc:
-            if not self._closing:
-                self.died = WorkerDied(self, f"died after frame {self.seq} ({type(exc).__name__}: {exc})")
-            raise
-        finally:
-            # The thread is leaving (stopped, or dying from an error in itself): fail whatever
-            # is still queued so that no stage waits forever.
-            self._fail_pending(item)
-
-    def _fail_pending(self, current: Any) -> None:
-        pending = [(current, "died while running this frame")] if current not in (None, _STOP) else []
-        with self._lock:
-            self._dead = True
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is not _STOP:
-                    pending.append((item, "died before running this frame"))
-        for (_, future), what in pending:
-            try:
-                if self._closing:
-                    self._loop.call_soon_threadsafe(future.cancel)
-                else:
-                    self._notifier.notify(future, None, WorkerDied(self, what))
-            except RuntimeError:
-                return
-
-
-def _host_input(payload: Payload, ready: Any) -> Payload:
-    """``payload`` on the host; a GPU producer's event is waited for here, off the loop thread."""
-    if ready is not None:
-        ready.synchronize()
-    if isinstance(payload, torch.Tensor):
-        return payload if payload.is_cpu else payload.cpu()
-    return to_device(payload, _CPU)
-
-
-_CPU = torch.device("cpu")
-
-
-def cpu_devices(n: int | None = None, *, threads: int | None = None, inline: bool | str = "auto") -> list[CpuDevice]:
-    """``n`` CPU devices (default: one per available core), each with its own worker thread.
-
-    ``threads`` is the intra-op thread count of each; by default the cores are shared out
-    evenly, at least one each.
-    """
-    cores = available_cores()
-    n = cores if n is None else n
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"cpu_devices needs n >= 1, got {n!r}")
-    threads = threads if threads is not None else max(1, cores // n)
-    return [CpuDevice(i, threads=threads, inline=inline) for i in range(n)]
-
-
-# ---------------------------------------------------------------------------------------
-# CUDA
-# ---------------------------------------------------------------------------------------
 class EventPool:
     """CUDA events reused across frames: the pool grows to the in-flight depth, never per frame.
 
@@ -328,7 +62,7 @@ class EventPool:
 
 class EventWaiter:
     """A thread that waits for events, in the order given, and resolves a future for each on
-    the loop (batched, through a :class:`~partime_async.threads.LoopNotifier`).
+    the loop (batched, through a :class:`~partime_async.aio.threads.LoopNotifier`).
 
     Why not poll ``event.query()`` from the loop: a loop's timers have a granularity of about a
     millisecond (epoll), so a poll either spins the loop thread or adds up to 1 ms to every
@@ -430,9 +164,9 @@ class CudaDevice(Device):
     allocator and are handed over as they are (no extra copy): the block returns to the cache
     when the caller drops the tensor.
 
-    With ``spans`` set (by the stage executor, metrics on), each copy, compute and download is
+    With ``spans`` given (:meth:`record_into`, metrics on), each copy, compute and download is
     bracketed by timing events on its stream and recorded, once complete, as a span on the host
-    clock (:func:`~partime_async.frame.now`), labelled with ``track`` (the stage index).
+    clock (:func:`~partime_async.core.frame.now`), labelled with ``track`` (the stage index).
 
     Args:
         index: the GPU (``0``, ``"cuda:1"``, a ``torch.device``).
@@ -440,7 +174,7 @@ class CudaDevice(Device):
         graphs: run the stage as CUDA graphs (one launch per frame, however many layers):
             inference as one graph, a learning stage's forward and backward as two (not a
             delayed ``stashed`` stage: eager, with a warning); the optimiser step stays eager.
-            See :mod:`partime_async.cuda_graphs` for what can be captured and the eager
+            See :mod:`partime_async.devices.cuda_graphs` for what can be captured and the eager
             fallback.
     """
 
@@ -462,8 +196,7 @@ class CudaDevice(Device):
         self.copy_out: torch.cuda.Stream | None = None
         self.spans: deque[tuple[int, str, int, float, float]] | None = None
         self.track = -1
-        self.seq = -1  # the frame whose work is being launched (for the stage's output check)
-        self.stats: Any = None  # the stage's StageStats, set by its executor: busy_s from GPU time
+        self.stats: StageStats | None = None  # the stage's (record_into): busy_s from GPU time
         self._computed = EventWaiter(f"partime-{self.name}-compute")
         self._downloaded = EventWaiter(f"partime-{self.name}-download")
         self._launched: deque[asyncio.Future[None]] = deque(maxlen=depth)
@@ -492,6 +225,21 @@ class CudaDevice(Device):
         notifier = LoopNotifier(loop)
         self._computed.start(notifier)
         self._downloaded.start(notifier)
+
+    host_timed = False  # the host only launches: timing events time the work
+    on_host = False
+
+    def record_into(self, track: int, stats: StageStats, spans: deque[Any] | None) -> None:
+        self.track, self.stats, self.spans = track, stats, spans
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.torch_device)
+
+    def graph_inference(self, run: Callable[[Payload], Payload], *, name: str) -> Callable[[Payload], Payload]:
+        return GraphedStage(run, name=name) if self.graphs else run
+
+    def graph_learning(self, module: nn.Module, *, name: str) -> Callable[[Payload], Payload] | None:
+        return GraphedLearningStage(module, name=name) if self.graphs else None
 
     def _mark(self, stream: torch.cuda.Stream) -> torch.cuda.Event:
         """A timing event recorded on ``stream`` now (spans)."""
@@ -550,8 +298,8 @@ class CudaDevice(Device):
         event.record(self.copy_in)
         return moved, event, copy
 
-    def submit(self, fn: Callable[[Payload], Payload], payload: Payload, ready: Any = None, *,
-               seq: int = -1, kind: str = "compute") -> Ticket:
+    def submit(self, fn: Work, payload: Payload, ready: Any = None, *, seq: int = -1,
+               kind: str = "compute") -> Ticket:
         loop = self._loop
         if loop is None:
             raise RuntimeError(f"{self.name} is not running")
@@ -570,8 +318,7 @@ class CudaDevice(Device):
                     for t in leaves(x):
                         if isinstance(t, torch.Tensor) and t.is_cuda:
                             t.record_stream(self.compute)
-                    self.seq = seq
-                    y = fn(x)
+                    y = fn(x, seq)
                     end = self._mark(self.compute)
                 done = self.events.take()
                 done.record(self.compute)
@@ -649,44 +396,4 @@ class CudaDevice(Device):
         self._launched.clear()
         self._loop = None
         self.compute = self.copy_in = self.copy_out = None
-        self.spans = self.stats = None  # the run's; the next run's executor sets its own
-
-
-# ---------------------------------------------------------------------------------------
-def as_device(spec: Device | str | torch.device) -> Device:
-    """A :class:`Device` from a Device, ``"cpu"``, ``"cpu:1"``, ``"cuda:0"`` or a torch.device."""
-    if isinstance(spec, Device):
-        return spec
-    try:
-        dev = torch.device(spec)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"cannot use {spec!r} as a device; give 'cpu', 'cuda:N', a torch.device or a Device") from exc
-    if dev.type == "cpu":
-        return CpuDevice(dev.index or 0)
-    if dev.type == "cuda":
-        return CudaDevice(dev)
-    raise ValueError(f"device type {dev.type!r} is not supported yet; use 'cpu' or 'cuda:N'")
-
-
-def resolve_devices(devices: str | Sequence[Device | str | torch.device], n_layers: int) -> list[Device]:
-    """The device list of a pipeline. ``"auto"``: every GPU, else one CPU device per core."""
-    if isinstance(devices, str) and devices == "auto":
-        if torch.cuda.is_available():
-            devices = [CudaDevice(i) for i in range(torch.cuda.device_count())]
-        else:
-            devices = cpu_devices(max(1, min(available_cores(), n_layers)))
-    elif isinstance(devices, (str, torch.device, Device)):
-        devices = [devices]
-    elif not isinstance(devices, Iterable):
-        raise TypeError(f"devices must be 'auto', a device or a list of devices, got {devices!r}; for n CPU stages "
-                        "pass devices=pa.cpu_devices(n), for GPUs e.g. devices=['cuda:0', 'cuda:1']")
-    result = [as_device(d) for d in devices]
-    if not result:
-        raise ValueError("a pipeline needs at least one device")
-    if len({id(d) for d in result}) != len(result):
-        raise ValueError("the same Device object appears twice; create one per stage (e.g. cpu_devices(n))")
-    cpus = [d for d in result if isinstance(d, CpuDevice)]
-    for d in cpus:
-        if d.threads is None:
-            d.threads = max(1, available_cores() // len(cpus))
-    return result
+        self.spans = self.stats = None  # the run's; the next run's stage sets its own

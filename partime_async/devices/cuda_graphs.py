@@ -72,14 +72,14 @@ addition to the one above (signatures, fallback, streams, cost):
   trainable parameters. ``torch.autograd.grad`` returns the latter as the graph's static
   buffers, which the next *forward* replay of the signature may overwrite (the two graphs
   share one memory pool): consume them (an optimiser step) in stream order before the
-  stage's next frame, as :class:`~partime_async.learning.StageLearner` does.
+  stage's next frame, as :class:`~partime_async.programs.learning.StageLearner` does.
   (``.backward()`` accumulates copies into ``.grad``.)
 * **One backward per forward, right after it**: the backward graph reads the activations
   that the latest forward replay of that signature left in the graph's memory, so between
   a forward and its backward no other forward of the stage may run. PARTIME's rule (the
   gradient goes through the newest frame's graph) and every stage without a delay do exactly
   that; ``stashed`` stages with a delay keep several frames' graphs at stashed weights and
-  are not graphed (the executor warns).
+  are not graphed (the learning program warns).
 * Parameters are read in place by every replay (an optimiser's in-place step is what the
   next frame sees); parameters replaced by new tensors are not, and parameter or module
   hooks do not run in replays. The module's train/eval mode is part of the signature. Warm-up runs the forward and
@@ -103,7 +103,7 @@ from torch.autograd.function import once_differentiable
 from torch.func import functional_call
 from torch.utils import _pytree as pytree
 
-from .frame import Payload
+from ..core.frame import Payload
 
 ADVICE = ("pass graphs=False to silence this, or make the stage capturable: static shapes, no host "
           "synchronisation, no CPU tensors")

@@ -12,7 +12,7 @@ Every span is a complete event (``"ph": "X"``) with ``args: {"seq": …}``; the 
 frame before each stage is an async slice (``"ph": "b"``/``"e"``, category ``wait``). Each frame
 has exactly one flow (``"ph": "s"``, then ``"t"``, ending with ``"f"``) that follows it through
 the forward spans of the stages, in order; its ``id`` is the frame's seq, or for the n-th later
-frame of a seq that repeats (:func:`~partime_async.metrics.frame_ids`), ``seq + n * (max seq -
+frame of a seq that repeats (:func:`~partime_async.observe.spans.frame_ids`), ``seq + n * (max seq -
 min seq + 1)`` (where that would pass 2**53, every flow's id is its frame's number instead).
 Timestamps are microseconds from the start of the run.
 """
@@ -21,12 +21,10 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
-from .metrics import FORWARD_KINDS, OUT_KINDS, Columns, Span, frame_ids, wait_intervals
-
-if TYPE_CHECKING:
-    from .pipeline import Pipeline
+from .observation import Observable, Observation, observe
+from .spans import FORWARD_KINDS, OUT_KINDS, Columns, Span, as_spans, frame_ids, wait_intervals
 
 PID = 1
 COPY_IN = frozenset({"h2d", "d2d"})
@@ -109,13 +107,14 @@ def chrome_trace(spans: Sequence[Span], stage_names: Sequence[str] = (), origin:
     return {"traceEvents": events, "displayTimeUnit": "ms"}
 
 
-def write_trace(pipe: Pipeline, path: str | Path) -> Path:
-    """Write ``pipe``'s spans to ``path`` as trace-event JSON; see :meth:`Pipeline.export_trace`."""
-    if not pipe.metrics_enabled:
+def write_trace(source: Observable | Observation, path: str | Path) -> Path:
+    """Write a pipeline's spans to ``path`` as trace-event JSON; see :meth:`Pipeline.export_trace`."""
+    obs = observe(source)
+    if not obs.metrics:
         raise RuntimeError("this pipeline records no spans (metrics=False); create it with metrics=True")
-    spans = pipe.spans()
-    names = [e.name for e in pipe.executors]
-    origin = min([pipe._t_start, *(s.t0 for s in spans)])
+    spans = as_spans(obs.spans)
+    names = [s.name for s in obs.stats.stages]
+    origin = min([obs.t_start, *(s.t0 for s in spans)])
     path = Path(path)
     with open(path, "w") as f:
         json.dump(chrome_trace(spans, names, origin), f)

@@ -61,3 +61,14 @@ def primary_error(exc: BaseException) -> PipelineError | None:
     error = PipelineError(f"{type(exc).__name__}: {exc}", component="pipeline")
     error.__cause__ = exc
     return error
+
+
+class StageFailed(Exception):
+    """Carries the exception stage ``stage`` raised (``error``) to where it is reported: from
+    a worker thread of a thread chain to the chain's runner, or from the set-up timing to the
+    pipeline's build. Internal: users see the :class:`PipelineError` made of it."""
+
+    def __init__(self, stage: int, error: BaseException) -> None:
+        super().__init__(stage, error)
+        self.stage = stage
+        self.error = error

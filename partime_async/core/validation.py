@@ -3,7 +3,7 @@
 An :class:`InputSpec` fixes the structure of a payload and, per tensor leaf, its dtype, device
 type and shape (``None`` in a shape is a free dimension). A pipeline built with
 ``input_spec="first"`` takes the spec from its first frame; a frame that does not match gets
-a :class:`FrameError` that says what was expected and what came. The stage executors use the
+a :class:`FrameError` that says what was expected and what came. The stage programs use the
 same spec on their outputs (``Pipeline(output_spec=...)``): a stage's first output fixes its
 later ones.
 """

@@ -1,0 +1,9 @@
+"""The vocabulary every other package speaks: frames and payloads, errors, input checks,
+statistics. Imports nothing else of ours."""
+from .errors import FrameDropped, FrameError, PipelineClosed, PipelineError
+from .frame import Frame, Payload, now
+from .stats import PipelineStats, StageStats
+from .validation import InputSpec, TensorSpec
+
+__all__ = ["Frame", "FrameDropped", "FrameError", "InputSpec", "Payload", "PipelineClosed", "PipelineError",
+           "PipelineStats", "StageStats", "TensorSpec", "now"]

@@ -1,0 +1,213 @@
+"""Building a run when its first frame arrives: the split, the plans, the programs, the
+transports and the runners.
+
+1. **Plan.** ``balance="time"`` profiles every unit of the model on each kind of device on
+   the frame, then takes the optimal min-max split; the partitioner checks that no tensor
+   is shared where that cannot work and places each stage's module on its device.
+2. **Learners** (learning pipelines, first run only: a restart keeps the optimisers).
+3. **Inline stages** (inference): each stage is timed on the frame; a CPU stage with
+   ``inline="auto"`` that is cheaper than a measured thread hand-off runs on the loop.
+4. **Stages and runners.** A program per stage; consecutive threaded CPU stages that infer
+   share one runner and hand frames on through a thread chain; the other runners are joined
+   by local links (a channel forward, a gradient box back), the first fed by the ingress,
+   the last delivering through the egress.
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Any, Hashable, Sequence
+
+from ..aio.threads import in_thread, to_the_end
+from ..core.errors import PipelineError, StageFailed
+from ..core.frame import Payload, now
+from ..core.stats import StageStats
+from ..core.validation import InputSpec
+from ..devices import Device
+from ..partition import LayerFailed, Partitioner, StagePlan, min_max_partition, time_module
+from ..programs import InferProgram, LearnProgram, OnlineLearning, StageLearner, StageProgram
+from ..stage import OnError, Stage, StageRunner
+from ..transport import Inlet, Outlet, Sender, local_link
+from .admission import SkipFrame
+from .delivery import Egress
+from .run import Run
+from .state import PipelineState
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """What the pipeline's arguments say about building its runs."""
+
+    devices: Sequence[Device]
+    learning: OnlineLearning | None
+    input_spec: InputSpec | str | None
+    check_outputs: bool
+    on_error: OnError
+    capacity: int
+    window: int
+
+
+async def build(settings: BuildSettings, state: PipelineState, run: Run, sample: Payload, seq: int | None) -> None:
+    """Build ``run``'s stages from its first frame ``sample`` (frame ``seq``; None: a
+    ``start(sample)``) and start their runners in the run's task group. Once per run: a
+    second call returns at once. Raises a :class:`PipelineError` naming what failed, or
+    :class:`SkipFrame` (``on_error="skip"``, a streamed frame the model failed on)."""
+    admission = run.admission
+    async with run.build_lock:
+        if admission.built:
+            return
+        try:
+            plans = await _plan(settings, state, sample)
+        except (LayerFailed, StageFailed) as exc:  # the model raised on this frame
+            if isinstance(exc, LayerFailed):  # profiling: the split is not known yet, the layer is
+                cause, what, component = exc.__cause__, "profiling the model", str(exc)
+            else:
+                cause, what = exc.error, "timing the stage"
+                component = f"stage {exc.stage} ({settings.devices[exc.stage].name})"
+            error = PipelineError(f"{type(cause).__name__}: {cause} (while {what} on its first frame)",
+                                  component=component, seq=seq)
+            error.__cause__ = cause
+            if settings.on_error == "skip" and seq is not None:  # a streamed frame: skipped like any other
+                raise SkipFrame(error) from cause
+            raise error from cause
+        except Exception as exc:
+            raise PipelineError(f"{type(exc).__name__}: {exc} (while splitting the model on its first frame)",
+                                component="pipeline set-up", seq=seq) from exc
+        admission.spec = InputSpec.like(sample) if settings.input_spec == "first" else settings.input_spec
+        tg = run.check_running()
+        run.stages = [_stage(plan, settings, state, run) for plan in plans]
+        run.runners = _connect(run.stages, Inlet(admission.ingress), Egress(run, state), settings)
+        for runner in run.runners:
+            tg.create_task(runner.run(), name=f"partime-{runner.name}")
+        admission.cut_parts = len(run.stages) if settings.learning is not None else 0
+        admission.built = True
+        run.t_start = now()  # throughput counts from here, not from set-up and profiling
+
+
+async def _plan(settings: BuildSettings, state: PipelineState, sample: Payload) -> list[StagePlan]:
+    """Choose the balance (profiling if asked), place the stages, make the learners, choose
+    the inline stages."""
+    devices, split = settings.devices, state.partitioner
+    if state.balance is None:
+        costs = await _profile(split, devices, sample)
+        state.balance = min_max_partition(costs, len(devices))
+    split.check_shared(state.balance, learning=settings.learning is not None,
+                       one_device=len({d.torch_device for d in devices}) == 1)
+    plans = split.plans(state.balance, devices)
+    learning = settings.learning
+    if learning is not None:
+        if not state.learners:  # a restarted pipeline keeps its optimisers' state
+            n = len(plans)
+            # Off the loop: the first optimiser a process makes imports torch._dynamo
+            # (1-2 s, during which the loop would serve nothing else).
+            state.adopt_learners(await in_thread(
+                lambda: [StageLearner(learning, plan.module, plan.index, n) for plan in plans]))
+        # (a learning stage keeps graphs between its own calls: never inline)
+    else:
+        await _choose_inline(plans, sample)
+    # Weights moved and buffers restored on whatever stream each step used: done before
+    # the stages' own streams read them (set-up only; streaming never synchronises).
+    for device in devices:
+        device.synchronize()
+    return plans
+
+
+async def _profile(split: Partitioner, devices: Sequence[Device], sample: Payload) -> list[list[float]]:
+    """Per-device rows of per-unit seconds; devices of one kind are profiled once.
+
+    Buffers are restored (profile_layers). The random-number generators are not: a model
+    with random layers draws from them here as in any forward. Restoring them after
+    these awaits would rewind the draws that other tasks and threads made meanwhile.
+    """
+    rows: dict[Hashable, list[float]] = {}
+    for device in devices:
+        key = device.profile_key
+        if key not in rows:
+            split.to(device.torch_device)
+            # To its end, even for a cancelled caller: the layers are not to be moved
+            # or used again while the worker still profiles them.
+            rows[key], _ = await to_the_end(device.submit(lambda x, _: split.profile(x), sample))
+    return [rows[d.profile_key] for d in devices]
+
+
+async def _choose_inline(plans: Sequence[StagePlan], sample: Payload) -> None:
+    """Run on the loop thread the stages that may run there and are cheaper than a measured
+    thread hand-off."""
+    auto = [plan.index for plan in plans if plan.device.inline_mode == "auto"]
+    for plan in plans:
+        plan.inline = plan.device.inline_mode is True
+    if not auto:
+        return
+    handoff = await _handoff_seconds(plans[auto[0]].device)
+    x = sample
+    for k, plan in enumerate(plans):
+        device = plan.device
+        try:
+            (seconds, x), ready = await to_the_end(device.submit(lambda v, _, m=plan.module: time_module(m, v), x))
+        except Exception as exc:
+            cause = exc.__cause__ if isinstance(exc, LayerFailed) else exc
+            raise StageFailed(k, cause) from cause
+        if k in auto:
+            # After a stage whose results are not on the host (a GPU's), the input's event is
+            # waited for off the loop, which costs a thread hop anyway: run on the worker thread.
+            after_device = k > 0 and not plans[k - 1].device.on_host
+            plan.inline = seconds < handoff and not after_device
+        if not device.on_host and k + 1 < len(plans):
+            x = await device.download(x, ready)
+
+
+async def _handoff_seconds(device: Device, repeats: int = 41) -> float:
+    """Median round trip of an empty job through ``device``'s worker thread and the loop."""
+    samples = []
+    for _ in range(repeats):
+        t0 = now()
+        await device.submit(_noop, None)
+        samples.append(now() - t0)
+    return statistics.median(samples)
+
+
+def _noop(x: Any, seq: int) -> Any:
+    return x
+
+
+def _stage(plan: StagePlan, settings: BuildSettings, state: PipelineState, run: Run) -> Stage:
+    """The stage of ``plan`` in ``run``: its statistics and its program."""
+    device = plan.device
+    stats = StageStats(plan.name, device.name, plan.units, inline=plan.inline)
+    device.record_into(plan.index, stats, run.spans)  # where a device that times its own work records it
+    program: StageProgram
+    if state.learners:
+        program = LearnProgram(plan, state.learners[plan.index], stats, spans=run.spans,
+                               check_outputs=settings.check_outputs)
+    else:
+        program = InferProgram(plan, stats, spans=run.spans, check_outputs=settings.check_outputs)
+    return Stage(plan, program, stats)
+
+
+def _connect(stages: Sequence[Stage], inlet: Inlet, egress: Sender[Any], settings: BuildSettings) -> list[StageRunner]:
+    """The runners of ``stages``, joined by local links: consecutive threaded CPU stages that
+    infer become one runner over a thread chain (worker-to-worker hand-off); every other
+    stage runs on its own."""
+    segments: list[list[Stage]] = []
+    for stage in stages:
+        if _chains(stage) and segments and _chains(segments[-1][-1]):
+            segments[-1].append(stage)
+        else:
+            segments.append([stage])
+    runners = []
+    learning = settings.learning is not None
+    for i, segment in enumerate(segments):
+        k = segment[-1].plan.index
+        if i + 1 < len(segments):
+            outlet, after = local_link(settings.capacity, name=f"after stage {k}", grads=f"stage {k}" if learning else None)
+        else:
+            outlet, after = Outlet(egress), None
+        runners.append(StageRunner(segment, inlet, outlet, window=settings.window, on_error=settings.on_error))
+        if after is not None:
+            inlet = after
+    return runners
+
+
+def _chains(stage: Stage) -> bool:
+    """Whether ``stage`` hands frames on from its worker thread (a thread chain)."""
+    return stage.device.chainable and not stage.plan.inline and not stage.program.learns

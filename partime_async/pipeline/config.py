@@ -1,0 +1,52 @@
+"""The checks of :class:`Pipeline`'s arguments, with messages that say what would be valid."""
+from __future__ import annotations
+
+from typing import Any, Literal, Sequence
+
+from ..aio.channel import Channel, Policy
+from ..core.validation import InputSpec
+from ..devices import Device
+from ..partition import Partitioner
+from ..programs import OnlineLearning
+
+Balance = Sequence[int] | Literal["time", "params"]
+
+
+def initial_balance(balance: Balance, split: Partitioner, devices: Sequence[Device]) -> list[int] | None:
+    """The balance to start with (None: chosen by time on the first frame)."""
+    if len(devices) > split.units:
+        raise ValueError(f"cannot split {split.units} layers over {len(devices)} devices; "
+                         f"give at most {split.units} devices")
+    if isinstance(balance, str):
+        if balance not in ("time", "params"):
+            raise ValueError(f"balance must be 'time', 'params' or a list of layer counts, got {balance!r}")
+        return split.balance_by_params(len(devices)) if balance == "params" else None
+    return split.check_balance(balance, len(devices))
+
+
+def check_learning(learning: OnlineLearning | None, devices: Sequence[Device], on_error: str) -> None:
+    if learning is None:
+        return
+    if not isinstance(learning, OnlineLearning):
+        raise TypeError(f"learning must be an OnlineLearning, got {type(learning).__name__}")
+    if learning.mode == "sequential" and len(devices) != 1:
+        raise ValueError(f"mode='sequential' runs the whole model on one device, got {len(devices)} "
+                         "devices; pass devices=[one device] (or use mode='partime' / 'stashed')")
+    if on_error == "skip":
+        raise ValueError("on_error='skip' cannot be combined with learning: a skipped frame would leave "
+                         "a gradient owed forever; bad input is still rejected at the door with FrameError")
+
+
+def check_options(*, on_error: str, output_spec: Any, input_spec: Any, window: Any, metrics: Any, capacity: Any,
+                  policy: Policy) -> None:
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if output_spec not in ("auto", "first", None):
+        raise ValueError(f"output_spec must be 'auto', 'first' or None, got {output_spec!r}")
+    if input_spec not in ("first", None) and not isinstance(input_spec, InputSpec):
+        raise ValueError(f"input_spec must be 'first', None or an InputSpec, got {input_spec!r}")
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be an int >= 1, got {window!r}")
+    if not isinstance(metrics, (bool, int)) or (not isinstance(metrics, bool) and metrics < 1):
+        raise ValueError(f"metrics must be True, False or a span capacity >= 1, got {metrics!r}")
+    Channel(capacity, policy)  # validates both, with the channel's own messages

@@ -1,0 +1,135 @@
+"""One run of a pipeline, from ``start()`` to the end of its task group.
+
+A :class:`Run` holds what a run owns and nothing outlives: its task group, the routes and
+streams waiting on it, its admission, its stages and runners (built with its first frame),
+its span ring and its delivery counters. :meth:`Run.serve` is the run's task: it starts the
+devices, keeps the task group open until a stop is asked, and on the way out (done, failed
+or cancelled) fails whatever still waits, closes every device it started (joining their
+threads) and records the one error to report.
+"""
+from __future__ import annotations
+
+import asyncio
+import warnings
+import weakref
+from collections import deque
+from typing import Any, Awaitable, Callable, Sequence
+
+from ..aio.channel import Channel, Policy
+from ..core.errors import PipelineClosed, PipelineError, primary_error
+from ..core.frame import Frame, Payload, now
+from ..devices import Device
+from ..stage import Stage, StageRunner
+from .admission import Admission
+from .cuts import CutSchedule
+from .routes import Route
+
+
+BuildRun = Callable[["Run", Payload, "int | None"], Awaitable[None]]
+"""``build(run, sample, seq)``: make ``run``'s stages from its first frame
+(:func:`partime_async.pipeline.build.build`, bound to the pipeline's settings)."""
+
+
+class Run:
+    """What one run owns; see the module docstring. Made by :meth:`Pipeline.start`.
+
+    ``admission`` is the run's door (its ingress is aborted when the run ends); ``stages``
+    and ``runners`` exist once its first frame has built them."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, spans: deque[Any] | None, build: BuildRun, cuts: CutSchedule,
+                 *, capacity: int, policy: Policy, on_error: str, check_finite: bool) -> None:
+        self.error: PipelineError | None = None
+        self.tg: asyncio.TaskGroup | None = None
+        self.routes: set[Route] = set()
+        self.streams: weakref.WeakSet[Any] = weakref.WeakSet()  # OutputStreams being read
+        self.pumps: set[asyncio.Task[None]] = set()
+        self.stop_requested: asyncio.Future[None] = loop.create_future()
+        self.spans = spans
+        self.stages: list[Stage] = []  # built with the first frame: stats() shows no old run's
+        self.runners: list[StageRunner] = []
+        self.build_lock = asyncio.Lock()
+        self.admission = Admission(self.check_running, lambda sample, seq: build(self, sample, seq), cuts,
+                                   capacity=capacity, policy=policy, on_error=on_error, check_finite=check_finite)
+        self.delivered = self.discarded = 0
+        self.latency_sum_s = 0.0  # over the delivered frames (Prometheus' summary sum)
+        self.t_start = self.t_end = now()
+
+    def check_running(self) -> asyncio.TaskGroup:
+        """The run's task group; raises its error, or PipelineClosed, if it has ended."""
+        if self.error is not None:
+            raise self.error
+        if self.tg is None:
+            raise PipelineClosed("the pipeline is not running; use `async with pipe:` or `await pipe.start()`")
+        return self.tg
+
+    async def serve(self, devices: Sequence[Device], started: asyncio.Future[None]) -> None:
+        """The run's task: see the module docstring."""
+        mine: list[Device] = []  # the devices this run started: those it closes (one may serve another pipeline)
+        try:
+            for device in devices:
+                device.start(asyncio.get_running_loop())
+                mine.append(device)
+            async with asyncio.TaskGroup() as tg:
+                self.tg = tg
+                started.set_result(None)
+                await self.stop_requested
+        except BaseException as exc:  # recorded and re-raised by stop(); never lost here
+            self.error = primary_error(exc)
+            if not started.done():
+                started.set_exception(self.error or PipelineClosed("the pipeline was cancelled while starting"))
+        finally:
+            self.tg = None
+            self.t_end = now()
+            closed = PipelineClosed("the pipeline stopped before this frame's output")
+            self.admission.ingress.abort(self.error or closed)
+            for route in list(self.routes):
+                route.fail(self.error or closed)
+            for device in mine:
+                device.close()
+            if self.error is None:
+                # A worker that died with no frame left to find it dead (after the last one):
+                # every output is complete, so the run stands, but not in silence.
+                for k, device in enumerate(devices):
+                    if device in mine and device.died is not None:
+                        warnings.warn(f"stage {k} ({device.name}): {device.died}; every frame had been "
+                                      "delivered", RuntimeWarning, stacklevel=2)
+
+    def request_stop(self) -> None:
+        """Admit nothing more; the task group ends once what is in flight has finished."""
+        for pump in list(self.pumps):
+            pump.cancel()
+        # A stream whose reader is the task stopping here (it broke out of ``async for``
+        # without closing the stream) is read no more: closed, or stop would wait for it.
+        # (Not one whose last reader task has ended: on Python 3.11 ``wait_for(anext(stream),
+        # t)`` reads each frame from a task of its own, and that reader is not done with it.)
+        me = asyncio.current_task()
+        for stream in list(self.streams):
+            if stream.read_by(me):
+                stream.close_now()
+        self.admission.ingress.close()
+        if not self.stop_requested.done():
+            self.stop_requested.set_result(None)
+
+    def handed(self, frame: Frame) -> None:
+        """``frame`` reached its reader (a stream's, or a submitter): delivered. Counted then,
+        not when it left the last stage, so that the counters only grow (Prometheus' rate()
+        needs it: a stream closed with frames unread turns those into discarded ones)."""
+        self.delivered += 1
+        self.latency_sum_s += frame.t_done - frame.t_capture
+
+    def unread(self, out: Channel[Frame], *, counted: bool = True) -> None:
+        """The frames a closing stream's reader never took: discarded (``counted``: the stream
+        is of this run)."""
+        while len(out):
+            out.receive_nowait()
+            if counted:
+                self.discarded += 1
+
+    def queued(self) -> list[int]:
+        """Per stage, the frames waiting for it now: in its inlet (a chain's inner stages have
+        none) and on its device."""
+        out = []
+        for runner in self.runners:
+            for j, stage in enumerate(runner.stages):
+                out.append((len(runner.inlet.jobs) if j == 0 else 0) + stage.device.queued)
+        return out

@@ -1,0 +1,93 @@
+"""The program seam: what a stage does with one frame.
+
+A :class:`StageProgram` is given its stage's plan (module, device) when a run is built, and
+is driven by a runner (:mod:`partime_async.stage`), which owns the order, the transports and
+the error rules. The runner calls, for each job in frame order:
+
+* on the loop thread, ``item = program.forward_input(job)``, then submits
+  ``program.forward(item, seq)`` to the stage's device, which runs it on the device's thread
+  (or on the loop thread for an inline stage) and returns the stage's output;
+* for a program that learns (``learns = True``), also on the loop thread right after that
+  submission, ``program.owes(job)``: the ``(key, seq)`` of the job whose gradient is now
+  owed, if any. The runner waits for that gradient (from the next stage) and submits
+  ``program.backward((key, grad), seq)``, which applies it and returns ``(key, grad_in)``
+  for the stage before. Submissions reach the device strictly in the order
+  forward(t), backward(owed at t), forward(t + 1), …: that order, not timing, is what makes
+  learning deterministic. At the end of the stream ``program.remaining()`` lists the owed
+  gradients still to apply (a program that drops them instead counts them itself).
+* ``program.state(None, seq)`` (on the device, in order with the rest) copies the stage's
+  weights and learner state, for a checkpoint cut.
+
+``forward`` (and ``backward``) are plain callables built once: they run per frame and per
+stage, so they are closures rather than methods (every attribute look-up counts on a hop of
+a few microseconds). A program that solves its layers another way (DeepPCR, Jacobi) or runs
+a width-split block plugs in here, without touching the runner.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar
+
+from torch import nn
+
+from ..core.frame import Payload
+from ..core.validation import InputSpec
+from ..devices import Work
+from ..partition import StagePlan
+from ..transport import Job
+
+
+class StageProgram:
+    """What one stage computes; see the module docstring for the runner's side."""
+
+    learns: ClassVar[bool] = False
+    forward: Work
+    backward: Work
+    state: Work
+
+    def __init__(self, plan: StagePlan) -> None:
+        self.plan = plan
+
+    def forward_input(self, job: Job) -> Any:
+        """What :attr:`forward` gets for ``job`` (loop thread): its payload."""
+        return job.frame.data
+
+    def owes(self, job: Job) -> tuple[int, int] | None:
+        """The ``(key, seq)`` whose gradient is owed after ``job``'s forward (loop thread)."""
+        return None
+
+    def remaining(self) -> list[tuple[int, int]]:
+        """At the end of the stream: the ``(key, seq)`` whose owed gradient is still to apply,
+        oldest first (loop thread)."""
+        return []
+
+    def attach(self) -> None:
+        """The run starts driving this program (hooks it needs while running go on here)."""
+
+    def detach(self) -> None:
+        """The run has ended (undo :meth:`attach`)."""
+
+
+def calls(module: nn.Module) -> tuple[Callable[[Payload], Payload], ...]:
+    """The calls that compute ``module(x)`` one after another: an ``nn.Sequential``'s children
+    (as it would call them, minus its own call overhead, which is most of a cheap hop), or
+    the module itself."""
+    return tuple(module) if type(module) is nn.Sequential else (module,)
+
+
+def output_checker(name: str) -> Callable[[Payload, int], None]:
+    """``check(y, seq)``: the stage's first output fixes the structure, shapes, dtypes and
+    device of every later one; a frame whose output differs gets a :class:`FrameError`
+    (a model whose output changes mid-stream would otherwise corrupt the next stage or a
+    sink far from the cause). Called on the thread that ran the stage, one at a time."""
+    spec: list[InputSpec | None] = [None]
+    component, hint = f"{name} output", (
+        " (a stage's output must keep the structure, shapes and dtypes of its first output; "
+        "if it varies by design, pass output_spec=None to the Pipeline)")
+
+    def check(y: Payload, seq: int) -> None:
+        if spec[0] is None:
+            spec[0] = InputSpec.like(y)
+        else:
+            spec[0].check(y, seq, component=component, hint=hint)
+
+    return check

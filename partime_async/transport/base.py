@@ -1,0 +1,113 @@
+"""The transport seam: how jobs move forward between neighbouring stages and gradients back.
+
+A link between stage k and stage k + 1 has two ends. Stage k holds the :class:`Outlet`: it
+sends its finished jobs (:class:`Sender`) and, when learning, receives the gradients of its
+outputs (:class:`GradReceiver`). Stage k + 1 holds the :class:`Inlet`: it receives jobs
+(:class:`Receiver`) and sends back the gradients of its inputs (:class:`GradSender`). The
+pipeline's ingress is stage 0's inlet; its egress, the last stage's outlet.
+
+Ends say exactly what happened, in the manner of trio's memory channels: a sender that
+closes ends the stream (the receiver drains what is queued, then gets
+:class:`~partime_async.aio.channel.EndOfStream`, and ``async for`` stops); an abort ends it
+with an error that the other end raises. Implementations: ``local.py`` (a bounded channel
+and a gradient box on the loop), ``chain.py`` (frames handed from worker thread to worker
+thread between consecutive CPU stages, without the loop).
+
+What a transport carries is a :class:`Job`: the frame, where its output goes, a key unique
+in the run, and ``ready``, the event that marks the frame's data complete on the device that
+produced it (a GPU's, or None). Every transport carries ``ready`` along: the receiving device
+waits on it (the CUDA ready-event hand-off: on the GPU, or off the loop thread), so no
+transport ever synchronises with a device. A transport to another process (torch.distributed
+point-to-point) fits the same ends: blocking ``send``/``recv`` on one thread per peer and
+direction, in order, a header (kind, seq, key, pytree structure, dtypes, shapes) before the
+payload's tensors; its sender waits on ``ready`` before sending, and its receiver hands jobs
+and gradients to the loop.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Protocol, TypeVar
+
+from ..core.frame import Frame, Payload
+
+T = TypeVar("T")
+
+
+class Job:
+    """A frame inside the pipeline, with where its output goes and its readiness on device."""
+
+    __slots__ = ("frame", "route", "key", "ready", "ticket")
+
+    def __init__(self, frame: Frame, route: Any, key: int = -1) -> None:
+        self.frame = frame
+        self.route = route
+        # Unique in a run, in admission order: learning matches a frame's gradients by it
+        # (seqs need not be unique: two streams, or a stream and submit(), each count from 0).
+        self.key = key
+        self.ready: Any = None  # event marking ``frame.data`` complete on its device (GPU)
+        self.ticket: Any = None  # the device's pending result, while the job is in flight
+
+
+class Sender(Protocol[T]):
+    """The send end of a link (or the pipeline's egress after the last stage)."""
+
+    def send_nowait(self, item: T) -> bool:
+        """Send ``item`` if that needs no waiting; False (nothing sent) means: await :meth:`send`."""
+
+    async def send(self, item: T) -> None:
+        """Send ``item``, waiting for room (backpressure)."""
+
+    def close(self) -> None:
+        """No more items will come: the receiver drains, then sees the end."""
+
+
+class Receiver(Protocol[T]):
+    """The receive end of a link, read with ``async for`` (it stops at the end of the stream;
+    an aborted link raises its error)."""
+
+    def __aiter__(self) -> AsyncIterator[T]: ...
+
+    async def __anext__(self) -> T: ...
+
+    def __len__(self) -> int:
+        """Items queued and not yet received."""
+
+
+class GradSender(Protocol):
+    """Where stage k + 1 sends the gradient of its input for the job of key ``key``."""
+
+    def put(self, key: int, grad: Payload, ready: Any) -> None:
+        """Send ``grad`` (with its ready event, or None) for job ``key``; never waits (the
+        schedule bounds how many are in flight)."""
+
+    def close(self) -> None:
+        """No more gradients: a receiver waiting for one gets an error that says so."""
+
+
+class GradReceiver(Protocol):
+    """Where stage k gets the gradients of its outputs, by job key, in any order."""
+
+    async def get(self, key: int, seq: int) -> tuple[Payload, Any]:
+        """The gradient and its ready event for job ``key`` (frame ``seq``, for the message
+        if the sender closed without sending it)."""
+
+    def close(self) -> None:
+        """Stop waiting: a pending :meth:`get` fails."""
+
+
+@dataclass
+class Inlet:
+    """A stage's receiving end of the link before it: jobs in, gradients back (None when it
+    is the first stage, or nobody learns)."""
+
+    jobs: Receiver[Job]
+    grads: GradSender | None = None
+
+
+@dataclass
+class Outlet:
+    """A stage's sending end of the link after it: jobs out, gradients in (None when it is
+    the last stage, or nobody learns)."""
+
+    jobs: Sender[Job]
+    grads: GradReceiver | None = None
