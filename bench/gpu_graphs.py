@@ -8,7 +8,7 @@ of ``--pool`` distinct frames, cycled to ``--frames``); both variants run on the
 stream (as a CudaDevice's compute stream), and each run is timed with perf_counter around
 the loop of frames followed by ``torch.cuda.synchronize()``:
 
-* ``eager``    the plain layer loop under ``torch.no_grad()``, as the stage executor runs it;
+* ``eager``    the plain layer loop under ``torch.no_grad()``, as the inference program runs it;
 * ``graphed``  ``partime_async.devices.cuda_graphs.GraphedStage`` around that same loop: per frame,
                a copy into the static input, one graph replay, a clone of the static output
                (captured before timing, on the warm-up frames);

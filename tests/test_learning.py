@@ -1,6 +1,6 @@
 """Online learning: every mode against a hand-written reference, every stage learning.
 
-The references below are written independently of partime_async.learning: a lock-step clock
+The references below are written independently of partime_async.programs: a lock-step clock
 as in PARTIME's own code (at clock c, stage k forwards frame c - k and applies the gradient of
 frame c - k - 2(S-1-k), which stage k+1 produced at clock c - 1), with deep copies of the
 stage modules as the stashed weight versions.
@@ -380,6 +380,20 @@ async def test_state_dict_round_trip_resumes_identically():
     inference = pa.Pipeline(make_model(), devices=pa.cpu_devices(3, threads=1), balance=[2, 2, 2])
     inference.load_state_dict(state)  # no optimisers to fit: the weights are what it needs
     assert all(torch.equal(v, state["model"][k]) for k, v in inference.model.state_dict().items())
+
+
+async def test_learner_states_that_do_not_fit_fail_every_run_until_fixed():
+    """Learner states loaded before the stages exist go into them at the build; states that do
+    not fit fail that run, and the next one too (never a restart that silently drops them)."""
+    state = (await learn(make_model(), make_frames(4), "stashed", [3, 3]))[0].state_dict()
+    state["learners"] = state["learners"][:1]  # one stage's states for two stages
+    learning = pa.OnlineLearning(loss=nn.MSELoss(), optimizer=sgd(), mode="stashed")
+    pipe = pa.Pipeline(make_model(), devices=pa.cpu_devices(2, threads=1), balance=[3, 3], learning=learning)
+    pipe.load_state_dict(state)
+    for _ in range(2):
+        with pytest.raises(pa.PipelineError, match="the state has 1 learning stages but this pipeline has 2"):
+            await _stream_through(pipe, make_frames(4))
+    assert [learner.steps for learner in pipe.learners] == [0, 0]
 
 
 def _learning_pipeline(delay_lr: float | None, scheduler) -> pa.Pipeline:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 
 class PipelineError(RuntimeError):
@@ -61,6 +62,16 @@ def primary_error(exc: BaseException) -> PipelineError | None:
     error = PipelineError(f"{type(exc).__name__}: {exc}", component="pipeline")
     error.__cause__ = exc
     return error
+
+
+class StageLost(RuntimeError):
+    """What runs a stage is gone (a device's worker thread died; a peer process, for a stage on
+    another rank): no later frame could run there, so this is never skipped; the pipeline
+    stops, whatever ``on_error``. ``device`` is what was lost (the runner names its stage)."""
+
+    def __init__(self, message: str, device: Any) -> None:
+        super().__init__(message)
+        self.device = device
 
 
 class StageFailed(Exception):

@@ -31,7 +31,7 @@ class Frame:
     clock), ``t_done`` when the pipeline delivered its output. ``target`` and ``meta`` travel
     with the frame unchanged, so a delayed output is never paired with another frame's target.
     ``checkpoint``: set by the pipeline on the frames that close a checkpoint cut that a
-    :class:`~partime_async.sinks.Checkpoint` sink asked for (see :mod:`partime_async.checkpoint`).
+    :class:`~partime_async.sinks.Checkpoint` sink asked for (see :mod:`partime_async.pipeline.cuts`).
     """
 
     seq: int

@@ -15,8 +15,8 @@ method or attribute of :class:`Device` with a contract, in the manner of torchgp
     ``seq`` is the frame (-1 for work that is not a frame's) and ``kind`` labels the work in
     the spans a device records itself (see :mod:`partime_async.observe`).
 ``download(payload, ready, seq=)``
-    A host copy of a result (for sinks); the identity where results are host tensors
-    (:attr:`on_host`).
+    A host copy of a result (for sinks); the last stage's results are downloaded unless the
+    device says they are host tensors already (:attr:`on_host`).
 ``synchronize()``
     Wait until the work launched here so far is complete (set-up only, never per frame).
 ``host_timed``
@@ -26,16 +26,17 @@ method or attribute of :class:`Device` with a contract, in the manner of torchgp
 ``inline_mode``, ``run_inline``
     Whether the work may run on the event loop's thread itself (``True``, ``False`` or
     ``"auto"``: measured at start against a thread hand-off) and the call that does so.
-``chainable``, ``post``, ``notify``
+``chainable``, ``post``, ``notify``, ``host_input``
     Whether consecutive stages here can hand frames from worker thread to worker thread
-    without the loop (:class:`~partime_async.transport.chain.ThreadChain`), and the two
-    calls that do it.
+    without the loop (:class:`~partime_async.transport.chain.ThreadChain`), and the calls
+    that do it.
 ``graph_inference(run, name=)``, ``graph_learning(module, name=)``
     The stage's work as this device replays it best (CUDA graphs where asked for).
 ``profile_key``, ``queued``
     Devices with one key run a layer equally fast (profiled once); work waiting here now.
 
 A device is created unstarted; the pipeline starts it (:meth:`Device.start`) and closes it.
+:func:`settle` waits, off the loop thread, for a ready event of any device.
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ from typing import Any, Awaitable, Callable, Hashable, Literal
 import torch
 from torch import nn
 
+from ..aio.threads import in_thread
 from ..core.frame import Payload
 from ..core.stats import StageStats
 
@@ -68,7 +70,7 @@ class Device(ABC):
     that finds the thread gone fails the run; if none did (it died after the last one), the
     pipeline warns when it stops."""
     host_timed: bool = True
-    on_host: bool = True
+    on_host: bool = False
     chainable: bool = False
     inline_mode: InlineMode = False
     graphs: bool = False
@@ -106,14 +108,30 @@ class Device(ABC):
         allows it."""
         raise NotImplementedError(f"{self.name} cannot run work on the event loop's thread")
 
+    def post(self, task: Callable[[], None], future: asyncio.Future[Any], seq: int = -1) -> None:
+        """Queue ``task`` (frame ``seq``) for this device's worker, from any thread; ``future``
+        is what the task resolves (failed or cancelled if it never runs). Only where
+        :attr:`chainable`."""
+        raise NotImplementedError(f"{self.name} has no worker thread to hand frames to")
+
+    def notify(self, future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+        """Resolve ``future`` on the loop, from this device's worker. Only where :attr:`chainable`."""
+        raise NotImplementedError(f"{self.name} has no worker thread to hand frames from")
+
+    def host_input(self, payload: Payload, ready: Any) -> Payload:
+        """``payload`` on the host, ``ready`` waited for, on this device's worker. Only where
+        :attr:`chainable`."""
+        raise NotImplementedError(f"{self.name} has no worker thread")
+
     def graph_inference(self, run: Callable[[Payload], Payload], *, name: str) -> Callable[[Payload], Payload]:
         """``run`` (a stage's inference) as this device replays it best: itself, or as CUDA
         graphs where :attr:`graphs` asks for them."""
         return run
 
     def graph_learning(self, module: nn.Module, *, name: str) -> Callable[[Payload], Payload] | None:
-        """``module(x)`` with autograd as CUDA graphs where :attr:`graphs` asks for them;
-        None: eager."""
+        """``module(x)`` with autograd as CUDA graphs where :attr:`graphs` asks for them (for
+        a stage whose every backward follows its forward before the next forward); None:
+        eager."""
         return None
 
     @property
@@ -133,3 +151,9 @@ class Device(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.torch_device})"
+
+
+async def settle(ready: Any) -> None:
+    """Wait until ``ready`` (a device's ready event, anything with ``synchronize()``) is
+    complete, on a thread: the loop never blocks on a device."""
+    await in_thread(ready.synchronize)

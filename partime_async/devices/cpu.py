@@ -28,6 +28,7 @@ from typing import Any, Callable, Hashable
 import torch
 
 from ..aio.threads import LoopNotifier
+from ..core.errors import StageLost
 from ..core.frame import Payload, to_device
 from .base import Device, InlineMode, Ticket, Work
 
@@ -35,14 +36,13 @@ _STOP = object()
 _CPU = torch.device("cpu")
 
 
-class WorkerDied(RuntimeError):
+class WorkerDied(StageLost):
     """A device's worker thread has left while the pipeline still runs (an error in the
     thread's own machinery, not in a stage: those are delivered to the stage). Work queued
     to it fails with this; the stage stops the pipeline, whatever ``on_error``."""
 
     def __init__(self, device: Device, what: str) -> None:
-        super().__init__(f"the worker thread of {device.name} {what}")
-        self.device = device
+        super().__init__(f"the worker thread of {device.name} {what}", device)
 
 
 class CpuDevice(Device):
@@ -57,6 +57,7 @@ class CpuDevice(Device):
             pipeline decide by measuring the stage against a thread hand-off.
     """
 
+    on_host = True
     chainable = True
 
     def __init__(self, index: int = 0, *, threads: int | None = None, inline: InlineMode = "auto") -> None:
@@ -139,8 +140,7 @@ class CpuDevice(Device):
     def run_inline(self, fn: Work, payload: Payload, ready: Any = None, *, seq: int = -1) -> Payload:
         return fn(self.host_input(payload, ready), seq)
 
-    @staticmethod
-    def host_input(payload: Payload, ready: Any) -> Payload:
+    def host_input(self, payload: Payload, ready: Any) -> Payload:
         """``payload`` on the host; a GPU producer's event is waited for here, off the loop
         thread (on the worker that is about to use it)."""
         if ready is not None:

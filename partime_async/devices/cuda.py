@@ -227,7 +227,6 @@ class CudaDevice(Device):
         self._downloaded.start(notifier)
 
     host_timed = False  # the host only launches: timing events time the work
-    on_host = False
 
     def record_into(self, track: int, stats: StageStats, spans: deque[Any] | None) -> None:
         self.track, self.stats, self.spans = track, stats, spans

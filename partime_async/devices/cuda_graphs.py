@@ -72,7 +72,7 @@ addition to the one above (signatures, fallback, streams, cost):
   trainable parameters. ``torch.autograd.grad`` returns the latter as the graph's static
   buffers, which the next *forward* replay of the signature may overwrite (the two graphs
   share one memory pool): consume them (an optimiser step) in stream order before the
-  stage's next frame, as :class:`~partime_async.programs.learning.StageLearner` does.
+  stage's next frame, as :class:`~partime_async.programs.online.StageLearner` does.
   (``.backward()`` accumulates copies into ``.grad``.)
 * **One backward per forward, right after it**: the backward graph reads the activations
   that the latest forward replay of that signature left in the graph's memory, so between

@@ -18,10 +18,10 @@ class StageReport:
     ``busy`` that as a fraction of the elapsed time (on CUDA: GPU time between timing events).
     ``compute_*``: forward time per frame over the spans kept (without spans, the mean
     is busy time per frame over the run). ``wait_mean_s``: mean queue wait before the stage
-    (derived from spans). ``frames_in``: frames that entered the stage's inbox (for stage 0,
+    (derived from spans). ``frames_in``: frames that entered the stage's inlet (for stage 0,
     every admitted frame: those the ingress policy then dropped, counted in ``dropped``,
     included); ``frames_out``: frames it finished; ``queued``: frames waiting for it now (in
-    its inbox channel and on its worker thread's queue).
+    its inlet and on its device's queue).
     """
 
     index: int

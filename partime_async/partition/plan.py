@@ -7,7 +7,7 @@ cross its cuts, never "a list of layers".
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -24,14 +24,14 @@ class StagePlan:
         index: the stage's position, 0 first.
         module: what the stage runs: its output for its input (the stage's part of the
             model; it shares the model's parameters).
-        devices: where it runs (one device; replicas later).
-        inputs: the values that cross the stage's cut in, by the name of the layer whose
-            output each is (``"input"``: the frame's payload).
-        outputs: the values that cross its cut out, likewise.
+        devices: where it runs: one device (a stage split in width over several devices
+            would hold them all).
+        inputs: the values that cross the stage's cut in, by name (a sequential split names
+            each by the layer whose output it is; ``"input"``: the frame's payload); the
+            payload a stage receives is these values, one as itself, several as a tuple.
+        outputs: the values that cross its cut out, likewise: the next stage's ``inputs``.
         units: the indivisible pieces of the model it holds (layers), for the statistics.
-        state_names: the names of ``module``'s children in the model, so that its state
-            is keyed as the model's (:meth:`model_state`).
-        inline: runs on the event loop's thread (chosen at the build, by measurement).
+        model_key: the key in the model's ``state_dict`` of a key of ``module``'s.
         last: the last stage (it owes no gradient to a next one; its output is delivered).
     """
 
@@ -41,9 +41,8 @@ class StagePlan:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     units: int
-    state_names: Mapping[str, str]
+    model_key: Callable[[str], str]
     last: bool = False
-    inline: bool = False
 
     @property
     def device(self) -> Device:
@@ -57,11 +56,7 @@ class StagePlan:
 
     def model_state(self, state: Mapping[str, Any]) -> dict[str, Any]:
         """``module``'s ``state_dict`` keyed as the model's own."""
-        out = {}
-        for key, value in state.items():
-            head, _, rest = key.partition(".")
-            out[f"{self.state_names[head]}.{rest}"] = value
-        return out
+        return {self.model_key(key): value for key, value in state.items()}
 
 
 class Partitioner(Protocol):
@@ -90,7 +85,8 @@ class Partitioner(Protocol):
         """Raise ValueError where a tensor shared between stages cannot work."""
 
     def plans(self, balance: Sequence[int], devices: Sequence[Device]) -> list[StagePlan]:
-        """One plan per stage, each module placed on its device."""
+        """One plan per stage, each module placed on its device; each plan's ``outputs`` are
+        the next plan's ``inputs``."""
 
     def state_dict(self) -> dict[str, Any]:
         """The model's state, keyed as its own ``state_dict``."""

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -63,8 +63,8 @@ class SequentialSplit:
             module.to(device.torch_device)
             plans.append(StagePlan(
                 index=k, module=module, devices=(device,), inputs=(self.names[start - 1] if start else "input",),
-                outputs=(self.names[end - 1],), units=balance[k],
-                state_names={str(i): self.names[start + i] for i in range(balance[k])}, last=k == len(balance) - 1))
+                outputs=(self.names[end - 1],), units=balance[k], model_key=_renamer(self.names[start:end]),
+                last=k == len(balance) - 1))
             start = end
         return plans
 
@@ -82,6 +82,16 @@ class SequentialSplit:
         """A new ``nn.Sequential`` of the layers themselves (no copies) under their names in
         the model: its ``state_dict`` is keyed as the model's."""
         return nn.Sequential(OrderedDict(zip(self.names, self.layers)))
+
+
+def _renamer(names: Sequence[str]) -> Callable[[str], str]:
+    """A stage module's state key (``"1.weight"``: its child 1's) as the model's (the name of
+    that layer in the model)."""
+    def model_key(key: str) -> str:
+        child, _, rest = key.partition(".")
+        return f"{names[int(child)]}.{rest}"
+
+    return model_key
 
 
 def layers_of(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:

@@ -12,7 +12,7 @@ from ..aio.channel import Channel, Policy
 from ..core.errors import FrameError, PipelineError
 from ..core.frame import Frame, Payload
 from ..core.validation import InputSpec, check_tensors
-from ..transport import Job
+from ..core.job import Job
 from .cuts import CutSchedule
 from .routes import Route
 
@@ -36,7 +36,7 @@ class Admission:
 
     Attributes:
         ingress: the first stage's inlet (``capacity`` and ``policy`` are the pipeline's).
-        built: the stages exist (the build sets it, with ``spec`` and ``cut_parts``).
+        built: the stages exist (:meth:`open` sets it, with ``spec`` and ``cut_parts``).
         spec: what every frame must match (from the first frame when ``input_spec="first"``);
             None: only "tensors".
         cut_parts: the parts a checkpoint cut waits for (one per stage when learning, else 0).
@@ -59,6 +59,11 @@ class Admission:
         self._check_finite = check_finite
         self._keys = itertools.count()  # job keys, unique in this run
         cuts.orphans.clear()
+
+    def open(self, spec: InputSpec | None, *, cut_parts: int) -> None:
+        """The stages are built: check frames against ``spec`` from now on; a checkpoint cut
+        waits for ``cut_parts`` parts."""
+        self.spec, self.cut_parts, self.built = spec, cut_parts, True
 
     async def admit(self, frame: Frame, route: Route) -> None:
         """Admit ``frame`` for ``route`` (waiting for room under ``block``); raises its

@@ -57,7 +57,7 @@ async def build(settings: BuildSettings, state: PipelineState, run: Run, sample:
         if admission.built:
             return
         try:
-            plans = await _plan(settings, state, sample)
+            plans, inline = await _plan(settings, state, sample)
         except (LayerFailed, StageFailed) as exc:  # the model raised on this frame
             if isinstance(exc, LayerFailed):  # profiling: the split is not known yet, the layer is
                 cause, what, component = exc.__cause__, "profiling the model", str(exc)
@@ -73,20 +73,15 @@ async def build(settings: BuildSettings, state: PipelineState, run: Run, sample:
         except Exception as exc:
             raise PipelineError(f"{type(exc).__name__}: {exc} (while splitting the model on its first frame)",
                                 component="pipeline set-up", seq=seq) from exc
-        admission.spec = InputSpec.like(sample) if settings.input_spec == "first" else settings.input_spec
-        tg = run.check_running()
-        run.stages = [_stage(plan, settings, state, run) for plan in plans]
-        run.runners = _connect(run.stages, Inlet(admission.ingress), Egress(run, state), settings)
-        for runner in run.runners:
-            tg.create_task(runner.run(), name=f"partime-{runner.name}")
-        admission.cut_parts = len(run.stages) if settings.learning is not None else 0
-        admission.built = True
-        run.t_start = now()  # throughput counts from here, not from set-up and profiling
+        stages = [_stage(plan, inline, settings, state, run) for plan, inline in zip(plans, inline)]
+        run.install(stages, _connect(stages, Inlet(admission.ingress), Egress(run, state), settings))
+        admission.open(InputSpec.like(sample) if settings.input_spec == "first" else settings.input_spec,
+                       cut_parts=len(stages) if settings.learning is not None else 0)
 
 
-async def _plan(settings: BuildSettings, state: PipelineState, sample: Payload) -> list[StagePlan]:
+async def _plan(settings: BuildSettings, state: PipelineState, sample: Payload) -> tuple[list[StagePlan], list[bool]]:
     """Choose the balance (profiling if asked), place the stages, make the learners, choose
-    the inline stages."""
+    the inline stages; the plans, and for each whether it runs inline."""
     devices, split = settings.devices, state.partitioner
     if state.balance is None:
         costs = await _profile(split, devices, sample)
@@ -94,22 +89,28 @@ async def _plan(settings: BuildSettings, state: PipelineState, sample: Payload) 
     split.check_shared(state.balance, learning=settings.learning is not None,
                        one_device=len({d.torch_device for d in devices}) == 1)
     plans = split.plans(state.balance, devices)
+    state.modules = [plan.module for plan in plans]
+    for before, after in zip(plans, plans[1:]):
+        if before.outputs != after.inputs:
+            raise RuntimeError(f"the partitioner's stages do not join: stage {before.index} gives {before.outputs}, "
+                               f"stage {after.index} takes {after.inputs}")
+    inline = [False] * len(plans)  # a learning stage keeps graphs between its own calls: never inline
     learning = settings.learning
     if learning is not None:
         if not state.learners:  # a restarted pipeline keeps its optimisers' state
             n = len(plans)
             # Off the loop: the first optimiser a process makes imports torch._dynamo
             # (1-2 s, during which the loop would serve nothing else).
-            state.adopt_learners(await in_thread(
-                lambda: [StageLearner(learning, plan.module, plan.index, n) for plan in plans]))
-        # (a learning stage keeps graphs between its own calls: never inline)
+            state.learners = await in_thread(
+                lambda: [StageLearner(learning, plan.module, plan.index, n) for plan in plans])
+        state.load_pending()
     else:
-        await _choose_inline(plans, sample)
+        inline = await _choose_inline(plans, sample)
     # Weights moved and buffers restored on whatever stream each step used: done before
     # the stages' own streams read them (set-up only; streaming never synchronises).
     for device in devices:
         device.synchronize()
-    return plans
+    return plans, inline
 
 
 async def _profile(split: Partitioner, devices: Sequence[Device], sample: Payload) -> list[list[float]]:
@@ -130,14 +131,13 @@ async def _profile(split: Partitioner, devices: Sequence[Device], sample: Payloa
     return [rows[d.profile_key] for d in devices]
 
 
-async def _choose_inline(plans: Sequence[StagePlan], sample: Payload) -> None:
-    """Run on the loop thread the stages that may run there and are cheaper than a measured
-    thread hand-off."""
+async def _choose_inline(plans: Sequence[StagePlan], sample: Payload) -> list[bool]:
+    """For each stage, whether it runs on the loop thread: where its device says so, or may
+    (``inline_mode="auto"``) and the stage is cheaper than a measured thread hand-off."""
     auto = [plan.index for plan in plans if plan.device.inline_mode == "auto"]
-    for plan in plans:
-        plan.inline = plan.device.inline_mode is True
+    inline = [plan.device.inline_mode is True for plan in plans]
     if not auto:
-        return
+        return inline
     handoff = await _handoff_seconds(plans[auto[0]].device)
     x = sample
     for k, plan in enumerate(plans):
@@ -151,9 +151,10 @@ async def _choose_inline(plans: Sequence[StagePlan], sample: Payload) -> None:
             # After a stage whose results are not on the host (a GPU's), the input's event is
             # waited for off the loop, which costs a thread hop anyway: run on the worker thread.
             after_device = k > 0 and not plans[k - 1].device.on_host
-            plan.inline = seconds < handoff and not after_device
+            inline[k] = seconds < handoff and not after_device
         if not device.on_host and k + 1 < len(plans):
             x = await device.download(x, ready)
+    return inline
 
 
 async def _handoff_seconds(device: Device, repeats: int = 41) -> float:
@@ -170,10 +171,10 @@ def _noop(x: Any, seq: int) -> Any:
     return x
 
 
-def _stage(plan: StagePlan, settings: BuildSettings, state: PipelineState, run: Run) -> Stage:
+def _stage(plan: StagePlan, inline: bool, settings: BuildSettings, state: PipelineState, run: Run) -> Stage:
     """The stage of ``plan`` in ``run``: its statistics and its program."""
     device = plan.device
-    stats = StageStats(plan.name, device.name, plan.units, inline=plan.inline)
+    stats = StageStats(plan.name, device.name, plan.units, inline=inline)
     device.record_into(plan.index, stats, run.spans)  # where a device that times its own work records it
     program: StageProgram
     if state.learners:
@@ -181,7 +182,7 @@ def _stage(plan: StagePlan, settings: BuildSettings, state: PipelineState, run: 
                                check_outputs=settings.check_outputs)
     else:
         program = InferProgram(plan, stats, spans=run.spans, check_outputs=settings.check_outputs)
-    return Stage(plan, program, stats)
+    return Stage(plan, program, stats, inline)
 
 
 def _connect(stages: Sequence[Stage], inlet: Inlet, egress: Sender[Any], settings: BuildSettings) -> list[StageRunner]:
@@ -199,7 +200,8 @@ def _connect(stages: Sequence[Stage], inlet: Inlet, egress: Sender[Any], setting
     for i, segment in enumerate(segments):
         k = segment[-1].plan.index
         if i + 1 < len(segments):
-            outlet, after = local_link(settings.capacity, name=f"after stage {k}", grads=f"stage {k}" if learning else None)
+            outlet, after = local_link(settings.capacity, name=f"after stage {k}",
+                                       grads=f"stage {k}" if learning else None)
         else:
             outlet, after = Outlet(egress), None
         runners.append(StageRunner(segment, inlet, outlet, window=settings.window, on_error=settings.on_error))
@@ -210,4 +212,4 @@ def _connect(stages: Sequence[Stage], inlet: Inlet, egress: Sender[Any], setting
 
 def _chains(stage: Stage) -> bool:
     """Whether ``stage`` hands frames on from its worker thread (a thread chain)."""
-    return stage.device.chainable and not stage.plan.inline and not stage.program.learns
+    return stage.device.chainable and not stage.inline and not stage.program.learns

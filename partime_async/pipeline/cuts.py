@@ -21,8 +21,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Awaitable
 
-from ..aio.threads import in_thread
 from ..core.frame import Frame
+from ..devices import settle
 from .state import PipelineState
 
 
@@ -55,7 +55,7 @@ class Cut:
                 raise RuntimeError(f"stage {k} did not contribute to the checkpoint at frame {self.seq}")
             value, ready = await part
             if ready is not None:  # copied on a GPU stream: complete before anyone reads it
-                await in_thread(ready.synchronize)
+                await settle(ready)
             parts.append(value)
         return self._state.at_cut(parts, self.seq)
 

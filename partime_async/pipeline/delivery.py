@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..core.frame import Frame, now
-from ..transport import Job
+from ..core.job import Job
 from .routes import Route, StreamRoute
 from .run import Run
 from .state import PipelineState
@@ -38,6 +38,9 @@ class Egress:
 
     def close(self) -> None:
         """Nothing to do: each route closes itself once all its frames have settled."""
+
+    def abort(self, exc: BaseException) -> None:
+        """Nothing to do: the failed run fails every route still waiting (:meth:`Run.serve`)."""
 
     def _settled(self, frame: Frame, route: Route, gone: bool) -> None:
         # Every frame that leaves the last stage gets its stage -1 span here, in order (what

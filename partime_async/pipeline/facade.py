@@ -108,7 +108,7 @@ class Pipeline:
         metrics: bool | int = True,
     ) -> None:
         self.model = model
-        split = SequentialSplit(model)
+        self._split = split = SequentialSplit(model)
         self.devices = resolve_devices(devices, split.units)
         check_learning(learning, self.devices, on_error)
         self._state = PipelineState(split, initial_balance(balance, split, self.devices), len(self.devices))
@@ -125,10 +125,7 @@ class Pipeline:
         self.metrics_enabled = metrics is not False
         # None: the ring's capacity at start (observe.SPAN_CAPACITY, read then).
         self._span_capacity = None if isinstance(metrics, bool) else metrics
-        self.cuts = CutSchedule(self._state)
-        """The checkpoint cuts the pipeline takes for the :class:`~partime_async.sinks.Checkpoint` sinks that are open."""
-        self._settings = BuildSettings(self.devices, learning, input_spec, self.output_spec == "first", on_error,
-                                       capacity, window)
+        self.cuts = CutSchedule(self._state)  # the checkpoint cuts the open Checkpoint sinks asked for
         self._task: asyncio.Task[None] | None = None
         self._run: Run | None = None  # the current run, or the last one (stats() reports it)
 
@@ -140,12 +137,12 @@ class Pipeline:
     @property
     def layers(self) -> list[nn.Module]:
         """The units the model is split between (an ``nn.Sequential``'s children)."""
-        return self._state.partitioner.layers
+        return self._split.layers
 
     @property
     def layer_names(self) -> list[str]:
         """The layers' names in the model (a state's keys are the model's own)."""
-        return self._state.partitioner.names
+        return self._split.names
 
     @property
     def balance(self) -> list[int] | None:
@@ -159,8 +156,8 @@ class Pipeline:
 
     @property
     def stages(self) -> list[nn.Module]:
-        """The stages' modules of the current (or last) run."""
-        return [stage.plan.module for stage in self._run.stages] if self._run is not None else []
+        """The stages' modules of the latest split (empty before the first)."""
+        return self._state.modules
 
     # -- lifecycle -------------------------------------------------------------------------
     @property
@@ -177,15 +174,17 @@ class Pipeline:
             check_tensors(sample, None, finite=False)
         loop = asyncio.get_running_loop()
         spans = deque(maxlen=self._span_capacity or _spans.SPAN_CAPACITY) if self.metrics_enabled else None
-        self._run = run = Run(loop, spans, partial(build, self._settings, self._state), self.cuts,
-                              capacity=self.capacity, policy=self.policy, on_error=self.on_error,
-                              check_finite=self.check_finite)
+        # A run's settings are the pipeline's attributes when it starts.
+        settings = BuildSettings(self.devices, self.learning, self.input_spec, self.output_spec == "first",
+                                 self.on_error, self.capacity, self.window)
+        self._run = run = Run(loop, spans, partial(build, settings, self._state), self.cuts, capacity=self.capacity,
+                              policy=self.policy, on_error=self.on_error, check_finite=self.check_finite)
         started: asyncio.Future[None] = loop.create_future()
         self._task = loop.create_task(run.serve(self.devices, started), name="partime-pipeline")
         try:
             await started
             if sample is not None:
-                await build(self._settings, self._state, run, sample, None)
+                await build(settings, self._state, run, sample, None)
         except BaseException:  # a bad sample, a failed split, or the caller cancelled: nothing left running
             await self.cancel()
             raise

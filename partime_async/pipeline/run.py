@@ -54,6 +54,14 @@ class Run:
         self.latency_sum_s = 0.0  # over the delivered frames (Prometheus' summary sum)
         self.t_start = self.t_end = now()
 
+    def install(self, stages: list[Stage], runners: list[StageRunner]) -> None:
+        """The stages the first frame built, and their runners, started in the task group."""
+        tg = self.check_running()
+        self.stages, self.runners = stages, runners
+        for runner in runners:
+            tg.create_task(runner.run(), name=f"partime-{runner.name}")
+        self.t_start = now()  # throughput counts from here, not from set-up and profiling
+
     def check_running(self) -> asyncio.TaskGroup:
         """The run's task group; raises its error, or PipelineClosed, if it has ended."""
         if self.error is not None:

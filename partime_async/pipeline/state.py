@@ -10,6 +10,8 @@ import copy
 import itertools
 from typing import Any, Sequence
 
+from torch import nn
+
 from ..partition import Partitioner
 from ..programs import StageLearner
 
@@ -22,6 +24,7 @@ class PipelineState:
         balance: the split, units per stage (None until the first run chooses it by time).
         learners: one per stage once a learning pipeline has built its stages (they keep
             their optimisers' state from run to run).
+        modules: the stages' modules of the latest split.
         position: 1 + the seq of the last frame delivered: where a resumed source starts.
     """
 
@@ -29,6 +32,7 @@ class PipelineState:
         self.partitioner = partitioner
         self.balance = balance
         self.learners: list[StageLearner] = []
+        self.modules: list[nn.Module] = []
         self.position = 0
         self._n_devices = n_devices
         self._seq = itertools.count()  # what submit() numbers its frames with
@@ -78,10 +82,9 @@ class PipelineState:
         else:
             self._pending = state  # optimisers are made when the stages are
 
-    def adopt_learners(self, learners: Sequence[StageLearner]) -> None:
-        """The learners a learning pipeline made with its first stages; a state loaded before
-        goes into them now."""
-        self.learners = list(learners)
+    def load_pending(self) -> None:
+        """Load into the learners a state that was loaded before they existed (at every
+        build: one that failed to load is tried again)."""
         if self._pending is not None:
             self._load_learners(self._pending)
             self._pending = None

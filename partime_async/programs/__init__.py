@@ -1,12 +1,12 @@
 """Programs: what a stage does with one frame (``base.py`` states the contract the runner keeps).
 
 ``infer.py`` (the stage's layers under no-grad), ``learn.py`` (forward, the owed backward and
-the optimiser step), ``learning.py`` (:class:`OnlineLearning`, the modes and their schedule).
+the optimiser step), ``online.py`` (:class:`OnlineLearning`, the modes and their schedule).
 """
-from .base import StageProgram, calls, output_checker
+from .base import ForwardFailed, StageProgram, calls, host_timing, output_checker
 from .infer import InferProgram
 from .learn import LearnProgram
-from .learning import MODES, OnlineLearning, StageLearner
+from .online import MODES, OnlineLearning, StageLearner
 
-__all__ = ["MODES", "InferProgram", "LearnProgram", "OnlineLearning", "StageLearner", "StageProgram", "calls",
-           "output_checker"]
+__all__ = ["MODES", "ForwardFailed", "InferProgram", "LearnProgram", "OnlineLearning", "StageLearner", "StageProgram",
+           "calls", "host_timing", "output_checker"]

@@ -2,21 +2,26 @@
 
 A :class:`StageProgram` is given its stage's plan (module, device) when a run is built, and
 is driven by a runner (:mod:`partime_async.stage`), which owns the order, the transports and
-the error rules. The runner calls, for each job in frame order:
+the error rules. The runner calls ``program.attach()`` before the first frame of the run and
+``program.detach()`` after the last, and for each job, in frame order:
 
-* on the loop thread, ``item = program.forward_input(job)``, then submits
-  ``program.forward(item, seq)`` to the stage's device, which runs it on the device's thread
-  (or on the loop thread for an inline stage) and returns the stage's output;
-* for a program that learns (``learns = True``), also on the loop thread right after that
-  submission, ``program.owes(job)``: the ``(key, seq)`` of the job whose gradient is now
-  owed, if any. The runner waits for that gradient (from the next stage) and submits
+* a program that infers (``learns = False``): submits ``program.forward(x, seq)`` to the
+  stage's device, ``x`` the frame's payload; the device runs it on its thread (or on the loop
+  thread for an inline stage; several inferring stages on threaded CPU devices may be
+  chained worker to worker) and it returns the stage's output;
+* a program that learns (``learns = True``): on the loop thread ``item =
+  program.forward_input(job)``, then submits ``program.forward(item, seq)``, which returns
+  ``(output, loss)`` (the loss, the last stage's, or None). Right after, on the loop thread,
+  ``program.owes(job)`` says the ``(key, seq)`` of the job whose gradient is now owed, if
+  any: the runner waits for that gradient (from the next stage) and submits
   ``program.backward((key, grad), seq)``, which applies it and returns ``(key, grad_in)``
   for the stage before. Submissions reach the device strictly in the order
   forward(t), backward(owed at t), forward(t + 1), …: that order, not timing, is what makes
   learning deterministic. At the end of the stream ``program.remaining()`` lists the owed
-  gradients still to apply (a program that drops them instead counts them itself).
-* ``program.state(None, seq)`` (on the device, in order with the rest) copies the stage's
-  weights and learner state, for a checkpoint cut.
+  gradients still to apply (a program that drops them instead counts them itself), and
+  ``program.state(None, seq)`` (on the device, in order with the rest) copies the stage's
+  weights and learner state for a checkpoint cut. A backward that cannot run because the
+  forward before it failed raises :class:`ForwardFailed` (the forward's error is reported).
 
 ``forward`` (and ``backward``) are plain callables built once: they run per frame and per
 stage, so they are closures rather than methods (every attribute look-up counts on a hop of
@@ -30,10 +35,19 @@ from typing import Any, Callable, ClassVar
 from torch import nn
 
 from ..core.frame import Payload
+from ..core.job import Job
+from ..core.stats import StageStats
 from ..core.validation import InputSpec
 from ..devices import Work
 from ..partition import StagePlan
-from ..transport import Job
+
+Record = Callable[[tuple[int, str, int, float, float]], None]
+"""Appends one span ``(stage, kind, seq, t0, t1)`` to the run's ring."""
+
+
+class ForwardFailed(RuntimeError):
+    """A backward step that did not run because the stage's forward just before it failed;
+    the forward's own error is the one reported."""
 
 
 class StageProgram:
@@ -48,7 +62,7 @@ class StageProgram:
         self.plan = plan
 
     def forward_input(self, job: Job) -> Any:
-        """What :attr:`forward` gets for ``job`` (loop thread): its payload."""
+        """What :attr:`forward` of a program that learns gets for ``job`` (loop thread)."""
         return job.frame.data
 
     def owes(self, job: Job) -> tuple[int, int] | None:
@@ -72,6 +86,16 @@ def calls(module: nn.Module) -> tuple[Callable[[Payload], Payload], ...]:
     (as it would call them, minus its own call overhead, which is most of a cheap hop), or
     the module itself."""
     return tuple(module) if type(module) is nn.Sequential else (module,)
+
+
+def host_timing(plan: StagePlan, stats: StageStats, spans: Any) -> tuple[StageStats, Record | None]:
+    """Where a program's host-clock timings go: the stage's ``stats`` and the run's span ring
+    (``spans``, None with metrics off) on a device that the host clock times; on a device that
+    times its own work (CUDA, where host clocks would time the launches), a throwaway counter
+    and no spans: the device records both itself."""
+    if plan.device.host_timed:
+        return stats, (spans.append if spans is not None else None)
+    return StageStats(stats.name, stats.device, 0), None
 
 
 def output_checker(name: str) -> Callable[[Payload, int], None]:

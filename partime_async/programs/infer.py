@@ -9,7 +9,7 @@ import torch
 from ..core.frame import Payload, now
 from ..core.stats import StageStats
 from ..partition import StagePlan
-from .base import StageProgram, calls, output_checker
+from .base import StageProgram, calls, host_timing, output_checker
 
 
 class InferProgram(StageProgram):
@@ -22,9 +22,7 @@ class InferProgram(StageProgram):
         super().__init__(plan)
         device = plan.device
         layers = calls(plan.module)
-        # Host clocks time launches only on a device that times its own work: a throwaway.
-        timed = stats if device.host_timed else StageStats(stats.name, stats.device, 0)
-        record = spans.append if spans is not None and device.host_timed else None
+        timed, record = host_timing(plan, stats, spans)
         check = output_checker(plan.name) if check_outputs else None
         index = plan.index
         grad_enabled, set_grad_enabled = torch.is_grad_enabled, torch._C._set_grad_enabled

@@ -1,5 +1,5 @@
 """Learning: a stage's forward, the backward its schedule owes, and the optimiser step, in the
-``partime``, ``stashed`` or ``sequential`` mode of its :class:`~partime_async.programs.learning.StageLearner`."""
+``partime``, ``stashed`` or ``sequential`` mode of its :class:`~partime_async.programs.online.StageLearner`."""
 from __future__ import annotations
 
 import copy
@@ -10,9 +10,9 @@ from typing import Any, Callable
 from ..core.frame import Payload, now
 from ..core.stats import StageStats
 from ..partition import StagePlan
-from ..transport import Job
-from .base import StageProgram, output_checker
-from .learning import StageLearner
+from ..core.job import Job
+from .base import StageProgram, host_timing, output_checker
+from .online import StageLearner
 
 
 class LearnProgram(StageProgram):
@@ -42,8 +42,7 @@ class LearnProgram(StageProgram):
                               f"{learner.delay + 1} frames' graphs at stashed weights; a CUDA graph has one set "
                               "of buffers): its learning runs eagerly; use mode='partime' to graph it, or pass "
                               "graphs=False to silence this", RuntimeWarning, stacklevel=2)
-        self._spans = spans if device.host_timed else None
-        self._timed = stats if device.host_timed else StageStats(stats.name, stats.device, 0)
+        self._timed, self._record = host_timing(plan, stats, spans)
         self._seq = -1  # the frame whose backward runs now (device thread): its step span's
         self._hooks: list[Any] = []
         check = output_checker(plan.name) if check_outputs else None
@@ -85,8 +84,8 @@ class LearnProgram(StageProgram):
         return copy.deepcopy((self.plan.model_state(self.plan.module.state_dict()), self.learner.state_dict()))
 
     def attach(self) -> None:
-        optimizer, spans, index = self.learner.optimizer, self._spans, self.plan.index
-        if spans is None or optimizer is None:
+        optimizer, record, index = self.learner.optimizer, self._record, self.plan.index
+        if record is None or optimizer is None:
             return
         started = [0.0]
 
@@ -94,7 +93,7 @@ class LearnProgram(StageProgram):
             started[0] = now()
 
         def after(*_: Any) -> None:
-            spans.append((index, "step", self._seq, started[0], now()))
+            record((index, "step", self._seq, started[0], now()))
 
         self._hooks = [optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after)]
 
@@ -105,8 +104,7 @@ class LearnProgram(StageProgram):
 
     def _timing(self, fn: Callable[[Any, int], Any], kind: str) -> Callable[[Any, int], Any]:
         """``fn`` with its host-clock time added to the busy time and, metrics on, recorded as a span."""
-        stats, index = self._timed, self.plan.index
-        record = self._spans.append if self._spans is not None else None
+        stats, index, record = self._timed, self.plan.index, self._record
 
         def timed(payload: Any, seq: int) -> Any:
             t0 = now()

@@ -29,25 +29,26 @@ from functools import partial
 from typing import Any, Literal, Sequence
 
 from ..aio.channel import Channel
-from ..aio.threads import in_thread
-from ..core.errors import FrameError, PipelineError, StageFailed
+from ..core.errors import FrameError, PipelineError, StageFailed, StageLost, primary_error
+from ..core.job import Job
 from ..core.stats import StageStats
-from ..devices import Device, WorkerDied
+from ..devices import Device, settle
 from ..partition import StagePlan
-from ..programs import StageProgram
-from ..programs.learning import ForwardFailed
-from ..transport import Inlet, Job, Outlet, Step, ThreadChain
+from ..programs import ForwardFailed, StageProgram
+from ..transport import Inlet, Outlet, Step, ThreadChain
 
 OnError = Literal["raise", "skip"]
 
 
 @dataclass
 class Stage:
-    """One stage of a run: what it holds, what it does, what it did."""
+    """One stage of a run: what it holds, what it does, what it did, and whether it runs on
+    the loop's thread (``inline``: chosen at the build, by measurement)."""
 
     plan: StagePlan
     program: StageProgram
     stats: StageStats
+    inline: bool = False
 
     @property
     def name(self) -> str:
@@ -79,16 +80,28 @@ class StageRunner:
             self._submit = partial(first.device.submit, first.program.forward)
 
     async def run(self) -> None:
-        """Process jobs until the inlet ends; then close the outlet (always)."""
+        """Process jobs until the inlet ends; then close the outlet (always). A failure
+        aborts the outlet and the gradients going back with its error first: the ends learn
+        why the stream ended, not just that it did (what a peer in another process needs)."""
         first = self.stages[0]
+        for stage in self.stages:
+            stage.program.attach()
         try:
             if first.program.learns:
                 await self._run_learning()
-            elif first.plan.inline:
+            elif first.inline:
                 await self._run_inline()
             else:
                 await self._run_windowed()
+        except Exception as exc:
+            error = primary_error(exc) or exc
+            self.outlet.jobs.abort(error)
+            if self.inlet.grads is not None:
+                self.inlet.grads.abort(error)
+            raise
         finally:
+            for stage in self.stages:
+                stage.program.detach()
             self.outlet.jobs.close()
             if self.inlet.grads is not None:
                 self.inlet.grads.close()
@@ -98,7 +111,7 @@ class StageRunner:
         device, forward, stats, outbox = stage.device, stage.program.forward, stage.stats, self.outlet.jobs
         async for job in self.inlet.jobs:
             if job.ready is not None:  # a GPU stage's output, maybe not computed yet: wait off the loop
-                await in_thread(job.ready.synchronize)
+                await settle(job.ready)
                 job.ready = None
             try:
                 job.frame.data = device.run_inline(forward, job.frame.data, None, seq=job.frame.seq)
@@ -121,7 +134,7 @@ class StageRunner:
             async for job in self.inlet.jobs:
                 try:
                     job.ticket = submit(job.frame.data, job.ready, seq=job.frame.seq)
-                except WorkerDied as exc:
+                except StageLost as exc:
                     raise self._died(self.stages[0], exc, job.frame.seq) from exc
                 if not inflight.send_nowait(job):
                     await inflight.send(job)
@@ -148,12 +161,12 @@ class StageRunner:
                         job.ready = None
                 except StageFailed as failed:  # a chain's: the stage is named
                     stage = self.stages[failed.stage]
-                    if isinstance(failed.error, WorkerDied):
+                    if isinstance(failed.error, StageLost):
                         raise self._died(stage, failed.error, job.frame.seq) from failed.error
                     self._failed(stage, job, failed.error)
                     continue
-                except WorkerDied as exc:  # the frame was queued to a worker that then died
-                    stage = next(s for s in self.stages if s.device is exc.device)
+                except StageLost as exc:  # the frame was queued to a worker that then died
+                    stage = next((s for s in self.stages if s.device is exc.device), self.stages[0])
                     raise self._died(stage, exc, job.frame.seq) from exc
                 except Exception as exc:
                     self._failed(self.stages[0], job, exc)
@@ -172,17 +185,12 @@ class StageRunner:
 
     # -- learning --------------------------------------------------------------------------
     async def _run_learning(self) -> None:
-        program = self.stages[0].program
         inflight: Channel[Job] = Channel(self.window, name=f"{self.name} in-flight")
         backward: Channel[tuple[int, int, Any]] = Channel(self.window, name=f"{self.name} backward")
-        program.attach()
-        try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._feed_learning(inflight, backward))
-                tg.create_task(self._collect(inflight))
-                tg.create_task(self._send_gradients(backward))
-        finally:
-            program.detach()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._feed_learning(inflight, backward))
+            tg.create_task(self._collect(inflight))
+            tg.create_task(self._send_gradients(backward))
 
     async def _feed_learning(self, inflight: Channel[Job], backward: Channel[tuple[int, int, Any]]) -> None:
         """Forward every frame, and after each forward the backward the schedule owes.
@@ -234,16 +242,16 @@ class StageRunner:
 
     # -- failures ----------------------------------------------------------------------------
     def _call(self, fn: Any, payload: Any, ready: Any, seq: int, kind: str = "compute") -> Any:
-        """``device.submit``, with a dead worker reported as this stage's failure on ``seq``."""
+        """``device.submit``, with a lost device reported as this stage's failure on ``seq``."""
         stage = self.stages[0]
         try:
             return stage.device.submit(fn, payload, ready, seq=seq, kind=kind)
-        except WorkerDied as exc:
+        except StageLost as exc:
             raise self._died(stage, exc, seq) from exc
 
     @staticmethod
-    def _died(stage: Stage, exc: WorkerDied, seq: int) -> PipelineError:
-        """The error that stops the pipeline when ``stage``'s worker is gone (never skipped:
+    def _died(stage: Stage, exc: StageLost, seq: int) -> PipelineError:
+        """The error that stops the pipeline when what runs ``stage`` is gone (never skipped:
         no later frame could run there either)."""
         return PipelineError(str(exc), component=stage.name, seq=seq)
 

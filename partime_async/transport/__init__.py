@@ -4,7 +4,8 @@
 (a channel and a gradient box on the event loop), ``chain.py`` (worker thread to worker
 thread between consecutive CPU stages).
 """
-from .base import GradReceiver, GradSender, Inlet, Job, Outlet, Receiver, Sender
+from ..core.job import Job
+from .base import GradReceiver, GradSender, Inlet, Outlet, Receiver, Sender
 from .chain import Step, ThreadChain
 from .local import GradBox, local_link
 

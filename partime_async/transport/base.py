@@ -8,44 +8,36 @@ pipeline's ingress is stage 0's inlet; its egress, the last stage's outlet.
 
 Ends say exactly what happened, in the manner of trio's memory channels: a sender that
 closes ends the stream (the receiver drains what is queued, then gets
-:class:`~partime_async.aio.channel.EndOfStream`, and ``async for`` stops); an abort ends it
-with an error that the other end raises. Implementations: ``local.py`` (a bounded channel
-and a gradient box on the loop), ``chain.py`` (frames handed from worker thread to worker
-thread between consecutive CPU stages, without the loop).
+:class:`~partime_async.aio.channel.EndOfStream`, and ``async for`` stops); one that aborts
+ends it with an error that the other end raises (a runner that fails aborts its ends).
+``local.py`` implements the ends on the event loop (a bounded channel forward, a gradient
+box back). ``chain.py`` is the transport inside one runner: between the consecutive threaded
+CPU stages it drives, frames go from worker thread to worker thread without the loop.
 
-What a transport carries is a :class:`Job`: the frame, where its output goes, a key unique
-in the run, and ``ready``, the event that marks the frame's data complete on the device that
-produced it (a GPU's, or None). Every transport carries ``ready`` along: the receiving device
-waits on it (the CUDA ready-event hand-off: on the GPU, or off the loop thread), so no
-transport ever synchronises with a device. A transport to another process (torch.distributed
-point-to-point) fits the same ends: blocking ``send``/``recv`` on one thread per peer and
-direction, in order, a header (kind, seq, key, pytree structure, dtypes, shapes) before the
-payload's tensors; its sender waits on ``ready`` before sending, and its receiver hands jobs
-and gradients to the loop.
+What a transport carries is a :class:`~partime_async.core.job.Job`: the frame, where its
+output goes, a key unique in the run, and ``ready``, the event that marks the frame's data
+complete on the device that produced it (a GPU's, or None). Every transport carries
+``ready`` along and only devices wait on it (the CUDA ready-event hand-off: on the GPU, or
+off the loop thread), so no transport ever synchronises with a device.
+
+A transport to another process (torch.distributed point-to-point) fits the same ends:
+blocking ``send``/``recv`` on one thread per peer and direction, in order (no tags needed),
+handing what it receives to the loop with ``call_soon_threadsafe``. A message is a small
+header tensor, then the payload's tensors: the kind (data, grad, skip, state, end, error),
+the seq and job key, whether the frame has a target, the pytree structure, dtypes and shapes
+(so shapes may change from frame to frame), then the data, the target and the capture time
+and meta. The sender waits on ``ready`` before sending; the receiver makes jobs whose route
+is a stand-in that reports their settling (a skip) back to the rank that admitted them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Protocol, TypeVar
 
-from ..core.frame import Frame, Payload
+from ..core.frame import Payload
+from ..core.job import Job
 
 T = TypeVar("T")
-
-
-class Job:
-    """A frame inside the pipeline, with where its output goes and its readiness on device."""
-
-    __slots__ = ("frame", "route", "key", "ready", "ticket")
-
-    def __init__(self, frame: Frame, route: Any, key: int = -1) -> None:
-        self.frame = frame
-        self.route = route
-        # Unique in a run, in admission order: learning matches a frame's gradients by it
-        # (seqs need not be unique: two streams, or a stream and submit(), each count from 0).
-        self.key = key
-        self.ready: Any = None  # event marking ``frame.data`` complete on its device (GPU)
-        self.ticket: Any = None  # the device's pending result, while the job is in flight
 
 
 class Sender(Protocol[T]):
@@ -59,6 +51,9 @@ class Sender(Protocol[T]):
 
     def close(self) -> None:
         """No more items will come: the receiver drains, then sees the end."""
+
+    def abort(self, exc: BaseException) -> None:
+        """The stream ends with ``exc``: the receiver raises it (what is queued is dropped)."""
 
 
 class Receiver(Protocol[T]):
@@ -82,6 +77,9 @@ class GradSender(Protocol):
 
     def close(self) -> None:
         """No more gradients: a receiver waiting for one gets an error that says so."""
+
+    def abort(self, exc: BaseException) -> None:
+        """No more gradients, because of ``exc``: a receiver waiting for one raises it."""
 
 
 class GradReceiver(Protocol):

@@ -24,29 +24,21 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Sequence
 
 from ..core.errors import StageFailed
 from ..core.frame import Payload
 from ..core.stats import StageStats
-
-
-class Worker(Protocol):
-    """A device that can take part in a chain (``device.chainable``)."""
-
-    def post(self, task: Callable[[], None], future: asyncio.Future[Any], seq: int = -1) -> None: ...
-
-    def notify(self, future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None: ...
-
-    def host_input(self, payload: Payload, ready: Any) -> Payload: ...
+from ..devices import Device, Work
 
 
 @dataclass(frozen=True)
 class Step:
-    """One stage of a chain: its device's worker, its work ``work(x, seq)``, its statistics."""
+    """One stage of a chain: its device (``chainable``: it has a worker thread that takes
+    ``post``), its work ``work(x, seq)``, its statistics."""
 
-    worker: Worker
-    work: Callable[[Payload, int], Payload]
+    worker: Device
+    work: Work
     stats: StageStats
 
 

@@ -6,7 +6,8 @@ from typing import Any
 
 from ..aio.channel import Channel
 from ..core.frame import Payload
-from .base import Inlet, Job, Outlet
+from ..core.job import Job
+from .base import Inlet, Outlet
 
 
 def local_link(capacity: int, *, name: str, grads: str | None = None) -> tuple[Outlet, Inlet]:
@@ -57,6 +58,12 @@ class GradBox:
         for waiter, seq in self._waiters.values():
             if not waiter.done():
                 waiter.set_exception(RuntimeError(self._never_came(seq)))
+
+    def abort(self, exc: BaseException) -> None:
+        self._closed = True
+        for waiter, _ in self._waiters.values():
+            if not waiter.done():
+                waiter.set_exception(exc)
 
     def _never_came(self, seq: int) -> str:
         return f"{self.name}: the gradient of frame {seq} never came (the next stage ended)"

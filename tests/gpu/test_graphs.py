@@ -27,7 +27,7 @@ def conv_layers(depth: int, channels: int = 8, device: str = "cuda") -> list[nn.
 
 
 def eager(layers: list[nn.Module]):
-    """The stage's eager computation, as the stage executor runs it."""
+    """The stage's eager computation, as the inference program runs it."""
     def run(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             for layer in layers:

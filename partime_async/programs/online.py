@@ -42,6 +42,7 @@ from torch.func import functional_call
 from torch.utils import _pytree as pytree
 
 from ..core.frame import Payload
+from .base import ForwardFailed
 
 Mode = Literal["sequential", "partime", "stashed"]
 MODES: tuple[str, ...] = ("sequential", "partime", "stashed")
@@ -136,11 +137,6 @@ class _Saved:
     loss: torch.Tensor | None = None   # last stage: this frame's loss
 
 
-class ForwardFailed(RuntimeError):
-    """A backward step that did not run because the stage's forward just before it failed;
-    the forward's own error is the one reported."""
-
-
 class StageLearner:
     """The learning state of one stage: optimiser, scheduler, the frames it still owes."""
 
@@ -163,8 +159,8 @@ class StageLearner:
         self.steps = 0
         self.dropped_gradients = 0
         self._stash = config.mode == "stashed" and not config.recompute and self.delay > 0
-        # The learning forward as CUDA graphs (set by the program of a CudaDevice(graphs=True)
-        # stage); None: eager.
+        # The learning forward as CUDA graphs (set by the learning program of a stage on a
+        # device with graphs=True); None: eager.
         self.graphed: Callable[[Payload], Payload] | None = None
 
     @property

@@ -1,0 +1,30 @@
+"""A job: a frame inside a pipeline, as its stages and transports carry it."""
+from __future__ import annotations
+
+from typing import Any
+
+from .frame import Frame
+
+
+class Job:
+    """A frame inside the pipeline, with where its output goes and its readiness on device.
+
+    ``key`` is unique in a run, in admission order: learning matches a frame's gradients by it
+    (seqs need not be unique: two streams, or a stream and ``submit()``, each count from 0).
+    ``route`` is where the frame settles (delivered, skipped or dropped; see
+    :mod:`partime_async.pipeline.routes`); a transport from another process gives the frames
+    it receives a stand-in that reports their settling back. ``ready`` is the event that
+    marks ``frame.data`` complete on the device that produced it (a GPU's; None when it
+    already is): transports carry it along and only devices wait on it. ``ticket`` is the
+    runner's own: the device's pending result while the job is in flight on a stage; it
+    never crosses a transport.
+    """
+
+    __slots__ = ("frame", "route", "key", "ready", "ticket")
+
+    def __init__(self, frame: Frame, route: Any, key: int = -1) -> None:
+        self.frame = frame
+        self.route = route
+        self.key = key
+        self.ready: Any = None
+        self.ticket: Any = None
