@@ -2,14 +2,15 @@
 PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
-# On Linux without an NVIDIA GPU, torch's CPU build comes first, from PyTorch's CPU index: PyPI's
-# Linux wheel is the CUDA build (several GB). --no-deps: only torch itself comes from that index;
-# its dependencies come from PyPI with the package, next. With a GPU (or on macOS, whose PyPI
-# wheel is the CPU build) the plain pin. Override with e.g. make TORCH=torch==2.13.0.
-ifeq ($(shell uname -s)$(shell command -v nvidia-smi 2>/dev/null),Linux)
-TORCH  ?= torch==2.13.0+cpu --no-deps --index-url https://download.pytorch.org/whl/cpu
-else
 TORCH  ?= torch==2.13.0
+# On Linux without an NVIDIA GPU (no nvidia-smi), torch's CPU build comes first, from PyTorch's
+# CPU index: PyPI's Linux wheel of the same version is the CUDA build (several GB). --no-deps:
+# only torch itself comes from that index; its dependencies come from PyPI with the package,
+# next. Where that index cannot be reached, the default index's torch, with a message. With a
+# GPU, or on macOS (whose PyPI wheel is the CPU build), the default index's.
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+ifeq ($(shell uname -s)$(shell command -v nvidia-smi 2>/dev/null),Linux)
+CPU_ONLY := 1
 endif
 
 .PHONY: demo test bench install dev clean
@@ -18,7 +19,13 @@ $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is needed: set PYTHON=/path/to/python3.11"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH)
+ifdef CPU_ONLY
+	$(PY) -m pip install --quiet --retries 2 --timeout 15 --no-deps --index-url $(TORCH_CPU_INDEX) "$(TORCH)+cpu" \
+	  || { echo "PyTorch's CPU index $(TORCH_CPU_INDEX) could not be reached: installing $(TORCH) from the default index (on Linux, the CUDA build)"; \
+	       $(PY) -m pip install --quiet "$(TORCH)"; }
+else
+	$(PY) -m pip install --quiet "$(TORCH)"
+endif
 	$(PY) -m pip install --quiet -e .
 	touch $@
 
