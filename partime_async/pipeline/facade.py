@@ -177,6 +177,8 @@ class Pipeline:
         # A run's settings are the pipeline's attributes when it starts.
         settings = BuildSettings(self.devices, self.learning, self.input_spec, self.output_spec == "first",
                                  self.on_error, self.capacity, self.window)
+        if self._run is not None:
+            self._run.current = False  # its streams' reads count in no run now
         self._run = run = Run(loop, spans, partial(build, settings, self._state), self.cuts, capacity=self.capacity,
                               policy=self.policy, on_error=self.on_error, check_finite=self.check_finite)
         started: asyncio.Future[None] = loop.create_future()
@@ -294,8 +296,7 @@ class Pipeline:
         if not is_source(source):
             raise TypeError(f"a source must be an iterable or async iterable of frames or tensors, got "
                             f"{type(source).__name__} (for one tensor, use `await pipe.submit(x)`)")
-        return OutputStream(source, active=self._active, current=lambda: self._run, capacity=self.capacity,
-                            policy=self.policy)
+        return OutputStream(source, active=self._active, capacity=self.capacity, policy=self.policy)
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -39,6 +39,7 @@ class Run:
     def __init__(self, loop: asyncio.AbstractEventLoop, spans: deque[Any] | None, build: BuildRun, cuts: CutSchedule,
                  *, capacity: int, policy: Policy, on_error: str, check_finite: bool) -> None:
         self.error: PipelineError | None = None
+        self.current = True  # until the pipeline starts another run (which counts on its own)
         self.tg: asyncio.TaskGroup | None = None
         self.routes: set[Route] = set()
         self.streams: weakref.WeakSet[Any] = weakref.WeakSet()  # OutputStreams being read

@@ -32,11 +32,10 @@ class OutputStream:
     use :meth:`next`.
     """
 
-    def __init__(self, source: Iterable[Any] | AsyncIterable[Any], *, active: Callable[[], Run],
-                 current: Callable[[], Run | None], capacity: int, policy: Policy) -> None:
+    def __init__(self, source: Iterable[Any] | AsyncIterable[Any], *, active: Callable[[], Run], capacity: int,
+                 policy: Policy) -> None:
         self._source = source
         self._active = active  # the pipeline's running run (raises if it is not running)
-        self._current = current  # the pipeline's current (or last) run
         self._capacity = capacity
         self._policy = policy
         self._route: StreamRoute | None = None
@@ -97,7 +96,7 @@ class OutputStream:
             self._pump.cancel()
             self._run.pumps.discard(self._pump)
         if self._route is not None:  # opened: registered with its run
-            self._run.unread(self._route.out, counted=self._run is self._current())
+            self._run.unread(self._route.out, counted=self._run.current)
             self._route.detach()
             self._run.routes.discard(self._route)
             self._run.streams.discard(self)
@@ -116,7 +115,7 @@ class OutputStream:
     def _settled(self, frame: Frame) -> None:
         """Its reader took ``frame``: delivered, if this stream is of the pipeline's current run
         (one read after a restart belongs to a run whose counts are gone)."""
-        if self._run is self._current():
+        if self._run.current:
             self._run.handed(frame)
 
     def _end(self, exc: BaseException) -> None:
