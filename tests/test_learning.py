@@ -484,9 +484,8 @@ def test_learning_configuration_errors():
         pa.OnlineLearning(loss=nn.MSELoss(), mode="partime", recompute=True)
     with pytest.raises(ValueError, match="one device"):
         pa.Pipeline(make_model(), devices=pa.cpu_devices(2), learning=pa.OnlineLearning(loss=nn.MSELoss(), mode="sequential"))
-    with pytest.raises(ValueError, match="on_error='skip'"):
-        pa.Pipeline(make_model(), devices=pa.cpu_devices(2), on_error="skip",
-                    learning=pa.OnlineLearning(loss=nn.MSELoss()))
+    with pytest.raises(ValueError, match="target_spec must be 'output', an InputSpec or None"):
+        pa.OnlineLearning(loss=nn.MSELoss(), target_spec="first")
 
 
 async def test_next_frame_prediction_targets_join_by_seq():

@@ -1,4 +1,5 @@
-"""A job: a frame inside a pipeline, as its stages and transports carry it."""
+"""A job: a frame inside a pipeline, as its stages and transports carry it; and the gradient
+that is not there."""
 from __future__ import annotations
 
 from typing import Any
@@ -28,3 +29,21 @@ class Job:
         self.key = key
         self.ready: Any = None
         self.ticket: Any = None
+
+
+class _NoGradient:
+    """The type of :data:`NO_GRADIENT`."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NO_GRADIENT"
+
+    def __reduce__(self) -> str:
+        return "NO_GRADIENT"  # one object, also across a copy or a pickle
+
+
+NO_GRADIENT = _NoGradient()
+"""What a learning stage sends back instead of a gradient when a frame's update is skipped:
+the frame was skipped further down (``on_error="skip"``), or its loss or a gradient was not
+finite. Every stage that receives it skips that frame's update too; the schedule goes on."""

@@ -20,6 +20,9 @@ class StageStats:
     busy_s: float = 0.0
     skipped_seqs: deque[int] = field(default_factory=lambda: deque(maxlen=1024))  # the latest
     loss: float | None = None  # learning, last stage: the latest frame's loss
+    counters: dict[str, float] = field(default_factory=dict)
+    """What the stage's program counts besides frames, by name (a depth solver's iterations
+    and fallbacks, a width-split stage's exchanged activations): totals over the run."""
 
     @property
     def mean_compute_s(self) -> float:
@@ -29,7 +32,8 @@ class StageStats:
 
     def snapshot(self) -> StageStats:
         """A copy that the stage's threads no longer write."""
-        return dataclasses.replace(self, skipped_seqs=deque(self.skipped_seqs, maxlen=self.skipped_seqs.maxlen))
+        return dataclasses.replace(self, skipped_seqs=deque(self.skipped_seqs, maxlen=self.skipped_seqs.maxlen),
+                                   counters=dict(self.counters))
 
 
 @dataclass

@@ -112,28 +112,33 @@ def _keys_sorted(payload: Payload) -> Payload:
     return payload
 
 
-def _leaf_name(payload: Payload, i: int) -> str:
+def _leaf_name(payload: Payload, i: int, what: str = "payload") -> str:
     """Leaf ``i`` of ``payload`` by its key path (``payload['depth'][0]``), for a message;
-    ``payload leaf i`` where its type has no keys to name it by."""
+    ``payload leaf i`` where its type has no keys to name it by (``what``: ``"payload"`` or
+    ``"target"``)."""
     try:
         path = pytree.tree_flatten_with_path(payload)[0][i][0]
     except (ValueError, IndexError):  # a pytree type registered without key paths
-        return f"payload leaf {i}"
-    return f"payload{pytree.keystr(path)}"
+        return f"{what} leaf {i}"
+    return f"{what}{pytree.keystr(path)}"
 
 
-def check_tensors(payload: Payload, seq: int | None, *, finite: bool) -> None:
-    """Every leaf must be a tensor; with ``finite``, floating leaves must hold no NaN or Inf."""
+def check_tensors(payload: Payload, seq: int | None, *, finite: bool, component: str = "input") -> None:
+    """Every leaf must be a tensor; with ``finite``, floating leaves must hold no NaN or Inf.
+    ``component``: ``"input"`` (a frame's payload) or ``"target"`` (its target), which the
+    :class:`FrameError` names."""
     if not finite and type(payload) is torch.Tensor:
         return
+    what = "target" if component == "target" else "payload"
     for i, value in enumerate(pytree.tree_leaves(payload)):
         if not isinstance(value, torch.Tensor):
             raise FrameError(
-                f"{_leaf_name(payload, i)} is a {type(value).__name__}, not a tensor; convert it with "
-                "torch.as_tensor (payloads are tensors or tuples/lists/dicts of tensors)",
-                component="input", seq=seq)
+                f"{_leaf_name(payload, i, what)} is a {type(value).__name__}, not a tensor; convert it with "
+                f"torch.as_tensor ({what}s are tensors or tuples/lists/dicts of tensors)",
+                component=component, seq=seq)
         if finite and value.device.type == "meta":
-            raise FrameError(f"{_leaf_name(payload, i)} is a meta tensor: it holds no values to check",
-                             component="input", seq=seq)
+            raise FrameError(f"{_leaf_name(payload, i, what)} is a meta tensor: it holds no values to check",
+                             component=component, seq=seq)
         if finite and (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
-            raise FrameError("payload holds NaN or Inf (check_finite=True forbids them)", component="input", seq=seq)
+            raise FrameError(f"{what} holds NaN or Inf (check_finite=True forbids them)", component=component,
+                             seq=seq)

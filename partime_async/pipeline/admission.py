@@ -42,10 +42,14 @@ class Admission:
         cut_parts: the parts a checkpoint cut waits for (one per stage when learning, else 0).
         admitted: frames admitted in the run (the checkpoint periods count them).
         skipped_input: frames rejected at the door with ``on_error="skip"``.
+
+    ``targets``: the pipeline learns, so targets are checked too (tensors; against
+    ``target_spec`` where one is given; finite with ``check_finite``).
     """
 
     def __init__(self, check_running: Callable[[], asyncio.TaskGroup], build: Build, cuts: CutSchedule, *,
-                 capacity: int, policy: Policy, on_error: str, check_finite: bool) -> None:
+                 capacity: int, policy: Policy, on_error: str, check_finite: bool, targets: bool = False,
+                 target_spec: InputSpec | None = None) -> None:
         self.ingress: Channel[Job] = Channel(capacity, policy, name="ingress", on_drop=self._dropped)
         self.built = False
         self.spec: InputSpec | None = None
@@ -57,6 +61,8 @@ class Admission:
         self._cuts = cuts
         self._on_error = on_error
         self._check_finite = check_finite
+        self._targets = targets
+        self._target_spec = target_spec
         self._keys = itertools.count()  # job keys, unique in this run
         cuts.orphans.clear()
 
@@ -108,6 +114,12 @@ class Admission:
                 self.spec.check(frame.data, frame.seq)
             if self._check_finite:  # after the spec: it reads the values, which must be there
                 check_tensors(frame.data, frame.seq, finite=True)
+            if self._targets and frame.target is not None:
+                check_tensors(frame.target, frame.seq, finite=False, component="target")
+                if self._target_spec is not None:
+                    self._target_spec.check(frame.target, frame.seq, component="target")
+                if self._check_finite:
+                    check_tensors(frame.target, frame.seq, finite=True, component="target")
         except FrameError as error:
             if self._on_error != "skip":
                 raise

@@ -24,7 +24,7 @@ def initial_balance(balance: Balance, split: Partitioner, devices: Sequence[Devi
     return split.check_balance(balance, len(devices))
 
 
-def check_learning(learning: OnlineLearning | None, devices: Sequence[Device], on_error: str) -> None:
+def check_learning(learning: OnlineLearning | None, devices: Sequence[Device]) -> None:
     if learning is None:
         return
     if not isinstance(learning, OnlineLearning):
@@ -32,9 +32,6 @@ def check_learning(learning: OnlineLearning | None, devices: Sequence[Device], o
     if learning.mode == "sequential" and len(devices) != 1:
         raise ValueError(f"mode='sequential' runs the whole model on one device, got {len(devices)} "
                          "devices; pass devices=[one device] (or use mode='partime' / 'stashed')")
-    if on_error == "skip":
-        raise ValueError("on_error='skip' cannot be combined with learning: a skipped frame would leave "
-                         "a gradient owed forever; bad input is still rejected at the door with FrameError")
 
 
 def check_options(*, on_error: str, output_spec: Any, input_spec: Any, window: Any, metrics: Any, capacity: Any,

@@ -110,7 +110,7 @@ class Pipeline:
         self.model = model
         self._split = split = SequentialSplit(model)
         self.devices = resolve_devices(devices, split.units)
-        check_learning(learning, self.devices, on_error)
+        check_learning(learning, self.devices)
         self._state = PipelineState(split, initial_balance(balance, split, self.devices), len(self.devices))
         check_options(on_error=on_error, output_spec=output_spec, input_spec=input_spec, window=window,
                       metrics=metrics, capacity=capacity, policy=policy)
@@ -179,8 +179,11 @@ class Pipeline:
                                  self.on_error, self.capacity, self.window)
         if self._run is not None:
             self._run.current = False  # its streams' reads count in no run now
+        target_spec = self.learning.target_spec if self.learning is not None else None
         self._run = run = Run(loop, spans, partial(build, settings, self._state), self.cuts, capacity=self.capacity,
-                              policy=self.policy, on_error=self.on_error, check_finite=self.check_finite)
+                              policy=self.policy, on_error=self.on_error, check_finite=self.check_finite,
+                              targets=self.learning is not None,
+                              target_spec=target_spec if isinstance(target_spec, InputSpec) else None)
         started: asyncio.Future[None] = loop.create_future()
         self._task = loop.create_task(run.serve(self.devices, started), name="partime-pipeline")
         try:

@@ -15,7 +15,7 @@ import weakref
 from collections import deque
 from typing import Any, Awaitable, Callable, Sequence
 
-from ..aio.channel import Channel, Policy
+from ..aio.channel import Channel
 from ..core.errors import PipelineClosed, PipelineError, primary_error
 from ..core.frame import Frame, Payload, now
 from ..devices import Device
@@ -33,11 +33,11 @@ BuildRun = Callable[["Run", Payload, "int | None"], Awaitable[None]]
 class Run:
     """What one run owns; see the module docstring. Made by :meth:`Pipeline.start`.
 
-    ``admission`` is the run's door (its ingress is aborted when the run ends); ``stages``
-    and ``runners`` exist once its first frame has built them."""
+    ``admission`` is the run's door (made with the ``door`` settings; its ingress is aborted
+    when the run ends); ``stages`` and ``runners`` exist once its first frame has built them."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, spans: deque[Any] | None, build: BuildRun, cuts: CutSchedule,
-                 *, capacity: int, policy: Policy, on_error: str, check_finite: bool) -> None:
+                 **door: Any) -> None:
         self.error: PipelineError | None = None
         self.current = True  # until the pipeline starts another run (which counts on its own)
         self.tg: asyncio.TaskGroup | None = None
@@ -49,8 +49,7 @@ class Run:
         self.stages: list[Stage] = []  # built with the first frame: stats() shows no old run's
         self.runners: list[StageRunner] = []
         self.build_lock = asyncio.Lock()
-        self.admission = Admission(self.check_running, lambda sample, seq: build(self, sample, seq), cuts,
-                                   capacity=capacity, policy=policy, on_error=on_error, check_finite=check_finite)
+        self.admission = Admission(self.check_running, lambda sample, seq: build(self, sample, seq), cuts, **door)
         self.delivered = self.discarded = 0
         self.latency_sum_s = 0.0  # over the delivered frames (Prometheus' summary sum)
         self.t_start = self.t_end = now()

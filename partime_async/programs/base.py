@@ -20,8 +20,10 @@ the error rules. The runner calls ``program.attach()`` before the first frame of
   learning deterministic. At the end of the stream ``program.remaining()`` lists the owed
   gradients still to apply (a program that drops them instead counts them itself), and
   ``program.state(None, seq)`` (on the device, in order with the rest) copies the stage's
-  weights and learner state for a checkpoint cut. A backward that cannot run because the
-  forward before it failed raises :class:`ForwardFailed` (the forward's error is reported).
+  weights and learner state for a checkpoint cut. Where a stage has no gradient to apply
+  (the frame was skipped further down, or its forward here failed) the runner or the
+  backward passes :data:`~partime_async.core.job.NO_GRADIENT` instead, and the update is
+  skipped.
 
 ``forward`` (and ``backward``) are plain callables built once: they run per frame and per
 stage, so they are closures rather than methods (every attribute look-up counts on a hop of
@@ -43,11 +45,6 @@ from ..partition import StagePlan
 
 Record = Callable[[tuple[int, str, int, float, float]], None]
 """Appends one span ``(stage, kind, seq, t0, t1)`` to the run's ring."""
-
-
-class ForwardFailed(RuntimeError):
-    """A backward step that did not run because the stage's forward just before it failed;
-    the forward's own error is the one reported."""
 
 
 class StageProgram:

@@ -47,15 +47,22 @@ class LearnProgram(StageProgram):
         self._hooks: list[Any] = []
         check = output_checker(plan.name) if check_outputs else None
 
+        counters = stats.counters
+        counters["skipped_updates"] = 0
+
         def forward(item: Any, seq: int) -> tuple[Payload, Any]:
-            y, loss = learner.forward(item)
+            y, loss = learner.forward(item, seq)
             if check is not None:
                 check(y, seq)
             return y, loss
 
         def backward(item: Any, seq: int) -> tuple[int, Payload]:
             self._seq = seq
-            return learner.backward(item)
+            skipped = learner.skipped_updates
+            try:
+                return learner.backward(item, seq)
+            finally:
+                counters["skipped_updates"] += learner.skipped_updates - skipped
 
         self.forward = self._timing(forward, "compute")
         self.backward = self._timing(backward, "backward")

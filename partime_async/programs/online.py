@@ -26,12 +26,32 @@ newer graph to carry its last owed gradients, drops them and counts them in
 t - d_k's shapes (the gradient of one meets the graph of the other); a stage whose shapes
 change within d_k frames raises a ValueError that says so.
 
+Updates that are skipped: a non-finite loss or gradient never reaches the weights. The stage
+that finds one (the loss, or any gradient it computes, holds NaN or Inf) skips its optimiser
+step for that frame and sends :data:`~partime_async.core.job.NO_GRADIENT` back instead of a
+gradient, so every stage before it skips that frame's update too, as AMP's ``GradScaler``
+skips steps with infs; it warns once, and every stage counts what it skipped in
+:attr:`StageLearner.skipped_updates`. A frame skipped by a stage (``on_error="skip"``: its
+forward raised, or its target does not fit) owes no gradient either: the stages before it
+receive ``NO_GRADIENT`` for it (in ``partime``, that frame's graph was also to carry an older
+frame's gradient at the stage that skipped it: that update is skipped too). The schedule, and
+so determinism, is untouched: the owed gradient is only marked absent.
+
+Targets (``target_spec="output"``, the default): the last stage checks each target against
+the output it is compared with, before the loss: the same structure, shapes and dtypes. A
+target that differs (a wrong shape, one the loss would broadcast, an integer target for a
+float output) is a :class:`~partime_async.core.errors.FrameError` naming the target, what was
+expected and what came. Losses whose targets differ from their outputs by design (a class
+index per sample) give ``target_spec``, an :class:`~partime_async.core.validation.InputSpec`
+that the pipeline checks every target against at its door instead, or ``None`` (no check).
+
 Everything in :class:`StageLearner` runs on the stage's device thread (its worker thread on
 CPU): :meth:`~StageLearner.forward` and :meth:`~StageLearner.backward` calls for one stage
 are strictly ordered, forward(t), backward(owed at t), forward(t+1), …
 """
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Literal
@@ -41,8 +61,10 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils import _pytree as pytree
 
+from ..core.errors import FrameError
 from ..core.frame import Payload
-from .base import ForwardFailed
+from ..core.job import NO_GRADIENT
+from ..core.validation import InputSpec
 
 Mode = Literal["sequential", "partime", "stashed"]
 MODES: tuple[str, ...] = ("sequential", "partime", "stashed")
@@ -70,6 +92,11 @@ class OnlineLearning:
         clip_grad_norm: clip each stage's gradient to this norm before its step (per stage).
         scheduler: a factory ``scheduler(optimizer)``; stepped after every optimiser step.
         needs_target: see ``loss``.
+        target_spec: what each target must be: ``"output"`` (the default: the structure,
+            shapes and dtypes of the output it is compared with, checked at the last stage
+            before the loss), an :class:`~partime_async.InputSpec` (checked at the pipeline's
+            door, for losses whose targets differ from their outputs, e.g. class indices), or
+            ``None`` (not checked). See the module docstring.
         delay_lr: delay-aware learning rates (off by default: every stage keeps the factory's
             rates, and the modes are exactly as described above). A float ``c`` multiplies
             stage k's learning rates by ``1 / (1 + c * d_k)``, ``d_k`` its gradient delay; a
@@ -97,6 +124,7 @@ class OnlineLearning:
     scheduler: SchedulerFactory | None = None
     needs_target: bool = True
     delay_lr: float | Callable[[int], float] | None = None
+    target_spec: Literal["output"] | InputSpec | None = "output"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -109,6 +137,8 @@ class OnlineLearning:
             raise ValueError(f"clip_grad_norm must be positive or None, got {self.clip_grad_norm}")
         if self.delay_lr is not None and not callable(self.delay_lr) and self.delay_lr < 0:
             raise ValueError(f"delay_lr must be >= 0, a callable or None, got {self.delay_lr}")
+        if self.target_spec not in ("output", None) and not isinstance(self.target_spec, InputSpec):
+            raise ValueError(f"target_spec must be 'output', an InputSpec or None, got {self.target_spec!r}")
 
     def lr_factor(self, delay: int) -> float:
         """What ``delay_lr`` multiplies the learning rates of a stage with gradient delay
@@ -131,6 +161,7 @@ class _Saved:
 
     key: int                           # the frame's job key (unique in a run, in admission order)
     learns: bool                       # had a target (or the loss needs none)
+    failed: bool = False               # its forward raised: its update is skipped
     x: Payload = None                  # stage input (requires grad where upstream wants it)
     out: Payload = None                # stage output, with its graph
     weights: dict[str, torch.Tensor] | None = None  # stashed weight version
@@ -158,6 +189,8 @@ class StageLearner:
         self._order: deque[tuple[int, int, bool]] = deque()  # loop thread: (key, seq, learns) in forward order
         self.steps = 0
         self.dropped_gradients = 0
+        self.skipped_updates = 0  # no gradient came (a frame skipped further down) or it was not finite
+        self._warned_nonfinite = False
         self._stash = config.mode == "stashed" and not config.recompute and self.delay > 0
         # The learning forward as CUDA graphs (set by the learning program of a stage on a
         # device with graphs=True); None: eager.
@@ -205,20 +238,25 @@ class StageLearner:
         """Whether a frame contributes a gradient."""
         return has_target or not self.config.needs_target
 
-    def forward(self, payload: tuple[int, Payload, bool, Payload | None]) -> tuple[Payload, torch.Tensor | None]:
-        """Forward one frame ``(key, x, learns, target)`` with autograd on where it will be
-        needed; returns the detached output and, on the last stage, the frame's loss. Only
-        the last stage is given the target."""
+    def forward(self, payload: tuple[int, Payload, bool, Payload | None], seq: int) -> tuple[Payload, Any]:
+        """Forward one frame ``(key, x, learns, target)`` (frame ``seq``) with autograd on
+        where it will be needed; returns the detached output and, on the last stage, the
+        frame's loss. Only the last stage is given the target."""
         self.forward_failed = False
         try:
-            return self._forward(payload)
+            return self._forward(payload, seq)
         except BaseException:
-            # The backward queued right after this forward must not run on a stale graph
-            # (its error would hide this one): it raises ForwardFailed instead.
+            # No graph of this frame: the backward owed for it (or, in partime, carried by it)
+            # skips its update; in partime nothing may run on an older frame's graph instead.
             self.forward_failed = True
+            key, _, learns, _ = payload
+            if self.config.mode == "partime":
+                self.pending.clear()
+            elif learns:
+                self.pending.append(_Saved(key, learns, failed=True))
             raise
 
-    def _forward(self, payload: tuple[int, Payload, bool, Payload | None]) -> tuple[Payload, torch.Tensor | None]:
+    def _forward(self, payload: tuple[int, Payload, bool, Payload | None], seq: int) -> tuple[Payload, Any]:
         key, x, learns, target = payload
         mode = self.config.mode
         # partime carries an older frame's gradient through this frame's graph, so it keeps
@@ -240,30 +278,39 @@ class StageLearner:
                 out = (self.graphed or self.module)(x)
             loss = None
             if self.last and learns:
-                loss = self.config.loss(out, target) if self.config.needs_target else self.config.loss(out)
+                if self.config.needs_target:
+                    if self.config.target_spec == "output":
+                        _check_target(target, out, seq)
+                    loss = self.config.loss(out, target)
+                else:
+                    loss = self.config.loss(out)
                 saved.loss = loss
             saved.out = out
+        result = pytree.tree_map(_detach, out), (loss.detach() if loss is not None else None)
         if mode == "partime":
             # Only the newest graph is ever used: frame t's graph carries the owed gradient.
             self.pending.clear()
         self.pending.append(saved)
-        return pytree.tree_map(_detach, out), (loss.detach() if loss is not None else None)
+        return result
 
-    def backward(self, payload: tuple[int, Payload | None]) -> tuple[int, Payload | None]:
-        """Apply the gradient owed for the frame of job ``key`` (``grad`` w.r.t. this stage's
-        output; None on the last stage, whose gradient comes from the loss), step, and return
-        the gradient w.r.t. this stage's input, labelled with ``key``, for the stage before."""
+    def backward(self, payload: tuple[int, Any], seq: int) -> tuple[int, Any]:
+        """Apply the gradient owed for the frame of job ``key`` (frame ``seq``; ``grad`` w.r.t.
+        this stage's output, None on the last stage, whose gradient comes from the loss),
+        step, and return the gradient w.r.t. this stage's input, labelled with ``key``, for
+        the stage before. Where there is no gradient to apply (``NO_GRADIENT`` came, the
+        forward it needs failed, or a loss or gradient is not finite) the update is skipped
+        and counted, and ``NO_GRADIENT`` goes back instead."""
         key, grad = payload
-        if self.forward_failed:
-            raise ForwardFailed(f"stage {self.stage}: no gradient for job {key}, the forward before it failed")
         mode = self.config.mode
         if mode == "partime":
-            saved = self.pending[-1]           # the graph of the newest frame
+            saved = None if self.forward_failed else self.pending[-1]  # the graph of the newest frame
         else:
             saved = self.pending.popleft()     # the graph of that frame itself
             if saved.key != key:
                 raise RuntimeError(f"stage {self.stage}: gradient for job {key} but the oldest kept frame is job "
                                    f"{saved.key}'s; the learning schedule is out of step")
+        if grad is NO_GRADIENT or saved is None or saved.failed:
+            return self._skip(key, saved)
         with torch.enable_grad():
             if mode == "stashed" and self.config.recompute and self.delay > 0:
                 saved.out = self._recompute(saved)
@@ -279,6 +326,9 @@ class StageLearner:
             inputs = [t for t in pytree.tree_leaves(saved.x) if isinstance(t, torch.Tensor) and t.requires_grad]
             wrt = weights + inputs
             found = torch.autograd.grad(outputs, wrt, grads, allow_unused=True) if wrt and outputs else [None] * len(wrt)
+        if not _finite(found) or (saved.loss is not None and not bool(torch.isfinite(saved.loss))):
+            self._warn_nonfinite(seq)
+            return self._skip(key, saved)
         param_grads, input_grads = found[:len(weights)], found[len(weights):]
         self._step(param_grads)
         if mode == "partime":
@@ -289,6 +339,22 @@ class StageLearner:
         grad_in = pytree.tree_map(
             lambda t: _zeros_if_none(next(it), t) if isinstance(t, torch.Tensor) and t.requires_grad else None, saved.x)
         return key, grad_in
+
+    def _skip(self, key: int, saved: _Saved | None) -> tuple[int, Any]:
+        """No update from the frame of job ``key``: counted, and no gradient for the stage before."""
+        self.skipped_updates += 1
+        if saved is not None and self.config.mode == "partime":
+            saved.out = saved.loss = None
+        return key, (None if self.stage == 0 else NO_GRADIENT)
+
+    def _warn_nonfinite(self, seq: int) -> None:
+        if self._warned_nonfinite:
+            return
+        self._warned_nonfinite = True
+        warnings.warn(f"stage {self.stage}: the loss or a gradient of frame {seq} is not finite (NaN or Inf): that "
+                      "update is skipped at this stage and every stage before it, and counted in "
+                      "pipe.learners[k].skipped_updates (warned once per stage); check_finite=True rejects "
+                      "non-finite inputs and targets at the pipeline's door", RuntimeWarning, stacklevel=2)
 
     def _recompute(self, saved: _Saved) -> Payload:
         """The forward of ``saved``'s frame again, with autograd, at the current weights. It
@@ -381,6 +447,24 @@ def _check_carried(grad: Payload, out: Payload, delay: int) -> None:
         f"output shapes must not change within {delay} frames: the gradient owed here (frame t-{delay}) has shape "
         f"{_shapes(grad)} but the output of frame t has shape {_shapes(out)}; use mode='stashed' for streams whose "
         "frame shapes change (each gradient goes through its own frame's graph)")
+
+
+def _check_target(target: Payload, out: Payload, seq: int) -> None:
+    """Raise a FrameError naming the target if it does not have ``out``'s structure, shapes
+    and dtypes (what the loss compares it with: a broadcast or an integer target would train
+    on something else)."""
+    InputSpec.like(out).check(target, seq, component="target", hint=(
+        " (a target must have the structure, shapes and dtypes of the output it is compared with; for a loss "
+        "whose targets differ by design, e.g. class indices, give OnlineLearning(target_spec=InputSpec(...)), "
+        "or target_spec=None)"))
+
+
+def _finite(grads: Iterable[torch.Tensor | None]) -> bool:
+    """Whether every gradient is finite (one reduction per tensor, one host read in all)."""
+    flags = [torch.isfinite(g).all() for g in grads if g is not None]
+    if not flags:
+        return True
+    return bool(torch.stack(flags).all())
 
 
 def _shapes(tree: Payload) -> Any:

@@ -34,7 +34,7 @@ from ..core.job import Job
 from ..core.stats import StageStats
 from ..devices import Device, settle
 from ..partition import StagePlan
-from ..programs import ForwardFailed, StageProgram
+from ..programs import StageProgram
 from ..transport import Inlet, Outlet, Step, ThreadChain
 
 OnError = Literal["raise", "skip"]
@@ -231,8 +231,6 @@ class StageRunner:
         async for key, seq, ticket in backward:
             try:
                 (_, grad), ready = await ticket
-            except ForwardFailed:
-                continue  # the collector reports the forward's error, which stops the pipeline
             except Exception as exc:
                 error = PipelineError(f"{type(exc).__name__}: {exc} (in the backward step)",
                                       component=self.stages[0].name, seq=seq)
@@ -266,4 +264,6 @@ class StageRunner:
             raise error
         stage.stats.skipped += 1
         stage.stats.skipped_seqs.append(seq)
+        if stage.program.learns and self.outlet.grads is not None:
+            self.outlet.grads.forgo(job.key)  # it goes no further: no gradient of it will come back
         job.route.skip(job.frame, error)

@@ -89,6 +89,10 @@ class GradReceiver(Protocol):
         """The gradient and its ready event for job ``key`` (frame ``seq``, for the message
         if the sender closed without sending it)."""
 
+    def forgo(self, key: int) -> None:
+        """No gradient will come for job ``key`` (its frame was skipped by this end's stage):
+        :meth:`get` gives :data:`~partime_async.core.job.NO_GRADIENT` for it."""
+
     def close(self) -> None:
         """Stop waiting: a pending :meth:`get` fails."""
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from ..aio.channel import Channel
 from ..core.frame import Payload
-from ..core.job import Job
+from ..core.job import NO_GRADIENT, Job
 from .base import Inlet, Outlet
 
 
@@ -40,6 +40,9 @@ class GradBox:
             waiter.set_result((grad, ready))
         else:
             self._grads[key] = (grad, ready)
+
+    def forgo(self, key: int) -> None:
+        self.put(key, NO_GRADIENT, None)
 
     async def get(self, key: int, seq: int) -> tuple[Payload, Any]:
         if key in self._grads:
