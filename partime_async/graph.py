@@ -111,10 +111,11 @@ async def run(graph: Graph) -> PipelineStats:
     """Run ``graph`` until its source ends and every sink has written every frame.
 
     Returns the pipeline's final statistics. Raises one :class:`PipelineError` on failure,
-    after every task is cancelled and every worker thread joined. The sinks are closed last,
-    together, once the whole graph has ended: :meth:`Sink.close` on success, :meth:`Sink.abort`
-    after a failure or cancellation anywhere in the graph (a file sink commits only when the
-    whole graph succeeded).
+    after every task is cancelled and every worker thread joined. A failure of the pipeline
+    (a source, a frame, a stage) comes in frame order: every sink writes the frames delivered
+    before it first. The sinks are closed last, together, once the whole graph has ended:
+    :meth:`Sink.close` on success, :meth:`Sink.abort` after a failure or cancellation
+    anywhere in the graph (a file sink commits only when the whole graph succeeded).
     """
     if graph.source is None:
         raise ValueError("the graph has no source: write `source >> pipeline >> sinks`")
@@ -130,6 +131,7 @@ async def run(graph: Graph) -> PipelineStats:
                 ready.append(asyncio.get_running_loop().create_future())
                 drivers.append(tg.create_task(_drive(sink, channel, ready[-1], opened),
                                               name=f"partime-sink-{sink.name}"))
+            failed: Exception | None = None
             try:
                 # Every sink is open before the first frame is read (a checkpoint sink asks
                 # the pipeline for its cuts when it opens). A sink that fails to open fails
@@ -138,6 +140,8 @@ async def run(graph: Graph) -> PipelineStats:
                 async for frame in pipe.stream(graph.source):
                     for channel in channels:
                         await channel.send(frame)
+            except PipelineError as exc:  # the pipeline failed, in frame order: the sinks write what came before
+                failed = exc
             finally:
                 for channel in channels:
                     channel.close()
@@ -146,6 +150,8 @@ async def run(graph: Graph) -> PipelineStats:
             # "being cancelled" for good on Python 3.11.)
             if drivers:
                 await asyncio.wait(drivers)
+            if failed is not None:
+                raise failed
     except BaseException as exc:
         errors = await _close(opened, failed=True)
         error = primary_error(exc) if isinstance(exc, BaseExceptionGroup) else None

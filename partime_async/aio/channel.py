@@ -10,8 +10,9 @@ channel's *policy*:
 
 Every drop is counted in :attr:`Channel.dropped` and handed to the ``on_drop`` callback, so
 that nothing is lost silently. ``close()`` ends the stream: receivers drain what is queued and
-then get :class:`EndOfStream` (``async for`` simply stops). ``abort(exc)`` ends it with an
-error instead: receivers and blocked senders raise ``exc``.
+then get :class:`EndOfStream` (``async for`` simply stops); ``close(exc)`` ends it after what
+is queued with an error, in order. ``abort(exc)`` ends it with an error at once: what is
+queued is discarded, receivers and blocked senders raise ``exc``.
 
 The channel is asyncio-only: call it from the event loop's thread.
 """
@@ -176,10 +177,12 @@ class Channel(Generic[T]):
             raise StopAsyncIteration from None
 
     # -- closing -------------------------------------------------------------------------
-    def close(self) -> None:
-        """End the stream: queued items are still delivered, then receivers stop."""
+    def close(self, exc: BaseException | None = None) -> None:
+        """End the stream: queued items are still delivered, then receivers stop, or with
+        ``exc`` raise it (an error in order with the items)."""
         if self._closed:
             return
+        self._error = exc
         self._closed = True
         _wake_all(self._getters)
         _wake_all(self._putters)

@@ -42,14 +42,16 @@ class PipelineStats:
 
     ``delivered`` frames reached their reader: a stream's when it is read, a ``submit()``'s
     answer when it is handed back (so ``delivered``, like every counter here, only grows).
-    Once the pipeline has drained and its streams are read to their end or closed (frames
+    Once the pipeline has stopped and its streams are read to their end or closed (frames
     waiting in a stream for its reader are neither delivered nor discarded yet; one read after
     the pipeline restarted counts in no run), every admitted frame is accounted for:
-    ``admitted == delivered + discarded + dropped + sum(stage.skipped)``, where
+    ``admitted == delivered + discarded + dropped + sum(stage.skipped) + abandoned``, where
     ``discarded`` frames finished after their reader had gone, or were never read (a stream
-    closed early, a cancelled ``submit()``); frames rejected at the door
-    (with ``on_error="skip"``: bad input, or a first frame that the model failed on while
-    the pipeline split it) are counted in ``skipped_input`` instead.
+    closed early, a cancelled ``submit()``), and ``abandoned`` frames never finished because
+    the pipeline stopped first (a failure, in frame order: the frames after the one that
+    failed; a cancellation: every frame in flight), counted when the run ends; frames
+    rejected at the door (with ``on_error="skip"``: bad input, or a first frame that the
+    model failed on while the pipeline split it) are counted in ``skipped_input`` instead.
     """
 
     balance: list[int] | None
@@ -60,6 +62,7 @@ class PipelineStats:
     dropped: int = 0
     stages: list[StageStats] = field(default_factory=list)
     elapsed_s: float = 0.0
+    abandoned: int = 0
 
     @property
     def skipped(self) -> int:

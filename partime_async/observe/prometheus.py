@@ -10,7 +10,7 @@ from .report import report
 def prometheus_text(pipe: Observable | Observation) -> str:
     """``pipe``'s metrics now, in Prometheus' text exposition format (for a ``/metrics`` endpoint).
 
-    Counters: ``partime_frames_{admitted,delivered,discarded,dropped,skipped}_total``; per stage (labels
+    Counters: ``partime_frames_{admitted,delivered,discarded,dropped,skipped,abandoned}_total``; per stage (labels
     ``stage``, ``device``) ``partime_stage_frames_total``, ``partime_stage_skipped_total``,
     ``partime_stage_busy_seconds_total``. Gauges: ``partime_throughput_fps``, per stage
     ``partime_stage_busy_ratio``, ``partime_stage_queued_frames``,
@@ -43,7 +43,8 @@ class _Collector:
                                  ("delivered", rep.delivered, "Frames delivered by the pipeline."),
                                  ("discarded", rep.discarded, "Frames finished after their reader had gone."),
                                  ("dropped", rep.dropped, "Frames dropped by the ingress policy."),
-                                 ("skipped", rep.skipped, "Frames skipped as bad input or failed (on_error='skip').")):
+                                 ("skipped", rep.skipped, "Frames skipped as bad input or failed (on_error='skip')."),
+                                 ("abandoned", rep.abandoned, "Frames in flight when the pipeline stopped or failed.")):
             yield CounterMetricFamily(f"partime_frames_{name}", doc, value=value)
         yield GaugeMetricFamily("partime_throughput_fps", "Delivered frames per second since start.",
                                 value=rep.throughput)

@@ -65,6 +65,7 @@ class Report:
     stages: list[StageReport] = field(default_factory=list)
     spans: int = 0
     discarded: int = 0
+    abandoned: int = 0
     latency_sum_s: float = 0.0
     metrics: bool = True  # whether the pipeline records spans
 
@@ -75,9 +76,10 @@ class Report:
         return busiest.name if busiest is not None and busiest.busy > 0 else None
 
     def __str__(self) -> str:
-        discarded = f", discarded {self.discarded} (reader gone)" if self.discarded else ""
+        lost = f", discarded {self.discarded} (reader gone)" if self.discarded else ""
+        lost += f", abandoned {self.abandoned} (the pipeline stopped first)" if self.abandoned else ""
         lines = [f"{self.delivered} delivered of {self.admitted} admitted in {self.elapsed_s:.3f} s: "
-                 f"{self.throughput:.1f} frames/s; dropped {self.dropped}, skipped {self.skipped}{discarded}"]
+                 f"{self.throughput:.1f} frames/s; dropped {self.dropped}, skipped {self.skipped}{lost}"]
         if self.latency_p50_s is not None:
             lines.append(f"latency capture->delivery over {self.latency_frames} frames: "
                          f"p50 {_ms(self.latency_p50_s)}, p95 {_ms(self.latency_p95_s)}, p99 {_ms(self.latency_p99_s)}")
@@ -140,5 +142,5 @@ def report(source: Observable | Observation) -> Report:
     return Report(elapsed_s=elapsed, admitted=stats.admitted, delivered=stats.delivered, dropped=stats.dropped,
                   skipped=stats.skipped, throughput=stats.throughput, latency_mean_s=mean, latency_p50_s=p50,
                   latency_p95_s=p95, latency_p99_s=p99, latency_frames=len(latencies), stages=stages,
-                  spans=len(c.stage), discarded=stats.discarded, latency_sum_s=obs.latency_sum_s,
-                  metrics=obs.metrics)
+                  spans=len(c.stage), discarded=stats.discarded, abandoned=stats.abandoned,
+                  latency_sum_s=obs.latency_sum_s, metrics=obs.metrics)

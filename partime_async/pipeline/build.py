@@ -26,7 +26,7 @@ from ..core.validation import InputSpec
 from ..devices import Device
 from ..partition import LayerFailed, Partitioner, StagePlan, min_max_partition, time_module
 from ..programs import InferProgram, LearnProgram, OnlineLearning, StageLearner, StageProgram
-from ..stage import OnError, Stage, StageRunner
+from ..stage import OnError, OnFailure, Stage, StageRunner
 from ..transport import Inlet, Outlet, Sender, local_link
 from .admission import SkipFrame
 from .delivery import Egress
@@ -74,7 +74,7 @@ async def build(settings: BuildSettings, state: PipelineState, run: Run, sample:
             raise PipelineError(f"{type(exc).__name__}: {exc} (while splitting the model on its first frame)",
                                 component="pipeline set-up", seq=seq) from exc
         stages = [_stage(plan, inline, settings, state, run) for plan, inline in zip(plans, inline)]
-        run.install(stages, _connect(stages, Inlet(admission.ingress), Egress(run, state), settings))
+        run.install(stages, _connect(stages, Inlet(admission.ingress), Egress(run, state), settings, run.fail))
         admission.open(InputSpec.like(sample) if settings.input_spec == "first" else settings.input_spec,
                        cut_parts=len(stages) if settings.learning is not None else 0)
 
@@ -185,10 +185,11 @@ def _stage(plan: StagePlan, inline: bool, settings: BuildSettings, state: Pipeli
     return Stage(plan, program, stats, inline)
 
 
-def _connect(stages: Sequence[Stage], inlet: Inlet, egress: Sender[Any], settings: BuildSettings) -> list[StageRunner]:
+def _connect(stages: Sequence[Stage], inlet: Inlet, egress: Sender[Any], settings: BuildSettings,
+             on_failure: OnFailure) -> list[StageRunner]:
     """The runners of ``stages``, joined by local links: consecutive threaded CPU stages that
     infer become one runner over a thread chain (worker-to-worker hand-off); every other
-    stage runs on its own."""
+    stage runs on its own. A runner that fails on a frame reports it to ``on_failure``."""
     segments: list[list[Stage]] = []
     for stage in stages:
         if _chains(stage) and segments and _chains(segments[-1][-1]):
@@ -204,7 +205,8 @@ def _connect(stages: Sequence[Stage], inlet: Inlet, egress: Sender[Any], setting
                                        grads=f"stage {k}" if learning else None)
         else:
             outlet, after = Outlet(egress), None
-        runners.append(StageRunner(segment, inlet, outlet, window=settings.window, on_error=settings.on_error))
+        runners.append(StageRunner(segment, inlet, outlet, window=settings.window, on_error=settings.on_error,
+                                   on_failure=on_failure))
         if after is not None:
             inlet = after
     return runners

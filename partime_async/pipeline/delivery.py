@@ -48,6 +48,7 @@ class Egress:
         if self._record is not None:
             self._record((-1, "discard" if gone else "deliver", frame.seq, frame.t_capture, frame.t_done))
         run = self._run
+        run.egressed += 1
         if gone:  # its reader went away: not delivered to anyone
             run.discarded += 1
         elif not isinstance(route, StreamRoute):  # a stream's frame is delivered when read

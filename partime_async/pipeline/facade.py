@@ -351,7 +351,8 @@ class Pipeline:
         return PipelineStats(
             balance=balance, admitted=run.admission.admitted, delivered=run.delivered, discarded=run.discarded,
             skipped_input=run.admission.skipped_input, dropped=run.admission.ingress.dropped,
-            stages=[stage.stats.snapshot() for stage in run.stages], elapsed_s=end - run.t_start)
+            stages=[stage.stats.snapshot() for stage in run.stages], elapsed_s=end - run.t_start,
+            abandoned=run.abandoned)
 
     def observation(self) -> Observation:
         """The run as :mod:`partime_async.observe` reads it (counters, spans, queue depths)."""

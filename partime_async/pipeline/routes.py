@@ -2,8 +2,9 @@
 
 Every frame admitted into a pipeline carries a route, and every admitted frame *settles* on
 its route exactly once: delivered, skipped (``on_error="skip"``) or dropped (a channel
-policy). That invariant is what lets ``stream()`` end exactly when its last frame is out and
-lets ``submit()`` never hang, and it is what makes "nothing lost silently" checkable.
+policy), unless the pipeline stops or fails first, which abandons it (counted; the route
+learns why). That invariant is what lets ``stream()`` end exactly when its last frame is out
+and lets ``submit()`` never hang, and it is what makes "nothing lost silently" checkable.
 """
 from __future__ import annotations
 
@@ -45,6 +46,15 @@ class Route:
     def fail(self, error: BaseException) -> None:
         """The pipeline failed or stopped: whoever waits on this route must learn why."""
 
+    def failing(self, error: BaseException) -> None:
+        """The pipeline is failing with ``error`` and admits nothing more; the frames already
+        admitted may still settle. A route that would end cleanly ends with ``error``."""
+
+    def lose(self, key: int, error: PipelineError) -> None:
+        """The frame of job ``key`` failed with ``error``, which fails the pipeline: whoever
+        waits for it learns it (a stream's reader after the frames before it)."""
+        self.failing(error)
+
 
 class FutureRoute(Route):
     """One frame, one answer: the route of ``Pipeline.submit``."""
@@ -78,16 +88,22 @@ class FutureRoute(Route):
         if not self.future.done():
             self.future.set_exception(error)
 
+    def lose(self, key: int, error: PipelineError) -> None:
+        self.fail(error)
+
 
 class StreamRoute(Route):
     """Many frames in order, read from :attr:`out`; it closes once admission has ended and
-    every admitted frame has settled."""
+    every admitted frame has settled, or with the pipeline's error after them (errors come in
+    order: the reader gets every frame that was delivered first)."""
 
     def __init__(self, capacity: int) -> None:
         super().__init__()
         self.out: Channel[Frame] = Channel(capacity, name="stream output")
         self.admitting = True
         self.detached = False  # the reader went away: settle quietly, never block the egress
+        self.error: BaseException | None = None  # the pipeline is failing: the stream ends with it
+        self._lost = float("inf")  # the job key of its earliest frame that failed
 
     @property
     def gone(self) -> bool:
@@ -127,9 +143,17 @@ class StreamRoute(Route):
         self.out.close()
 
     def fail(self, error: BaseException) -> None:
-        if not self.out.closed:  # a complete stream keeps its frames: its reader gets them all
-            self.out.abort(error)
+        # After the frames already delivered to it (a complete stream ends as it was), with
+        # the error of its own frame if one failed.
+        self.out.close(self.error or error)
+
+    def failing(self, error: BaseException) -> None:
+        self.error = self.error or error
+
+    def lose(self, key: int, error: PipelineError) -> None:
+        if key < self._lost:  # the stream ends with the error of its earliest frame that failed
+            self._lost, self.error = key, error
 
     def _settled(self) -> None:
         if not self.admitting and self.delivered + self.skipped + self.dropped == self.admitted:
-            self.out.close()
+            self.out.close(self.error)

@@ -4,8 +4,14 @@ A :class:`Run` holds what a run owns and nothing outlives: its task group, the r
 streams waiting on it, its admission, its stages and runners (built with its first frame),
 its span ring and its delivery counters. :meth:`Run.serve` is the run's task: it starts the
 devices, keeps the task group open until a stop is asked, and on the way out (done, failed
-or cancelled) fails whatever still waits, closes every device it started (joining their
-threads) and records the one error to report.
+or cancelled) fails whatever still waits, counts what it abandons, closes every device it
+started (joining their threads) and records the one error to report.
+
+Errors come in frame order (:meth:`Run.fail`): a frame that fails a stage, or a source or an
+input that fails at the door, stops admission at once, but the frames before it that can
+still complete do, and are delivered; then every waiter gets the error. The frames after it
+are abandoned: ``stats().abandoned`` counts them, so that ``admitted == delivered + discarded
++ dropped + skipped + abandoned`` once the streams are read or closed.
 """
 from __future__ import annotations
 
@@ -50,7 +56,11 @@ class Run:
         self.runners: list[StageRunner] = []
         self.build_lock = asyncio.Lock()
         self.admission = Admission(self.check_running, lambda sample, seq: build(self, sample, seq), cuts, **door)
+        self._runner_tasks: list[asyncio.Task[None]] = []
+        self._error_rank = float("inf")  # where in frame order the reported failure happened
         self.delivered = self.discarded = 0
+        self.egressed = 0  # frames that left the last stage (delivered, discarded, or waiting in a stream)
+        self.abandoned = 0  # frames admitted that never settled because the run ended (counted when it does)
         self.latency_sum_s = 0.0  # over the delivered frames (Prometheus' summary sum)
         self.t_start = self.t_end = now()
 
@@ -58,8 +68,7 @@ class Run:
         """The stages the first frame built, and their runners, started in the task group."""
         tg = self.check_running()
         self.stages, self.runners = stages, runners
-        for runner in runners:
-            tg.create_task(runner.run(), name=f"partime-{runner.name}")
+        self._runner_tasks = [tg.create_task(runner.run(), name=f"partime-{runner.name}") for runner in runners]
         self.t_start = now()  # throughput counts from here, not from set-up and profiling
 
     def check_running(self) -> asyncio.TaskGroup:
@@ -82,12 +91,14 @@ class Run:
                 started.set_result(None)
                 await self.stop_requested
         except BaseException as exc:  # recorded and re-raised by stop(); never lost here
-            self.error = primary_error(exc)
+            self.error = self.error or primary_error(exc)  # the first: a failure in order came before
             if not started.done():
                 started.set_exception(self.error or PipelineClosed("the pipeline was cancelled while starting"))
         finally:
             self.tg = None
             self.t_end = now()
+            self.abandoned = self.admission.admitted - self.egressed - self.admission.ingress.dropped - sum(
+                stage.stats.skipped for stage in self.stages)
             closed = PipelineClosed("the pipeline stopped before this frame's output")
             self.admission.ingress.abort(self.error or closed)
             for route in list(self.routes):
@@ -102,15 +113,33 @@ class Run:
                         warnings.warn(f"stage {k} ({device.name}): {device.died}; every frame had been "
                                       "delivered", RuntimeWarning, stacklevel=2)
 
+    def fail(self, error: PipelineError, runner: StageRunner | None = None, key: int | None = None) -> None:
+        """Fail the run in frame order with ``error``: admit nothing more, let what is in
+        flight before the failure complete, then every waiter gets the error. ``runner``
+        failed on the frame of job ``key``: the runners before it, which hold only frames
+        after that one, are cancelled (their frames abandoned). Without them (a source or an
+        input at the door) the failure comes after every frame admitted. Of several, the run
+        reports the one earliest in frame order."""
+        rank = key if key is not None else float("inf")
+        if self.error is None or rank < self._error_rank:
+            self.error, self._error_rank = error, rank
+        for route in self.routes:
+            route.failing(self.error)
+        if runner is not None and runner in self.runners:
+            for task in self._runner_tasks[:self.runners.index(runner)]:
+                task.cancel()
+        self.request_stop()
+
     def request_stop(self) -> None:
         """Admit nothing more; the task group ends once what is in flight has finished."""
+        me = asyncio.current_task()
         for pump in list(self.pumps):
-            pump.cancel()
+            if pump is not me:
+                pump.cancel()
         # A stream whose reader is the task stopping here (it broke out of ``async for``
         # without closing the stream) is read no more: closed, or stop would wait for it.
         # (Not one whose last reader task has ended: on Python 3.11 ``wait_for(anext(stream),
         # t)`` reads each frame from a task of its own, and that reader is not done with it.)
-        me = asyncio.current_task()
         for stream in list(self.streams):
             if stream.read_by(me):
                 stream.close_now()

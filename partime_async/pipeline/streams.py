@@ -16,7 +16,6 @@ from ..aio.channel import ChannelClosed, Policy
 from ..aio.threads import aclose_to_the_end
 from ..core.errors import PipelineError
 from ..core.frame import Frame
-from .admission import Admission
 from .routes import StreamRoute
 from .run import Run
 
@@ -130,7 +129,7 @@ class OutputStream:
         self._run = run
         run.routes.add(route)
         run.streams.add(self)
-        self._pump = tg.create_task(pump(self._source, route, run.admission, self._policy), name="partime-source")
+        self._pump = tg.create_task(pump(self._source, route, run, self._policy), name="partime-source")
         run.pumps.add(self._pump)
         return route
 
@@ -148,11 +147,13 @@ class OutputStream:
                 pass
 
 
-async def pump(source: Iterable[Any] | AsyncIterable[Any], route: StreamRoute, admission: Admission,
-               policy: Policy) -> None:
+async def pump(source: Iterable[Any] | AsyncIterable[Any], route: StreamRoute, run: Run, policy: Policy) -> None:
     """Read ``source`` and admit its frames for ``route`` until it ends, fails, or the pump is
     cancelled (the reader went away, or the pipeline stops); then end the route's admission
-    and close the source, to its end."""
+    and close the source, to its end. A source that raises, or a frame that fails at the
+    door, fails the run in frame order (:meth:`Run.fail`): the frames admitted before it
+    still complete and are delivered, then the stream raises the error."""
+    admission = run.admission
     name = getattr(source, "name", type(source).__name__)
     is_async = hasattr(source, "__aiter__")
     items = aiter(source) if is_async else iter(source)  # type: ignore[arg-type]
@@ -183,6 +184,10 @@ async def pump(source: Iterable[Any] | AsyncIterable[Any], route: StreamRoute, a
                 await asyncio.sleep(0)
     except (asyncio.CancelledError, ChannelClosed):
         pass  # stop() or the reader went away: admission ends, not an error of the graph
+    except PipelineError as exc:
+        if exc is not run.error:  # this source's failure (the run's own has ended admission already)
+            route.failing(exc)
+            run.fail(exc)
     except BaseException as exc:
         # Fail the reader now: ending admission cleanly would let a stream whose frames
         # were all delivered end as if the source had simply run out.

@@ -20,13 +20,18 @@ Three ways of driving:
 
 A stage that raises on a frame either fails the pipeline with a :class:`PipelineError`
 naming the stage and the frame, or (``on_error="skip"``) skips that frame and counts it.
+The failure comes in frame order where the runner is given ``on_failure`` (the pipeline's
+:meth:`~partime_async.pipeline.run.Run.fail`): the runner reports it, stops taking frames,
+closes its outlet cleanly so that the frames before the failing one complete downstream, and
+drops the rest (the pipeline counts them as abandoned). Without ``on_failure`` it raises, and
+aborts its ends with the error.
 """
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 from ..aio.channel import Channel
 from ..core.errors import FrameError, PipelineError, StageFailed, StageLost, primary_error
@@ -38,6 +43,12 @@ from ..programs import StageProgram
 from ..transport import Inlet, Outlet, Step, ThreadChain
 
 OnError = Literal["raise", "skip"]
+OnFailure = Callable[[PipelineError, "StageRunner", int], None]
+"""``on_failure(error, runner, key)``: ``runner`` failed on the frame of job ``key``."""
+
+
+class _Halted(Exception):
+    """This runner stopped at a failing frame, which it has reported: unwinds its loops."""
 
 
 @dataclass
@@ -64,12 +75,13 @@ class StageRunner:
     by a thread chain) from ``inlet`` to ``outlet``; see the module docstring."""
 
     def __init__(self, stages: Sequence[Stage], inlet: Inlet, outlet: Outlet, *, window: int = 2,
-                 on_error: OnError = "raise") -> None:
+                 on_error: OnError = "raise", on_failure: OnFailure | None = None) -> None:
         self.stages = tuple(stages)
         self.inlet = inlet
         self.outlet = outlet
         self.window = window * len(self.stages)
         self.on_error = on_error
+        self._on_failure = on_failure
         first, last = self.stages[0], self.stages[-1]
         self.name = first.name if len(self.stages) == 1 else f"stages {first.plan.index}-{last.plan.index}"
         # Last stage on a device whose results are not host tensors: hand the sinks host copies.
@@ -80,9 +92,10 @@ class StageRunner:
             self._submit = partial(first.device.submit, first.program.forward)
 
     async def run(self) -> None:
-        """Process jobs until the inlet ends; then close the outlet (always). A failure
-        aborts the outlet and the gradients going back with its error first: the ends learn
-        why the stream ended, not just that it did (what a peer in another process needs)."""
+        """Process jobs until the inlet ends; then close the outlet (always). A failure that
+        is not reported in order aborts the outlet and the gradients going back with its
+        error first: the ends learn why the stream ended, not just that it did (what a peer
+        in another process needs)."""
         first = self.stages[0]
         for stage in self.stages:
             stage.program.attach()
@@ -94,11 +107,14 @@ class StageRunner:
             else:
                 await self._run_windowed()
         except Exception as exc:
-            error = primary_error(exc) or exc
-            self.outlet.jobs.abort(error)
-            if self.inlet.grads is not None:
-                self.inlet.grads.abort(error)
-            raise
+            if not _halted(exc):
+                error = primary_error(exc) or exc
+                self.outlet.jobs.abort(error)
+                if self.inlet.grads is not None:
+                    self.inlet.grads.abort(error)
+                raise
+            async for _ in self.inlet.jobs:  # after the failing frame: abandoned
+                pass
         finally:
             for stage in self.stages:
                 stage.program.detach()
@@ -134,8 +150,8 @@ class StageRunner:
             async for job in self.inlet.jobs:
                 try:
                     job.ticket = submit(job.frame.data, job.ready, seq=job.frame.seq)
-                except StageLost as exc:
-                    raise self._died(self.stages[0], exc, job.frame.seq) from exc
+                except StageLost as exc:  # reported by the collector, in order after the frames before it
+                    job.ticket = _failed_ticket(exc)
                 if not inflight.send_nowait(job):
                     await inflight.send(job)
         finally:
@@ -162,12 +178,12 @@ class StageRunner:
                 except StageFailed as failed:  # a chain's: the stage is named
                     stage = self.stages[failed.stage]
                     if isinstance(failed.error, StageLost):
-                        raise self._died(stage, failed.error, job.frame.seq) from failed.error
+                        self._halt(self._died(stage, failed.error, job.frame.seq), job, failed.error)
                     self._failed(stage, job, failed.error)
                     continue
                 except StageLost as exc:  # the frame was queued to a worker that then died
                     stage = next((s for s in self.stages if s.device is exc.device), self.stages[0])
-                    raise self._died(stage, exc, job.frame.seq) from exc
+                    self._halt(self._died(stage, exc, job.frame.seq), job, exc)
                 except Exception as exc:
                     self._failed(self.stages[0], job, exc)
                     continue
@@ -211,7 +227,7 @@ class StageRunner:
                     await self._backward(*owed, backward)
                 cut = frame.checkpoint
                 if cut is not None:  # this stage's part of a checkpoint cut at this frame
-                    cut.add(stage.plan.index, self._call(program.state, None, None, -1))
+                    cut.add(stage.plan.index, self._call(program.state, None, None, -1, "state"))
             inflight.close()
             for owed in program.remaining():
                 await self._backward(*owed, backward)
@@ -240,11 +256,14 @@ class StageRunner:
 
     # -- failures ----------------------------------------------------------------------------
     def _call(self, fn: Any, payload: Any, ready: Any, seq: int, kind: str = "compute") -> Any:
-        """``device.submit``, with a lost device reported as this stage's failure on ``seq``."""
+        """``device.submit``. A lost device is this stage's failure on ``seq``: a forward's
+        ticket raises it (the collector reports it in order); other work raises it now."""
         stage = self.stages[0]
         try:
             return stage.device.submit(fn, payload, ready, seq=seq, kind=kind)
         except StageLost as exc:
+            if kind == "compute":
+                return _failed_ticket(exc)
             raise self._died(stage, exc, seq) from exc
 
     @staticmethod
@@ -261,9 +280,36 @@ class StageRunner:
             error = PipelineError(f"{type(exc).__name__}: {exc}", component=stage.name, seq=seq)
             error.__cause__ = exc
         if self.on_error != "skip":
-            raise error
+            self._halt(error, job, exc)
         stage.stats.skipped += 1
         stage.stats.skipped_seqs.append(seq)
         if stage.program.learns and self.outlet.grads is not None:
             self.outlet.grads.forgo(job.key)  # it goes no further: no gradient of it will come back
         job.route.skip(job.frame, error)
+
+    def _halt(self, error: PipelineError, job: Job, cause: BaseException) -> None:
+        """Stop at ``job``'s frame, which failed with ``error``: report it in order (its own
+        route gets its own error first) and unwind; without ``on_failure``, raise it."""
+        if cause is not error and error.__cause__ is None:
+            error.__cause__ = cause
+        if self._on_failure is None:
+            raise error
+        job.route.lose(job.key, error)
+        self._on_failure(error, self, job.key)
+        raise _Halted
+
+
+def _failed_ticket(exc: BaseException) -> asyncio.Future[Any]:
+    """A ticket that raises ``exc`` when awaited (and is not logged if it never is: the run
+    may end first)."""
+    ticket = asyncio.get_running_loop().create_future()
+    ticket.set_exception(exc)
+    ticket.exception()
+    return ticket
+
+
+def _halted(exc: BaseException) -> bool:
+    """Whether ``exc`` (or every exception of its group) is this runner's own :class:`_Halted`."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(_Halted)[1] is None
+    return isinstance(exc, _Halted)

@@ -132,3 +132,11 @@ def rss_bytes() -> int:
     """Resident set size of this process, from /proc (Linux)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def assert_accounted(stats: pa.PipelineStats) -> None:
+    """Every frame admitted is accounted for, once the pipeline has stopped (or failed, or was
+    cancelled) and its streams are read or closed: delivered, discarded (its reader had gone),
+    dropped (a policy), skipped by a stage, or abandoned (the pipeline stopped first)."""
+    stage_skips = sum(s.skipped for s in stats.stages)
+    assert stats.admitted == stats.delivered + stats.discarded + stats.dropped + stage_skips + stats.abandoned, stats

@@ -23,7 +23,8 @@ from partime_async.checkpoint import load
 from partime_async.sinks import Checkpoint, JsonlSink, NpySink
 from partime_async.sources import RealTime, SensorSource, next_frame_targets
 from pa_helpers import assert_clean
-from reliability_helpers import Hiccup, JitterySink, expected_output, jittery_source, leaked_files, open_fds
+from reliability_helpers import (Hiccup, JitterySink, assert_accounted, expected_output, jittery_source, leaked_files,
+                                 open_fds)
 
 N = 100_000  # more than any run reaches before it is cancelled
 SETTINGS = settings(max_examples=12, deadline=None,
@@ -78,6 +79,7 @@ async def test_cancelling_the_graph_at_a_random_moment_cleans_up(n_stages, inlin
         assert state["position"] == int(path.stem.split("-")[1]) + 1
         assert state["model"].keys() == model.state_dict().keys()
     assert not pipe.running
+    assert_accounted(pipe.stats())  # the frames in flight when it was cancelled are counted as abandoned
     await assert_clean()
 
 

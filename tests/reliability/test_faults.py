@@ -24,7 +24,8 @@ import partime_async as pa
 from partime_async.devices import CpuDevice
 from partime_async.sinks import JsonlSink, NpySink
 from pa_helpers import FailOn, assert_clean
-from reliability_helpers import Hiccup, Injected, JitterySink, expected_output, jittery_source, leaked_files, open_fds
+from reliability_helpers import (Hiccup, Injected, JitterySink, assert_accounted, expected_output, jittery_source,
+                                 leaked_files, open_fds)
 
 N = 200
 PROMPT_S = 2.0  # issue #6: a failure ends run() within 2 s (a hang bound, not a speed claim)
@@ -85,10 +86,14 @@ async def test_a_fault_anywhere_stops_the_run_with_one_error_naming_it(where, n_
     assert not leaked_files(before, tmp)
     assert not list(tmp.rglob("*.tmp")), "a file sink left a temporary file"
     assert not (tmp / "out.jsonl").exists(), "a failed run must not leave a (partial) JSON lines file"
-    for path in sorted((tmp / "npy").glob("*.npy")):  # the frames written before the fault, complete
-        seq = int(path.stem.split("_")[1])
-        assert seq < fail_at and torch.equal(torch.from_numpy(__import__("numpy").load(path)),
-                                            expected_output(seq, [(1.0, float(k)) for k in range(n_stages)]))
+    written = sorted(int(path.stem.split("_")[1]) for path in (tmp / "npy").glob("*.npy"))
+    for seq in written:  # the frames written before the fault, complete
+        path = tmp / "npy" / f"frame_{seq:08d}.npy"
+        assert seq < error.seq and torch.equal(torch.from_numpy(__import__("numpy").load(path)),
+                                               expected_output(seq, [(1.0, float(k)) for k in range(n_stages)]))
+    if where != "sink":  # a failure of the pipeline comes in frame order: every frame before it is written first
+        assert written == list(range(error.seq))
+    assert_accounted(pipe.stats())
     await assert_clean()
 
 
@@ -143,3 +148,4 @@ async def test_skip_goes_on_and_reports_every_skipped_frame(n_stages, inline, se
         assert sorted(stage.skipped_seqs) == sorted(seq for seq, s in faults.items() if s == k)
         assert stage.skipped == len(stage.skipped_seqs)
     assert stats.admitted == stats.delivered + stats.dropped + stats.skipped
+    assert_accounted(stats)

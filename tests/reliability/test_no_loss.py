@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import partime_async as pa
-from reliability_helpers import Hiccup, JitterySink, expected_output, jittery_source
+from reliability_helpers import Hiccup, JitterySink, assert_accounted, expected_output, jittery_source
 
 N = 10_000
 SETTINGS = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -67,6 +67,7 @@ async def test_under_drop_policies_every_frame_is_delivered_or_counted(n_stages,
     assert sink.written == len(sink.seqs)
     assert sink.written + sink.dropped + stats.dropped == N, "a frame was neither delivered nor counted as dropped"
     assert stats.admitted == N and stats.delivered + stats.dropped == N and stats.skipped == 0
+    assert_accounted(stats)
     if policy == "block":
         assert stats.dropped == 0
     if sink_policy == "block":

@@ -19,7 +19,7 @@ from torch import nn
 
 import partime_async as pa
 from partime_async.sinks import Sink
-from reliability_helpers import rss_bytes
+from reliability_helpers import assert_accounted, rss_bytes
 
 N = 100_000
 PAYLOAD = torch.zeros(4096)  # 16 KiB; each frame gets its own copy
@@ -72,6 +72,7 @@ async def test_block_throttles_the_source_to_the_sink():
     lags: list[int] = []
     stats = await pa.run(source(sink, lags, n) >> pipeline() >> sink)
     assert sink.written == n and stats.dropped == 0 and sink.dropped == 0 and sink.in_order
+    assert_accounted(stats)
     # Everything between the source and the sink: the ingress, each stage and the channel
     # after it (the last stage's is the stream's output queue), the graph's fan-out and the
     # sink's own channel.
@@ -86,6 +87,7 @@ async def test_drop_policies_keep_memory_flat_and_count_every_drop(policy, where
     stats = await pa.run(source(sink, []) >> pipe >> sink)
     assert sink.in_order and sink.last == N - 1
     assert sink.written + sink.dropped + stats.dropped == N
+    assert_accounted(stats)
     assert sink.dropped + stats.dropped > N // 2  # the sink kept up with a fraction only
     warm = [rss for seq, rss in sink.rss if seq >= N // 10]
     assert len(warm) >= 3, sink.rss

@@ -1,0 +1,148 @@
+"""Errors come in frame order, and nothing vanishes uncounted.
+
+With ``on_error="raise"``, a frame that fails (at the door, in a stage, or because its source
+raised) stops admission at once, but every frame before it that can still complete does and is
+delivered, then the error is raised; the frames after it are abandoned and counted, so that
+``admitted == delivered + discarded + dropped + skipped + abandoned`` always holds.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from torch import nn
+
+import partime_async as pa
+from partime_async.sinks import Collect
+from pa_helpers import FailOn, marked
+
+N = 40
+POSITIONS = (0, 1, 7, 29)
+SHAPES = [(1, True), (2, False), (3, "auto")]  # (stages, inline)
+
+
+def frames(n: int = N) -> list[torch.Tensor]:
+    return [marked(i) for i in range(n)]
+
+
+def pipeline(n_stages: int, inline: bool | str, *layers: nn.Module, **kwargs) -> pa.Pipeline:
+    model = list(layers) + [nn.Identity() for _ in range(n_stages - len(layers))]
+    return pa.Pipeline(model, devices=pa.cpu_devices(n_stages, inline=inline, threads=1), balance=[1] * n_stages,
+                       **kwargs)
+
+
+def accounted(stats: pa.PipelineStats) -> bool:
+    return stats.admitted == (stats.delivered + stats.discarded + stats.dropped + sum(s.skipped for s in stats.stages)
+                              + stats.abandoned)
+
+
+async def read(pipe: pa.Pipeline, source) -> tuple[list[int], BaseException | None]:
+    """The seqs read from ``pipe.stream(source)`` and the error that ended the stream."""
+    got: list[int] = []
+    try:
+        async with pipe:
+            async for out in pipe.stream(source):
+                got.append(out.seq)
+    except pa.PipelineError as exc:
+        return got, exc
+    return got, None
+
+
+@pytest.mark.parametrize("n_stages, inline", SHAPES)
+@pytest.mark.parametrize("at", POSITIONS)
+async def test_a_bad_input_fails_the_stream_after_every_frame_before_it(at, n_stages, inline):
+    xs = frames()
+    xs[at] = [1, 2, 3]  # not a tensor (a wrong shape would fail too, but not as the first frame, which sets it)
+    pipe = pipeline(n_stages, inline)
+    got, error = await read(pipe, xs)
+    assert got == list(range(at))
+    assert isinstance(error, pa.FrameError) and error.seq == at and error.component == "input"
+    stats = pipe.stats()
+    assert stats.admitted == stats.delivered == at and stats.abandoned == 0 and accounted(stats)
+
+
+@pytest.mark.parametrize("n_stages, inline", SHAPES)
+@pytest.mark.parametrize("at", POSITIONS)
+async def test_a_stage_that_fails_fails_the_stream_after_every_frame_before_it(at, n_stages, inline):
+    fail_stage = n_stages - 1 if at % 2 else 0
+    layers = [FailOn(at) if k == fail_stage else nn.Identity() for k in range(n_stages)]
+    pipe = pipeline(n_stages, inline, *layers)
+    got, error = await read(pipe, frames())
+    assert got == list(range(at))
+    assert error.seq == at and error.component == f"stage {fail_stage} (cpu:{fail_stage})"
+    assert isinstance(error.__cause__, ValueError)
+    stats = pipe.stats()
+    assert stats.delivered == at and stats.abandoned == stats.admitted - at and accounted(stats)
+
+
+@pytest.mark.parametrize("at", POSITIONS)
+async def test_a_source_that_fails_fails_the_stream_after_every_frame_before_it(at):
+    def source():
+        for i in range(N):
+            if i == at:
+                raise OSError("the camera went away")
+            yield marked(i)
+
+    pipe = pipeline(2, False)
+    got, error = await read(pipe, source())
+    assert got == list(range(at))
+    assert error.component.startswith("source") and error.seq == at and isinstance(error.__cause__, OSError)
+    assert accounted(pipe.stats()) and pipe.stats().abandoned == 0
+
+
+@pytest.mark.parametrize("where", ["input", "stage"])
+@pytest.mark.parametrize("at", POSITIONS)
+async def test_in_a_graph_every_sink_writes_the_frames_before_the_failure(where, at):
+    xs = frames()
+    if where == "input":
+        xs[at] = [1, 2, 3]
+    pipe = pipeline(2, False, FailOn(at) if where == "stage" else nn.Identity())
+    sinks = [Collect(), Collect(capacity=1)]
+    with pytest.raises(pa.PipelineError) as info:
+        await pa.run(xs >> pipe >> sinks)
+    assert info.value.seq == at
+    assert all([f.seq for f in sink.frames] == list(range(at)) for sink in sinks)
+    assert accounted(pipe.stats())
+
+
+async def test_of_two_failures_the_stream_raises_the_one_earliest_in_frame_order():
+    """Stage 0 fails on frame 6 before stage 2 (slower) fails on frame 3: the frames before 3
+    are delivered, then frame 3's error, which the pipeline reports too."""
+    class Slow(nn.Module):
+        def forward(self, x):
+            import time
+            time.sleep(0.003)
+            return x
+
+    pipe = pipeline(3, False, FailOn(6), Slow(), FailOn(3))
+    got, error = await read(pipe, frames())
+    assert got == [0, 1, 2] and error.seq == 3 and error.component == "stage 2 (cpu:2)"
+    assert accounted(pipe.stats())
+
+
+async def test_submits_before_a_failing_one_complete_and_the_rest_learn_why():
+    pipe = pipeline(2, False, FailOn(5))
+    xs = frames(12)
+    with pytest.raises(pa.PipelineError, match="bad frame 5"):  # stop() raises the failure too
+        async with pipe:
+            results = await asyncio.gather(*(pipe.submit(x) for x in xs), return_exceptions=True)
+    assert all(isinstance(r, torch.Tensor) for r in results[:5])
+    assert isinstance(results[5], pa.PipelineError) and "bad frame 5" in str(results[5])
+    assert all(isinstance(r, (pa.PipelineError, pa.PipelineClosed)) for r in results[6:])
+    stats = pipe.stats()
+    assert stats.delivered == 5 and accounted(stats)
+
+
+async def test_stop_after_a_failure_in_order_raises_it_once():
+    pipe = pipeline(2, False, FailOn(3))
+    await pipe.start()
+    outputs = pipe.stream(frames())
+    got = []
+    with pytest.raises(pa.PipelineError):
+        async for out in outputs:
+            got.append(out.seq)
+    assert got == [0, 1, 2]
+    with pytest.raises(pa.PipelineError, match="bad frame 3"):
+        await pipe.stop()
+    await pipe.stop()  # once
