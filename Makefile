@@ -13,7 +13,7 @@ ifeq ($(shell uname -s)$(shell command -v nvidia-smi 2>/dev/null),Linux)
 CPU_ONLY := 1
 endif
 
-.PHONY: demo test bench install dev clean
+.PHONY: demo test bench example install dev clean
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is needed: set PYTHON=/path/to/python3.11"; exit 1; }
@@ -44,6 +44,11 @@ test: $(VENV)/.dev
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/partime-async bench
+
+# make example NAME=quickstart [ARGS="--frames 50"]: one of examples/, with this environment's Python
+example: $(VENV)/.installed
+	@test -n "$(NAME)" || { echo "say which: make example NAME=<one of: $(basename $(notdir $(wildcard examples/*.py)))>"; exit 2; }
+	$(PY) examples/$(NAME).py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -146,3 +146,26 @@ async def test_stop_after_a_failure_in_order_raises_it_once():
     with pytest.raises(pa.PipelineError, match="bad frame 3"):
         await pipe.stop()
     await pipe.stop()  # once
+
+
+async def test_submits_are_named_as_requests_apart_from_the_streams_frames():
+    """A stream's frames and submit()'s count apart (both from 0): errors and statistics say
+    which is which, and a request never moves the stream position a resume starts from."""
+    pipe = pipeline(2, False, FailOn(7, 100), on_error="skip")
+    async with pipe:
+        got = [f.seq async for f in pipe.stream(frames(10))]  # frame 7 fails
+        with pytest.raises(pa.PipelineError, match=r"failed on request 0: ValueError: bad frame 100"):
+            await pipe.submit(marked(100))  # request 0 fails
+        for i in (1, 2):
+            await pipe.submit(marked(i))
+        with pytest.raises(pa.PipelineError) as info:
+            await pipe.submit(marked(100))  # request 3
+    assert got == [0, 1, 2, 3, 4, 5, 6, 8, 9]
+    error = info.value
+    assert error.request and error.seq == 3 and str(error).startswith("stage 0 (cpu:0) failed on request 3:")
+    stage = pipe.stats().stages[0]
+    assert list(stage.skipped_seqs) == [7] and list(stage.skipped_requests) == [0, 3]
+    assert pipe.state_dict()["position"] == 10  # after the stream's last frame, whatever the requests
+    with pytest.raises(pa.FrameError, match=r"^input failed on request 0: payload is a str"):  # at the door too
+        async with pipeline(2, False) as fresh:
+            await fresh.submit("not a tensor")

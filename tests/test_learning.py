@@ -636,7 +636,8 @@ async def test_state_dict_refuses_while_a_learning_pipeline_streams():
             pipe.state_dict()
         with pytest.raises(RuntimeError, match="load_state_dict"):
             pipe.load_state_dict(before)
-    assert pipe.state_dict()["position"] == 1  # after stop: fine
+    state = pipe.state_dict()  # after stop: fine
+    assert state["next_seq"] == 1 and state["position"] == 0  # a submit() is a request, not a stream's position
 
 
 @pytest.mark.parametrize("scheduler", [

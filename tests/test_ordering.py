@@ -204,7 +204,7 @@ async def test_submit_of_a_dropped_frame_raises_frame_dropped():
     assert len(dropped) + len(served) == n, results
     assert dropped, "the gate should have forced drops"
     assert all(isinstance(e, pa.PipelineError) and e.seq is not None for e in dropped)
-    assert str(dropped[0]) == f"frame {dropped[0].seq} was not run: dropped by the ingress channel policy"
+    assert str(dropped[0]) == f"request {dropped[0].seq} was not run: dropped by the ingress channel policy"
     assert all(torch.equal(r, x) for x, r in served)
     assert torch.equal(results[-1], xs[-1])  # drop_oldest never evicts the newest request
     stats = pipe.stats()

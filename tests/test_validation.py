@@ -103,7 +103,7 @@ async def test_bad_submit_fails_only_that_caller(inline):
             with pytest.raises(pa.FrameError) as info:
                 await pipe.submit(bad)
             assert words in str(info.value), case
-            assert info.value.seq is not None and f"frame {info.value.seq}" in str(info.value)
+            assert info.value.seq is not None and f"request {info.value.seq}" in str(info.value) and info.value.request
         # concurrent good and bad requests: the good ones are served
         results = await asyncio.gather(pipe.submit(xs[1]), pipe.submit("nope"), pipe.submit(xs[2]),
                                        pipe.submit(torch.zeros(3, 4)), return_exceptions=True)

@@ -8,17 +8,27 @@ from typing import Any
 class PipelineError(RuntimeError):
     """A component of the graph failed; ``component`` and ``seq`` say where.
 
-    The original exception is chained as ``__cause__``.
+    ``request``: ``seq`` numbers a frame of ``Pipeline.submit()`` (which counts its own,
+    apart from the streams' seqs): the message says "request N", not "frame N". The original
+    exception is chained as ``__cause__``.
     """
 
-    def __init__(self, message: str, *, component: str, seq: int | None = None) -> None:
+    def __init__(self, message: str, *, component: str, seq: int | None = None, request: bool = False) -> None:
         self.component = component
         self.seq = seq
+        self.request = request
         self.detail = message
         super().__init__(self._headline(message))
 
+    def of_request(self) -> PipelineError:
+        """This error, naming its frame as the request of a ``submit()`` it is."""
+        self.request = True
+        self.args = (self._headline(self.detail),)
+        return self
+
     def _headline(self, message: str) -> str:
-        where = f"{self.component} failed" if self.seq is None else f"{self.component} failed on frame {self.seq}"
+        frame = "request" if self.request else "frame"
+        where = f"{self.component} failed" if self.seq is None else f"{self.component} failed on {frame} {self.seq}"
         return f"{where}: {message}"
 
 
@@ -31,7 +41,7 @@ class FrameDropped(PipelineError):
     (nothing failed: the pipeline was full and its policy drops)."""
 
     def _headline(self, message: str) -> str:
-        return f"frame {self.seq} was not run: {message}"
+        return f"{'request' if self.request else 'frame'} {self.seq} was not run: {message}"
 
 
 class PipelineClosed(RuntimeError):

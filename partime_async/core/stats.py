@@ -18,7 +18,8 @@ class StageStats:
     frames: int = 0
     skipped: int = 0
     busy_s: float = 0.0
-    skipped_seqs: deque[int] = field(default_factory=lambda: deque(maxlen=1024))  # the latest
+    skipped_seqs: deque[int] = field(default_factory=lambda: deque(maxlen=1024))  # the latest, streams' frames
+    skipped_requests: deque[int] = field(default_factory=lambda: deque(maxlen=1024))  # the latest, submit()s
     loss: float | None = None  # learning, last stage: the latest frame's loss
     counters: dict[str, float] = field(default_factory=dict)
     """What the stage's program counts besides frames, by name (a depth solver's iterations
@@ -33,6 +34,7 @@ class StageStats:
     def snapshot(self) -> StageStats:
         """A copy that the stage's threads no longer write."""
         return dataclasses.replace(self, skipped_seqs=deque(self.skipped_seqs, maxlen=self.skipped_seqs.maxlen),
+                                   skipped_requests=deque(self.skipped_requests, maxlen=self.skipped_requests.maxlen),
                                    counters=dict(self.counters))
 
 

@@ -95,6 +95,8 @@ class Admission:
         try:
             check_tensors(frame.data, frame.seq, finite=self._check_finite)
         except FrameError as error:
+            if route.request:
+                error.of_request()
             if self._on_error != "skip":
                 raise
             self._skip_input(frame, route, error)
@@ -102,8 +104,10 @@ class Admission:
         try:
             await self._build(frame.data, frame.seq)
         except SkipFrame as skip:  # the model failed on it; the next frame tries the split again
-            self._skip_input(frame, route, skip.error)
+            self._skip_input(frame, route, skip.error.of_request() if route.request else skip.error)
             return False
+        except PipelineError as error:
+            raise error.of_request() if route.request and error.seq is not None else error
         return True
 
     def _prepare(self, frame: Frame, route: Route) -> Job | None:
@@ -121,6 +125,8 @@ class Admission:
                 if self._check_finite:
                     check_tensors(frame.target, frame.seq, finite=True, component="target")
         except FrameError as error:
+            if route.request:
+                error.of_request()
             if self._on_error != "skip":
                 raise
             self._skip_input(frame, route, error)

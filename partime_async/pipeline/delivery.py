@@ -53,4 +53,5 @@ class Egress:
             run.discarded += 1
         elif not isinstance(route, StreamRoute):  # a stream's frame is delivered when read
             run.handed(frame)
-        self._state.position = frame.seq + 1
+        if not route.request:  # a submit()'s number is not a position in a stream
+            self._state.position = frame.seq + 1

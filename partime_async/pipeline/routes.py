@@ -16,7 +16,10 @@ from ..core.frame import Frame
 
 
 class Route:
-    """Base route; counts outcomes."""
+    """Base route; counts outcomes. ``request``: its frames are ``submit()`` requests, numbered
+    apart from the streams' (errors and statistics name them so)."""
+
+    request = False
 
     def __init__(self) -> None:
         self.admitted = 0
@@ -59,6 +62,8 @@ class Route:
 class FutureRoute(Route):
     """One frame, one answer: the route of ``Pipeline.submit``."""
 
+    request = True
+
     def __init__(self, future: asyncio.Future[Frame]) -> None:
         super().__init__()
         self.future = future
@@ -82,7 +87,8 @@ class FutureRoute(Route):
 
     def drop(self, frame: Frame, where: str) -> None:
         super().drop(frame, where)
-        self.fail(FrameDropped(f"dropped by the {where} channel policy", component="pipeline", seq=frame.seq))
+        self.fail(FrameDropped(f"dropped by the {where} channel policy", component="pipeline", seq=frame.seq,
+                               request=True))
 
     def fail(self, error: BaseException) -> None:
         if not self.future.done():

@@ -273,16 +273,16 @@ class StageRunner:
         return PipelineError(str(exc), component=stage.name, seq=seq)
 
     def _failed(self, stage: Stage, job: Job, exc: BaseException) -> None:
-        seq = job.frame.seq
+        seq, request = job.frame.seq, job.route.request
         if isinstance(exc, FrameError):  # already says where and what
-            error: PipelineError = exc
+            error: PipelineError = exc.of_request() if request else exc
         else:
-            error = PipelineError(f"{type(exc).__name__}: {exc}", component=stage.name, seq=seq)
+            error = PipelineError(f"{type(exc).__name__}: {exc}", component=stage.name, seq=seq, request=request)
             error.__cause__ = exc
         if self.on_error != "skip":
             self._halt(error, job, exc)
         stage.stats.skipped += 1
-        stage.stats.skipped_seqs.append(seq)
+        (stage.stats.skipped_requests if request else stage.stats.skipped_seqs).append(seq)
         if stage.program.learns and self.outlet.grads is not None:
             self.outlet.grads.forgo(job.key)  # it goes no further: no gradient of it will come back
         job.route.skip(job.frame, error)
@@ -292,6 +292,8 @@ class StageRunner:
         route gets its own error first) and unwind; without ``on_failure``, raise it."""
         if cause is not error and error.__cause__ is None:
             error.__cause__ = cause
+        if job.route is not None and job.route.request:
+            error.of_request()
         if self._on_failure is None:
             raise error
         job.route.lose(job.key, error)

@@ -133,7 +133,7 @@ async def test_each_bad_submit_fails_that_caller_only_with_a_clear_frame_error(k
             with pytest.raises(pa.FrameError) as info:
                 await pipe.submit(x)
             assert words in str(info.value), (kind, str(info.value))
-            assert info.value.seq == seq and f"frame {seq}" in str(info.value)
+            assert info.value.seq == seq and f"request {seq}" in str(info.value) and info.value.request
     await assert_clean()
 
 
