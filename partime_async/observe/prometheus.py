@@ -15,7 +15,8 @@ def prometheus_text(pipe: Observable | Observation) -> str:
     ``partime_stage_busy_seconds_total``. Gauges: ``partime_throughput_fps``, per stage
     ``partime_stage_busy_ratio``, ``partime_stage_queued_frames``,
     ``partime_stage_compute_median_seconds``, ``partime_stage_wait_mean_seconds`` (the last two
-    only where spans give them). Summary: ``partime_latency_seconds``, capture to delivery:
+    only where spans give them); ``partime_stage_counter_total`` (labels ``stage``, ``device``,
+    ``name``): what a stage's program counts besides frames (solver iterations, skipped updates). Summary: ``partime_latency_seconds``, capture to delivery:
     quantiles 0.5, 0.95, 0.99 over the frames kept in the span ring (a sliding window), and
     ``_sum`` / ``_count`` over every frame delivered since start (counters, as Prometheus'
     ``rate(_sum) / rate(_count)`` needs them). The
@@ -58,6 +59,8 @@ class _Collector:
         median = GaugeMetricFamily("partime_stage_compute_median_seconds", "Median forward time per frame.",
                                    labels=labels)
         wait = GaugeMetricFamily("partime_stage_wait_mean_seconds", "Mean queue wait before a stage.", labels=labels)
+        counter = CounterMetricFamily("partime_stage_counter", "What a stage's program counts besides frames.",
+                                      labels=[*labels, "name"])
         for s in rep.stages:
             values = [str(s.index), s.device]
             frames.add_metric(values, s.frames_out)
@@ -69,7 +72,9 @@ class _Collector:
                 median.add_metric(values, s.compute_median_s)
             if s.wait_mean_s is not None:
                 wait.add_metric(values, s.wait_mean_s)
-        yield from (frames, skipped, busy, busy_s, queued, median, wait)
+            for name, value in sorted(s.counters.items()):
+                counter.add_metric([*values, name], value)
+        yield from (frames, skipped, busy, busy_s, queued, median, wait, counter)
         latency = Metric("partime_latency_seconds", "Capture to delivery (quantiles over the frames kept in the "
                          "span ring; sum and count over every delivered frame).", "summary")
         if rep.latency_mean_s is not None:

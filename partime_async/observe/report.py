@@ -21,7 +21,9 @@ class StageReport:
     (derived from spans). ``frames_in``: frames that entered the stage's inlet (for stage 0,
     every admitted frame: those the ingress policy then dropped, counted in ``dropped``,
     included); ``frames_out``: frames it finished; ``queued``: frames waiting for it now (in
-    its inlet and on its device's queue).
+    its inlet and on its device's queue). ``counters``: what the stage's program counts besides
+    frames (a stage solved in depth: ``solver_iterations``, ``solver_fallbacks``; learning:
+    ``skipped_updates``), totals over the run.
     """
 
     index: int
@@ -38,6 +40,7 @@ class StageReport:
     dropped: int
     skipped: int
     queued: int
+    counters: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -133,7 +136,7 @@ def report(source: Observable | Observation) -> Report:
             compute_median_s=float(np.median(times)) if len(times) else None,
             wait_mean_s=float(waits.mean()) if len(waits) else None,
             frames_in=previous_out, frames_out=st.frames, dropped=stats.dropped if k == 0 else 0,
-            skipped=st.skipped, queued=queued))
+            skipped=st.skipped, queued=queued, counters=dict(st.counters)))
         previous_out = st.frames
     mean = p50 = p95 = p99 = None
     if len(latencies):

@@ -22,6 +22,8 @@ kinds:
 ``deliver``   stage ``-1``: ``t0`` = the frame's capture time, ``t1`` = when it left the last stage
               for its reader (a stream's frame counts as delivered once read)
 ``discard``   stage ``-1``, as ``deliver``, for a frame whose reader had gone when it left
+``iterate``   a stage solved in depth: one Newton step (DeepPCR) or sweep (Jacobi), inside ``compute``
+``fallback``  a stage solved in depth: the layers run in sequence after a solve that did not converge
 ============  ===========================================================================
 
 Queue waits are not recorded but derived (:func:`wait_intervals`): a frame waits before stage
@@ -48,7 +50,7 @@ import numpy as np
 SPAN_CAPACITY = 1 << 16
 """Spans a pipeline run keeps by default (the latest; about 10 MB when full)."""
 
-KINDS = ("compute", "backward", "step", "h2d", "d2d", "d2h", "deliver", "discard")
+KINDS = ("compute", "backward", "step", "h2d", "d2d", "d2h", "deliver", "discard", "iterate", "fallback")
 """The kinds of span a pipeline records (the table above)."""
 FORWARD_KINDS = frozenset({"h2d", "d2d", "compute", "d2h"})
 """Kinds on a frame's way forward through a stage (the path its trace flow follows)."""

@@ -15,8 +15,8 @@ transports and the runners.
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
-from typing import Any, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Hashable, Mapping, Sequence
 
 from ..aio.threads import in_thread, to_the_end
 from ..core.errors import PipelineError, StageFailed
@@ -25,7 +25,9 @@ from ..core.stats import StageStats
 from ..core.validation import InputSpec
 from ..devices import Device
 from ..partition import LayerFailed, Partitioner, StagePlan, min_max_partition, time_module
-from ..programs import InferProgram, LearnProgram, OnlineLearning, StageLearner, StageProgram
+from ..depth import Solver
+from ..programs import (DepthLearnProgram, DepthProgram, DepthStack, InferProgram, LearnProgram, OnlineLearning,
+                        StageLearner, StageProgram)
 from ..stage import OnError, OnFailure, Stage, StageRunner
 from ..transport import Inlet, Outlet, Sender, local_link
 from .admission import SkipFrame
@@ -36,7 +38,8 @@ from .state import PipelineState
 
 @dataclass(frozen=True)
 class BuildSettings:
-    """What the pipeline's arguments say about building its runs."""
+    """What the pipeline's arguments say about building its runs (``depth``: the solver class
+    of each stage whose layers are solved in depth, by stage index)."""
 
     devices: Sequence[Device]
     learning: OnlineLearning | None
@@ -45,6 +48,7 @@ class BuildSettings:
     on_error: OnError
     capacity: int
     window: int
+    depth: Mapping[int, type[Solver]] = field(default_factory=dict)
 
 
 async def build(settings: BuildSettings, state: PipelineState, run: Run, sample: Payload, seq: int | None) -> None:
@@ -101,11 +105,13 @@ async def _plan(settings: BuildSettings, state: PipelineState, sample: Payload) 
             n = len(plans)
             # Off the loop: the first optimiser a process makes imports torch._dynamo
             # (1-2 s, during which the loop would serve nothing else).
-            state.learners = await in_thread(
-                lambda: [StageLearner(learning, plan.module, plan.index, n) for plan in plans])
+            depth = settings.depth
+            state.learners = await in_thread(lambda: [StageLearner(
+                learning, DepthStack(plan.module, depth[plan.index]) if plan.index in depth else plan.module,
+                plan.index, n) for plan in plans])
         state.load_pending()
     else:
-        inline = await _choose_inline(plans, sample)
+        inline = await _choose_inline(plans, sample, never=settings.depth.keys())
     # Weights moved and buffers restored on whatever stream each step used: done before
     # the stages' own streams read them (set-up only; streaming never synchronises).
     for device in devices:
@@ -131,11 +137,13 @@ async def _profile(split: Partitioner, devices: Sequence[Device], sample: Payloa
     return [rows[d.profile_key] for d in devices]
 
 
-async def _choose_inline(plans: Sequence[StagePlan], sample: Payload) -> list[bool]:
+async def _choose_inline(plans: Sequence[StagePlan], sample: Payload, never: Any = ()) -> list[bool]:
     """For each stage, whether it runs on the loop thread: where its device says so, or may
-    (``inline_mode="auto"``) and the stage is cheaper than a measured thread hand-off."""
-    auto = [plan.index for plan in plans if plan.device.inline_mode == "auto"]
-    inline = [plan.device.inline_mode is True for plan in plans]
+    (``inline_mode="auto"``) and the stage is cheaper than a measured thread hand-off; the
+    stages in ``never`` (solved in depth: the plain layers timed here are not what they run)
+    do not."""
+    auto = [plan.index for plan in plans if plan.device.inline_mode == "auto" and plan.index not in never]
+    inline = [plan.device.inline_mode is True and plan.index not in never for plan in plans]
     if not auto:
         return inline
     handoff = await _handoff_seconds(plans[auto[0]].device)
@@ -177,9 +185,12 @@ def _stage(plan: StagePlan, inline: bool, settings: BuildSettings, state: Pipeli
     stats = StageStats(plan.name, device.name, plan.units, inline=inline)
     device.record_into(plan.index, stats, run.spans)  # where a device that times its own work records it
     program: StageProgram
+    solver = settings.depth.get(plan.index)
     if state.learners:
-        program = LearnProgram(plan, state.learners[plan.index], stats, spans=run.spans,
-                               check_outputs=settings.check_outputs)
+        learn = LearnProgram if solver is None else DepthLearnProgram
+        program = learn(plan, state.learners[plan.index], stats, spans=run.spans, check_outputs=settings.check_outputs)
+    elif solver is not None:
+        program = DepthProgram(plan, stats, spans=run.spans, check_outputs=settings.check_outputs, solver=solver)
     else:
         program = InferProgram(plan, stats, spans=run.spans, check_outputs=settings.check_outputs)
     return Stage(plan, program, stats, inline)

@@ -1,10 +1,11 @@
 """The checks of :class:`Pipeline`'s arguments, with messages that say what would be valid."""
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 from ..aio.channel import Channel, Policy
 from ..core.validation import InputSpec
+from ..depth import Solver
 from ..devices import Device
 from ..partition import Partitioner
 from ..programs import OnlineLearning
@@ -47,3 +48,24 @@ def check_options(*, on_error: str, output_spec: Any, input_spec: Any, window: A
     if not isinstance(metrics, (bool, int)) or (not isinstance(metrics, bool) and metrics < 1):
         raise ValueError(f"metrics must be True, False or a span capacity >= 1, got {metrics!r}")
     Channel(capacity, policy)  # validates both, with the channel's own messages
+
+
+Depth = type[Solver] | Mapping[int, type[Solver]] | None
+
+
+def depth_by_stage(depth: Depth, n_stages: int) -> dict[int, type[Solver]]:
+    """``depth=`` as ``{stage: solver class}``: one class for every stage, or a mapping."""
+    if depth is None:
+        return {}
+    if isinstance(depth, type):
+        depth = dict.fromkeys(range(n_stages), depth)
+    if not isinstance(depth, Mapping):
+        raise TypeError(f"depth must be a solver class (DeepPCR, Jacobi), a mapping stage -> solver class, or "
+                        f"None, got {depth!r}")
+    for stage, solver in depth.items():
+        if not (isinstance(stage, int) and 0 <= stage < n_stages):
+            raise ValueError(f"depth names stage {stage!r}, but the pipeline has stages 0..{n_stages - 1}")
+        if not (isinstance(solver, type) and issubclass(solver, Solver)):
+            raise TypeError(f"depth[{stage}] must be a solver class from partime_async.depth (DeepPCR, Jacobi), "
+                            f"got {solver!r}")
+    return dict(depth)

@@ -42,7 +42,7 @@ from ..partition import SequentialSplit
 from ..programs import OnlineLearning, StageLearner
 from ..stage import OnError
 from .build import BuildSettings, build
-from .config import Balance, check_learning, check_options, initial_balance
+from .config import Balance, Depth, check_learning, check_options, depth_by_stage, initial_balance
 from .cuts import CutSchedule
 from .routes import FutureRoute
 from .run import Run
@@ -79,6 +79,10 @@ class Pipeline:
             ``"drop_oldest"``, ``"drop_newest"`` or ``"latest"``. Inner channels always block.
         window: frames a stage may have queued on its device beyond the one it finishes.
         learning: an :class:`OnlineLearning` to train the model online on frames with targets.
+        depth: solve a stage's layers in parallel in depth instead of one after another
+            (:mod:`partime_async.depth`): a solver class (``DeepPCR`` or ``Jacobi``) for every
+            stage, or ``{stage: solver class}``; each frame's solve starts from the previous
+            frame's states. For inference and learning; see ``programs/depth.py``.
         metrics: record spans (each stage's compute, copies, backward and step, and each
             frame's delivery; see :mod:`partime_async.observe`) for :meth:`metrics`,
             :meth:`export_trace` and :func:`partime_async.observe.timeline`. On by default: a
@@ -106,6 +110,7 @@ class Pipeline:
         window: int = 2,
         learning: OnlineLearning | None = None,
         metrics: bool | int = True,
+        depth: Depth = None,
     ) -> None:
         self.model = model
         self._split = split = SequentialSplit(model)
@@ -122,6 +127,7 @@ class Pipeline:
         self.policy: Policy = policy
         self.window = window
         self.learning = learning
+        self.depth = depth_by_stage(depth, len(self.devices))
         self.metrics_enabled = metrics is not False
         # None: the ring's capacity at start (observe.SPAN_CAPACITY, read then).
         self._span_capacity = None if isinstance(metrics, bool) else metrics
@@ -176,7 +182,7 @@ class Pipeline:
         spans = deque(maxlen=self._span_capacity or _spans.SPAN_CAPACITY) if self.metrics_enabled else None
         # A run's settings are the pipeline's attributes when it starts.
         settings = BuildSettings(self.devices, self.learning, self.input_spec, self.output_spec == "first",
-                                 self.on_error, self.capacity, self.window)
+                                 self.on_error, self.capacity, self.window, self.depth)
         if self._run is not None:
             self._run.current = False  # its streams' reads count in no run now
         target_spec = self.learning.target_spec if self.learning is not None else None

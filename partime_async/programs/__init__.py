@@ -1,12 +1,14 @@
 """Programs: what a stage does with one frame (``base.py`` states the contract the runner keeps).
 
 ``infer.py`` (the stage's layers under no-grad), ``learn.py`` (forward, the owed backward and
-the optimiser step), ``online.py`` (:class:`OnlineLearning`, the modes and their schedule).
+the optimiser step), ``online.py`` (:class:`OnlineLearning`, the modes and their schedule),
+``depth.py`` (a stage's layers solved in parallel in depth, DeepPCR or Jacobi).
 """
 from .base import StageProgram, calls, host_timing, output_checker
+from .depth import DEFAULT_TOL, DepthLearnProgram, DepthProgram, DepthStack
 from .infer import InferProgram
 from .learn import LearnProgram
 from .online import MODES, OnlineLearning, StageLearner
 
-__all__ = ["MODES", "InferProgram", "LearnProgram", "OnlineLearning", "StageLearner", "StageProgram",
+__all__ = ["DEFAULT_TOL", "MODES", "DepthLearnProgram", "DepthProgram", "DepthStack", "InferProgram", "LearnProgram", "OnlineLearning", "StageLearner", "StageProgram",
            "calls", "host_timing", "output_checker"]
