@@ -16,6 +16,8 @@
 #   4. python bench/gpu_overlap.py (recorded in bench/RESULTS.md)                   -> gpu_overlap.log/.json
 #   5. python bench/gpu_graphs.py (eager vs CUDA graphs, inference and learning; recorded) -> gpu_benches.log
 #   6. python bench/hop_overhead.py --device cuda (recorded as hop_overhead_cuda)    -> gpu_benches.log
+#   6b. python bench/depth.py --parts c: DeepPCR and Jacobi vs sequential on the GPU (issue 21;
+#      recorded)                                                                   -> gpu_benches.log
 #   7. with the budget left: the CPU benchmarks of issues 2 and 5 pinned to two physical cores
 #      of this host (a quiet machine with real cores, which the shared 2-vCPU CI VM is not):
 #      cpu_scaling.py, then metrics_overhead.py (recorded; `taskset`)             -> cpu_benches.log
@@ -178,6 +180,9 @@ step "bench/gpu_graphs.py" 80 "$OUT/gpu_benches.log" "$PY" bench/gpu_graphs.py -
 # -- 6. bench/hop_overhead.py --device cuda ------------------------------------------------------
 step "bench/hop_overhead.py --device cuda" 90 "$OUT/gpu_benches.log" \
     "$PY" bench/hop_overhead.py --device cuda --repeats 3
+
+# -- 6b. bench/depth.py on the GPU (issue 21) ------------------------------------------------------
+step "bench/depth.py --parts c" 120 "$OUT/gpu_benches.log" "$PY" bench/depth.py --parts c --repeats 3
 
 # -- 7. CPU benchmarks on two quiet physical cores (issues 2 and 5), if the budget allows ---------
 # Two CPUs of different physical cores (no SMT siblings), avoiding CPU 0 (interrupts).
