@@ -13,6 +13,7 @@ import partime_async as pa
 from partime_async.aio import Channel
 from partime_async.core.stats import StageStats
 from partime_async.partition import SequentialSplit
+from partime_async.pipeline.routes import Route
 from partime_async.programs import InferProgram, StageProgram
 from partime_async.stage import Stage, StageRunner
 from partime_async.transport import GradBox, Inlet, Job, Outlet, local_link
@@ -88,7 +89,7 @@ async def test_the_runner_drives_a_program_of_its_own_over_ends_of_its_own(inlin
 
         async def feed() -> None:
             for seq, x in enumerate(xs):
-                await ingress.send(Job(pa.Frame(seq, x), route=None, key=seq))
+                await ingress.send(Job(pa.Frame(seq, x), route=Route(), key=seq))
             ingress.close()
 
         async with asyncio.TaskGroup() as tg:
@@ -122,7 +123,7 @@ async def test_a_program_that_raises_fails_the_run_naming_its_stage_and_frame_an
     devices[0].start(asyncio.get_running_loop())
     ingress: Channel[Job] = Channel(8, name="ingress")
     for seq in range(5):
-        ingress.send_nowait(Job(pa.Frame(seq, torch.zeros(1)), route=None, key=seq))
+        ingress.send_nowait(Job(pa.Frame(seq, torch.zeros(1)), route=Route(), key=seq))
     ingress.close()
     sink, grads_back = Recorder(), GradBox("stage -1")
     runner = StageRunner([Stage(plan, Fails(plan), StageStats(plan.name, "cpu:0", 1))], Inlet(ingress, grads_back),

@@ -27,7 +27,8 @@ from ..devices import Device
 from ..partition import LayerFailed, Partitioner, StagePlan, min_max_partition, time_module
 from ..depth import Solver
 from ..programs import (DepthLearnProgram, DepthProgram, DepthStack, InferProgram, LearnProgram, OnlineLearning,
-                        StageLearner, StageProgram)
+                        StageLearner, StageProgram, WidthProgram)
+from ..width import SplitLayer
 from ..stage import OnError, OnFailure, Stage, StageRunner
 from ..transport import Inlet, Outlet, Sender, local_link
 from .admission import SkipFrame
@@ -39,7 +40,8 @@ from .state import PipelineState
 @dataclass(frozen=True)
 class BuildSettings:
     """What the pipeline's arguments say about building its runs (``depth``: the solver class
-    of each stage whose layers are solved in depth, by stage index)."""
+    of each stage whose layers are solved in depth, by stage index; ``width``: the stages run
+    split in width, or True for every stage that holds width-split layers)."""
 
     devices: Sequence[Device]
     learning: OnlineLearning | None
@@ -49,6 +51,7 @@ class BuildSettings:
     capacity: int
     window: int
     depth: Mapping[int, type[Solver]] = field(default_factory=dict)
+    width: bool | frozenset[int] = False
 
 
 async def build(settings: BuildSettings, state: PipelineState, run: Run, sample: Payload, seq: int | None) -> None:
@@ -111,7 +114,7 @@ async def _plan(settings: BuildSettings, state: PipelineState, sample: Payload) 
                 plan.index, n) for plan in plans])
         state.load_pending()
     else:
-        inline = await _choose_inline(plans, sample, never=settings.depth.keys())
+        inline = await _choose_inline(plans, sample, never={*settings.depth, *_split_in_width(plans, settings)})
     # Weights moved and buffers restored on whatever stream each step used: done before
     # the stages' own streams read them (set-up only; streaming never synchronises).
     for device in devices:
@@ -191,9 +194,20 @@ def _stage(plan: StagePlan, inline: bool, settings: BuildSettings, state: Pipeli
         program = learn(plan, state.learners[plan.index], stats, spans=run.spans, check_outputs=settings.check_outputs)
     elif solver is not None:
         program = DepthProgram(plan, stats, spans=run.spans, check_outputs=settings.check_outputs, solver=solver)
+    elif plan.index in _split_in_width([plan], settings):
+        program = WidthProgram(plan, stats, spans=run.spans, check_outputs=settings.check_outputs)
     else:
         program = InferProgram(plan, stats, spans=run.spans, check_outputs=settings.check_outputs)
     return Stage(plan, program, stats, inline)
+
+
+def _split_in_width(plans: Sequence[StagePlan], settings: BuildSettings) -> set[int]:
+    """The stages of ``plans`` that run split in width: named by ``width=``, or with
+    ``width=True`` those whose module holds width-split layers (of a RePurpose plan)."""
+    if settings.width is True:
+        return {p.index for p in plans if any(isinstance(m, SplitLayer) for m in p.module.modules())
+                and p.index not in settings.depth}
+    return {p.index for p in plans if p.index in (settings.width or ())}
 
 
 def _connect(stages: Sequence[Stage], inlet: Inlet, egress: Sender[Any], settings: BuildSettings,

@@ -1,7 +1,7 @@
 """The checks of :class:`Pipeline`'s arguments, with messages that say what would be valid."""
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Collection, Literal, Mapping, Sequence
 
 from ..aio.channel import Channel, Policy
 from ..core.validation import InputSpec
@@ -69,3 +69,26 @@ def depth_by_stage(depth: Depth, n_stages: int) -> dict[int, type[Solver]]:
             raise TypeError(f"depth[{stage}] must be a solver class from partime_async.depth (DeepPCR, Jacobi), "
                             f"got {solver!r}")
     return dict(depth)
+
+
+Width = bool | Collection[int]
+
+
+def width_stages(width: Width, n_stages: int, learning: OnlineLearning | None,
+                 depth: Mapping[int, Any]) -> bool | frozenset[int]:
+    """``width=`` checked: True (every stage that holds width-split layers), or the stages named."""
+    if isinstance(width, bool):
+        stages: bool | frozenset[int] = width
+    elif isinstance(width, Collection) and all(isinstance(k, int) and 0 <= k < n_stages for k in width):
+        stages = frozenset(width)
+    else:
+        raise ValueError(f"width must be True, False or a collection of stage indices in 0..{n_stages - 1}, "
+                         f"got {width!r}")
+    if stages and learning is not None:
+        raise ValueError("width-split stages infer only: to fine-tune a restructured model, learn on plan.model as "
+                         "a plain module (its pruned connections have no weights, so they stay pruned) and run "
+                         "it width-split afterwards")
+    both = set(depth) & (set(stages) if isinstance(stages, frozenset) else set())
+    if both:
+        raise ValueError(f"stage {min(both)} cannot be solved in depth and split in width at once")
+    return stages

@@ -42,7 +42,8 @@ from ..partition import SequentialSplit
 from ..programs import OnlineLearning, StageLearner
 from ..stage import OnError
 from .build import BuildSettings, build
-from .config import Balance, Depth, check_learning, check_options, depth_by_stage, initial_balance
+from .config import (Balance, Depth, Width, check_learning, check_options, depth_by_stage, initial_balance,
+                     width_stages)
 from .cuts import CutSchedule
 from .routes import FutureRoute
 from .run import Run
@@ -83,6 +84,9 @@ class Pipeline:
             (:mod:`partime_async.depth`): a solver class (``DeepPCR`` or ``Jacobi``) for every
             stage, or ``{stage: solver class}``; each frame's solve starts from the previous
             frame's states. For inference and learning; see ``programs/depth.py``.
+        width: run a stage split in width: its K blocks of a :func:`~partime_async.width.repurpose`
+            plan on K worker threads, exchanging only the kept activations. ``True``: every
+            stage that holds width-split layers; or the stage indices. Inference only.
         metrics: record spans (each stage's compute, copies, backward and step, and each
             frame's delivery; see :mod:`partime_async.observe`) for :meth:`metrics`,
             :meth:`export_trace` and :func:`partime_async.observe.timeline`. On by default: a
@@ -111,6 +115,7 @@ class Pipeline:
         learning: OnlineLearning | None = None,
         metrics: bool | int = True,
         depth: Depth = None,
+        width: Width = False,
     ) -> None:
         self.model = model
         self._split = split = SequentialSplit(model)
@@ -128,6 +133,7 @@ class Pipeline:
         self.window = window
         self.learning = learning
         self.depth = depth_by_stage(depth, len(self.devices))
+        self.width = width_stages(width, len(self.devices), learning, self.depth)
         self.metrics_enabled = metrics is not False
         # None: the ring's capacity at start (observe.SPAN_CAPACITY, read then).
         self._span_capacity = None if isinstance(metrics, bool) else metrics
@@ -182,7 +188,7 @@ class Pipeline:
         spans = deque(maxlen=self._span_capacity or _spans.SPAN_CAPACITY) if self.metrics_enabled else None
         # A run's settings are the pipeline's attributes when it starts.
         settings = BuildSettings(self.devices, self.learning, self.input_spec, self.output_spec == "first",
-                                 self.on_error, self.capacity, self.window, self.depth)
+                                 self.on_error, self.capacity, self.window, self.depth, self.width)
         if self._run is not None:
             self._run.current = False  # its streams' reads count in no run now
         target_spec = self.learning.target_spec if self.learning is not None else None
