@@ -95,11 +95,7 @@ class Admission:
         try:
             check_tensors(frame.data, frame.seq, finite=self._check_finite)
         except FrameError as error:
-            if route.request:
-                error.of_request()
-            if self._on_error != "skip":
-                raise
-            self._skip_input(frame, route, error)
+            self._refuse(frame, route, error)
             return False
         try:
             await self._build(frame.data, frame.seq)
@@ -125,11 +121,7 @@ class Admission:
                 if self._check_finite:
                     check_tensors(frame.target, frame.seq, finite=True, component="target")
         except FrameError as error:
-            if route.request:
-                error.of_request()
-            if self._on_error != "skip":
-                raise
-            self._skip_input(frame, route, error)
+            self._refuse(frame, route, error)
             return None
         route.admitted += 1
         self.admitted += 1
@@ -138,6 +130,15 @@ class Admission:
             if due:
                 self._cut(frame, due)
         return Job(frame, route, next(self._keys))
+
+    def _refuse(self, frame: Frame, route: Route, error: FrameError) -> None:
+        """``frame`` failed at the door: raise its error (named as a request for a
+        ``submit()``), or with ``on_error="skip"`` skip it."""
+        if route.request:
+            error.of_request()
+        if self._on_error != "skip":
+            raise error
+        self._skip_input(frame, route, error)
 
     def _skip_input(self, frame: Frame, route: Route, error: PipelineError) -> None:
         self.skipped_input += 1

@@ -48,7 +48,7 @@ from .cuts import CutSchedule
 from .routes import FutureRoute
 from .run import Run
 from .state import PipelineState
-from .streams import OutputStream, is_source, own_frame
+from .streams import OutputStream, is_source, request_frame
 
 
 class Pipeline:
@@ -87,16 +87,12 @@ class Pipeline:
         width: run a stage split in width: its K blocks of a :func:`~partime_async.width.repurpose`
             plan on K worker threads, exchanging only the kept activations. ``True``: every
             stage that holds width-split layers; or the stage indices. Inference only.
-        metrics: record spans (each stage's compute, copies, backward and step, and each
-            frame's delivery; see :mod:`partime_async.observe`) for :meth:`metrics`,
-            :meth:`export_trace` and :func:`partime_async.observe.timeline`. On by default: a
-            tuple appended per span to a ring of the latest
-            :data:`~partime_async.observe.SPAN_CAPACITY` (about 1 000 instructions), lost in
-            the noise for a real model; for stages that do next to nothing, 1-4% more
-            modelled CPU cycles per frame, counted under cachegrind
-            (``bench/metrics_overhead.py``). An
-            int ``n`` keeps the latest ``n`` spans instead (longer traces; or a ring that
-            stays in cache). ``False`` leaves only the counters of :meth:`stats`.
+        metrics: record spans (see :mod:`partime_async.observe`) for :meth:`metrics`,
+            :meth:`export_trace` and :func:`partime_async.observe.timeline`: on by default, a
+            tuple per span into a ring of the latest :data:`~partime_async.observe.SPAN_CAPACITY`
+            (1-4% more modelled CPU cycles for stages that do next to nothing:
+            ``bench/metrics_overhead.py``); an int ``n`` keeps the latest ``n``; ``False``
+            leaves only the counters of :meth:`stats`.
     """
 
     def __init__(
@@ -270,13 +266,7 @@ class Pipeline:
         target and add to its meta); its seq is replaced by the pipeline's own count.
         """
         run = self._active()
-        if isinstance(x, Frame):
-            frame = own_frame(x, self._state.next_seq())
-            if target is not None:
-                frame.target = target
-            frame.meta.update(meta or {})
-        else:
-            frame = Frame(self._state.next_seq(), x, target, dict(meta or {}))
+        frame = request_frame(x, self._state.next_seq(), target, meta)
         future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
         route = FutureRoute(future)
         run.routes.add(route)

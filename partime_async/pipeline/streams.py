@@ -15,7 +15,7 @@ import torch
 from ..aio.channel import ChannelClosed, Policy
 from ..aio.threads import aclose_to_the_end
 from ..core.errors import PipelineError
-from ..core.frame import Frame
+from ..core.frame import Frame, Payload
 from .routes import StreamRoute
 from .run import Run
 
@@ -203,6 +203,18 @@ async def pump(source: Iterable[Any] | AsyncIterable[Any], route: StreamRoute, r
 def is_source(source: object) -> bool:
     """Whether ``source`` can feed a stream: an iterable or async iterable (not a tensor)."""
     return hasattr(source, "__aiter__") or (hasattr(source, "__iter__") and not isinstance(source, torch.Tensor))
+
+
+def request_frame(x: Payload | Frame, seq: int, target: Payload | None, meta: dict[str, Any] | None) -> Frame:
+    """The frame of a ``submit(x, target=, meta=)`` numbered ``seq``: ``x`` itself if it is a
+    :class:`Frame` (a private copy; ``target`` replaces its target, ``meta`` adds to its meta)."""
+    if isinstance(x, Frame):
+        frame = own_frame(x, seq)
+        if target is not None:
+            frame.target = target
+        frame.meta.update(meta or {})
+        return frame
+    return Frame(seq, x, target, dict(meta or {}))
 
 
 def own_frame(frame: Frame, seq: int | None = None) -> Frame:

@@ -34,9 +34,10 @@ from __future__ import annotations
 
 from typing import Any, Callable, ClassVar
 
+import torch
 from torch import nn
 
-from ..core.frame import Payload
+from ..core.frame import Payload, now
 from ..core.job import Job
 from ..core.stats import StageStats
 from ..core.validation import InputSpec
@@ -93,6 +94,31 @@ def host_timing(plan: StagePlan, stats: StageStats, spans: Any) -> tuple[StageSt
     if plan.device.host_timed:
         return stats, (spans.append if spans is not None else None)
     return StageStats(stats.name, stats.device, 0), None
+
+
+def timed_inference(plan: StagePlan, stats: StageStats, spans: Any, check_outputs: bool, body: Work) -> Work:
+    """``body(x, seq)`` as a stage's inference ``forward``: under no-grad, its host-clock time
+    in the busy time and (``spans``) a ``compute`` span where the host clock times the device
+    (:func:`host_timing`), its output checked against its first (``check_outputs``). For
+    programs whose work per frame is large (:class:`~partime_async.programs.infer.InferProgram`
+    builds the same inline: one call less per frame is most of a cheap hop)."""
+    timed, record = host_timing(plan, stats, spans)
+    check = output_checker(plan.name) if check_outputs else None
+    index = plan.index
+
+    def forward(x: Payload, seq: int) -> Payload:
+        t0 = now()
+        with torch.no_grad():
+            y = body(x, seq)
+        t1 = now()
+        timed.busy_s += t1 - t0
+        if record is not None:
+            record((index, "compute", seq, t0, t1))
+        if check is not None:
+            check(y, seq)
+        return y
+
+    return forward
 
 
 def output_checker(name: str) -> Callable[[Payload, int], None]:

@@ -36,11 +36,11 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..core.frame import Payload, now
+from ..core.frame import Payload
 from ..core.stats import StageStats
 from ..depth import DeepPCR, Solver, fuse
 from ..partition import StagePlan
-from .base import Record, StageProgram, calls, host_timing, output_checker
+from .base import Record, StageProgram, calls, host_timing, timed_inference
 from .learn import LearnProgram
 from .online import StageLearner
 
@@ -178,33 +178,16 @@ class DepthProgram(StageProgram):
             warnings.warn(f"{plan.name}: graphs=True does not apply to a stage solved in depth (how many steps a "
                           "solve takes depends on the data): it runs eagerly", RuntimeWarning, stacklevel=2)
         self.stack = stack = DepthStack(plan.module, solver, tol=tol, max_iters=max_iters)
-        timed, record = host_timing(plan, stats, spans)
-        check = output_checker(plan.name) if check_outputs else None
-        index = plan.index
         for name in COUNTERS:
             stats.counters.setdefault(name, 0.0)
         stack.counters = stats.counters
-        stack.record = _solver_spans(record, index, stack)
-        grad_enabled, set_grad_enabled = torch.is_grad_enabled, torch._C._set_grad_enabled
+        stack.record = _solver_spans(host_timing(plan, stats, spans)[1], plan.index, stack)
 
-        def forward(x: Payload, seq: int) -> Payload:
-            t0 = now()
+        def solve(x: Payload, seq: int) -> Payload:
             stack.seq = seq
-            previous = grad_enabled()
-            set_grad_enabled(False)
-            try:
-                x = stack(x)
-            finally:
-                set_grad_enabled(previous)
-            t1 = now()
-            timed.busy_s += t1 - t0
-            if record is not None:
-                record((index, "compute", seq, t0, t1))
-            if check is not None:
-                check(x, seq)
-            return x
+            return stack(x)
 
-        self.forward = forward
+        self.forward = timed_inference(plan, stats, spans, check_outputs, solve)
 
 
 class DepthLearnProgram(LearnProgram):

@@ -61,7 +61,6 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils import _pytree as pytree
 
-from ..core.errors import FrameError
 from ..core.frame import Payload
 from ..core.job import NO_GRADIENT
 from ..core.validation import InputSpec

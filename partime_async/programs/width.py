@@ -38,11 +38,11 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..core.frame import Payload, now
+from ..core.frame import Payload
 from ..core.stats import StageStats
 from ..partition import StagePlan
 from ..width import CHANNELWISE, ELEMENTWISE, SplitLayer
-from .base import StageProgram, calls, host_timing, output_checker
+from .base import StageProgram, calls, timed_inference
 
 _STOP = object()
 
@@ -117,10 +117,6 @@ class WidthProgram(StageProgram):
         self._threads: list[threading.Thread] = []
         self._events = [[threading.Event() for _ in range(k)] for _ in split]
         self._published: list[list[torch.Tensor | None]] = [[None] * k for _ in split]
-        timed, record = host_timing(plan, stats, spans)
-        check = output_checker(plan.name) if check_outputs else None
-        index = plan.index
-        grad_enabled, set_grad_enabled = torch.is_grad_enabled, torch._C._set_grad_enabled
         counters = stats.counters
         counters.setdefault("exchanged_activations", 0.0)
         counters.setdefault("exchanges", 0.0)
@@ -130,42 +126,30 @@ class WidthProgram(StageProgram):
         self._after = after
         one_at_a_time = threading.Lock()  # the workers' per-layer events serve one frame at a time
 
-        def forward(x: Payload, seq: int) -> Payload:
-            t0 = now()
-            previous = grad_enabled()
-            set_grad_enabled(False)
-            try:
-                for module in head:
-                    x = module(x)
-                frame = _Frame(x, k)
-                with one_at_a_time:
-                    for row in events:
-                        for event in row:
-                            event.clear()
-                    for inbox in program._inboxes():
-                        inbox.put(frame)
-                    while not frame.finished.wait(1.0):
-                        program._check_alive()
-                if frame.error is not None:
-                    raise frame.error
-                y = torch.cat(frame.outputs, dim)  # type: ignore[arg-type]
-                if last.order is not None:
-                    y = y.index_select(dim, last.order)
-                for module in tail:
-                    y = module(y)
-            finally:
-                set_grad_enabled(previous)
-            t1 = now()
-            timed.busy_s += t1 - t0
+        def run(x: Payload, seq: int) -> Payload:
+            for module in head:
+                x = module(x)
+            frame = _Frame(x, k)
+            with one_at_a_time:
+                for row in events:
+                    for event in row:
+                        event.clear()
+                for inbox in program._inboxes():
+                    inbox.put(frame)
+                while not frame.finished.wait(1.0):
+                    program._check_alive()
+            if frame.error is not None:
+                raise frame.error
+            y = torch.cat(frame.outputs, dim)  # type: ignore[arg-type]
+            if last.order is not None:
+                y = y.index_select(dim, last.order)
+            for module in tail:
+                y = module(y)
             counters["exchanged_activations"] += frame.received
             counters["exchanges"] += frame.transfers
-            if record is not None:
-                record((index, "compute", seq, t0, t1))
-            if check is not None:
-                check(y, seq)
             return y
 
-        self.forward = forward
+        self.forward = timed_inference(plan, stats, spans, check_outputs, run)
 
     # -- the workers ---------------------------------------------------------------------------
     def attach(self) -> None:
