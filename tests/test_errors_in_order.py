@@ -169,3 +169,40 @@ async def test_submits_are_named_as_requests_apart_from_the_streams_frames():
     with pytest.raises(pa.FrameError, match=r"^input failed on request 0: payload is a str"):  # at the door too
         async with pipeline(2, False) as fresh:
             await fresh.submit("not a tensor")
+
+
+def test_naming_an_error_as_a_request_leaves_the_original_as_it_was():
+    """The run's error is given to every waiter: one of them naming it as its request must
+    not rename it for the others."""
+    cause = ValueError("bad")
+    error = pa.PipelineError("ValueError: bad", component="stage 0 (cpu:0)", seq=3)
+    error.__cause__ = cause
+    renamed = error.of_request()
+    assert renamed is not error and type(renamed) is type(error) and renamed.__cause__ is cause
+    assert str(renamed) == "stage 0 (cpu:0) failed on request 3: ValueError: bad" and renamed.request
+    assert str(error) == "stage 0 (cpu:0) failed on frame 3: ValueError: bad" and not error.request
+    assert renamed.of_request() is renamed
+
+
+async def test_a_submit_waiting_for_the_build_gets_the_runs_error_as_it_is():
+    """A submit() that waits while another frame's build runs, and the run fails meanwhile,
+    gets the run's error (naming the stream's frame), and builds nothing."""
+    def failing_source():
+        raise OSError("camera unplugged")
+        yield
+
+    pipe = pipeline(2, False)
+    async with pipe:
+        lock = pipe._run.build_lock
+        await lock.acquire()  # another frame is building
+        submit = asyncio.create_task(pipe.submit(marked(0)))
+        await asyncio.sleep(0.01)
+        with pytest.raises(pa.PipelineError, match="failed on frame 0: OSError: camera unplugged") as read:
+            async for _ in pipe.stream(failing_source()):
+                pass
+        lock.release()
+        with pytest.raises(pa.PipelineError) as submitted:
+            await submit
+        assert submitted.value is read.value and not pipe._run.stages
+        with pytest.raises(pa.PipelineError, match="failed on frame 0"):
+            await pipe.stop()

@@ -215,3 +215,110 @@ async def test_a_frame_a_middle_stage_skips_owes_no_gradient_and_learning_goes_o
         assert [learner.skipped_updates for learner in pipe.learners] == ([2, 2, 0] if mode == "partime" else [1, 1, 0])
         assert all(torch.isfinite(w).all() for w in runs[-1])
     assert same(*runs)  # deterministic
+
+
+class FailOnMark(nn.Module):
+    """``Linear(6, 6)`` that raises on a frame marked by a first element above 100."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if float(x[0, 0]) > 100:
+            raise ValueError("marked frame")
+        return self.lin(x)
+
+
+def marked(frames: list[pa.Frame], seqs: set[int], *, target: bool = True) -> list[pa.Frame]:
+    """``frames`` with those of ``seqs`` marked (their first element 1000; no target unless ``target``)."""
+    out = []
+    for f in frames:
+        if f.seq in seqs:
+            x = f.data.clone()
+            x[0, 0] = 1000.0
+            f = pa.Frame(f.seq, x, f.target if target else None)
+        out.append(f)
+    return out
+
+
+@pytest.mark.parametrize("n_stages", [3, 4])
+@pytest.mark.parametrize("mode", MODES)
+async def test_more_skipped_frames_than_a_stage_delay_allows_keep_every_schedule_in_step(mode, n_stages):
+    """Frames skipped by stage 0 travel on as markers that the later stages count: stage 0
+    owes frame t's gradient 2(n-1) frames after t, whatever was skipped meanwhile. (Counting
+    only the frames that arrive, three skips in a row left stage 0 waiting for ever.)"""
+    def model() -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(FailOnMark(), *[nn.Sequential(nn.Linear(6, 6), nn.Tanh()) for _ in range(n_stages - 1)])
+
+    bad = {5, 6, 7, 9}
+    frames = marked(make_frames(20), bad)
+    runs = []
+    for _ in range(2):
+        m = model()
+        pipe = pipeline(m, mode, balance=(1,) * n_stages, on_error="skip", input_spec=None)
+        outputs = await asyncio.wait_for(stream(pipe, frames), 60)
+        assert [f.seq for f in outputs] == [s for s in range(20) if s not in bad]
+        stats = pipe.stats()
+        assert [s.skipped for s in stats.stages] == [len(bad)] + [0] * (n_stages - 1)
+        assert [s.frames for s in stats.stages] == [20 - len(bad)] * n_stages  # markers are not frames
+        assert stats.admitted == stats.delivered + sum(s.skipped for s in stats.stages)
+        runs.append(weights(m))
+    assert same(*runs)  # deterministic
+    if mode == "stashed":
+        # Each gradient goes through its own frame's graph, so skipping a frame only removes its
+        # update: the weights are those of the same stream with those frames carrying no target.
+        reference = model()
+        await stream(pipeline(reference, mode, balance=(1,) * n_stages, input_spec=None),
+                     [pa.Frame(f.seq, f.data, None if f.seq in bad else f.target) for f in make_frames(20)])
+        assert same(runs[0], weights(reference))
+
+
+class GrowOnMark(nn.Module):
+    """``Linear(6, 6)`` whose output doubles its rows on a marked frame (first element above 100)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.lin(x)
+        return torch.cat([y, y]) if float(x[0, 0]) > 100 else y
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_frame_whose_output_fails_the_stage_check_is_skipped_and_no_update_uses_its_graph(mode):
+    """The output check runs after the forward: a frame it rejects is forgotten by the learner
+    too (in partime the owed gradient would otherwise go through that frame's graph)."""
+    def model() -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(GrowOnMark(), nn.Tanh(), nn.Linear(6, 6))
+
+    frames = marked(make_frames(12), {5})
+    m = model()
+    pipe = pipeline(m, mode, balance=(1, 2), on_error="skip")
+    outputs = await stream(pipe, frames)
+    assert [f.seq for f in outputs] == [s for s in range(12) if s != 5]
+    assert [s.skipped for s in pipe.stats().stages] == [1, 0]
+    # stashed: frame 5's own update; partime: also frame 3's, which frame 5's graph was to carry
+    assert [learner.skipped_updates for learner in pipe.learners] == ([2, 0] if mode == "partime" else [1, 0])
+    if mode == "stashed":
+        reference = model()
+        await stream(pipeline(reference, mode, balance=(1, 2)), [pa.Frame(f.seq, f.data, None if f.seq == 5 else f.target)
+                                                 for f in make_frames(12)])
+        assert same(weights(m), weights(reference))
+
+
+async def test_frames_skipped_without_a_target_leave_no_gradient_behind():
+    """A skipped frame that would not have learnt owes no gradient: nothing is kept for it
+    between the stages, however long the stream."""
+    torch.manual_seed(0)
+    pipe = pipeline(nn.Sequential(FailOnMark(), nn.Linear(6, 6)), "stashed", balance=(1, 1), on_error="skip",
+                    input_spec=None)
+    frames = make_frames(200)
+    frames = [pa.Frame(f.seq, f.data, None) if f.seq % 2 else f for f in frames]
+    async with pipe:
+        outputs = [f async for f in pipe.stream(marked(frames, {s for s in range(200) if s % 2}, target=False))]
+        assert len(outputs) == 100
+        assert len(pipe._run.runners[0].outlet.grads) == 0  # the gradients stage 0 was sent and never took

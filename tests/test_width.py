@@ -430,3 +430,13 @@ def test_width_argument_errors(trained):
         pa.Pipeline(plan.model, devices=pa.cpu_devices(1), width=True, learning=learning)
     with pytest.raises(ValueError, match="width must be True, False or a collection of stage indices in 0..0"):
         pa.Pipeline(plan.model, devices=pa.cpu_devices(1), width={3})
+
+
+async def test_a_width_stage_without_split_layers_fails_the_set_up_with_the_reason(trained):
+    model, _, _ = trained
+    pipe = pa.Pipeline(model, devices=pa.cpu_devices(2), balance=[len(model) - 1, 1], width={1})
+    with pytest.raises(pa.PipelineError, match=r"pipeline set-up failed on frame 0: .*stage 1 \(cpu:1\): the stage "
+                                               r"holds no SplitLinear/SplitConv2d layer"):
+        async with pipe:
+            async for _ in pipe.stream([torch.randn(4, model[0].in_features)]):
+                pass

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Self
 
 
 class PipelineError(RuntimeError):
@@ -20,11 +20,19 @@ class PipelineError(RuntimeError):
         self.detail = message
         super().__init__(self._headline(message))
 
-    def of_request(self) -> PipelineError:
-        """This error, naming its frame as the request of a ``submit()`` it is."""
-        self.request = True
-        self.args = (self._headline(self.detail),)
-        return self
+    def of_request(self) -> Self:
+        """This error naming its frame as the request of a ``submit()`` it is: a copy (this
+        one may be the run's own error, which others are given too), with the same cause
+        (and not shown as raised while handling this one)."""
+        if self.request:
+            return self
+        error = BaseException.__new__(type(self))
+        error.__dict__.update(self.__dict__)
+        error.request = True
+        error.args = (error._headline(self.detail),)
+        error.__cause__, error.__context__ = self.__cause__, self.__context__
+        error.__suppress_context__ = True
+        return error
 
     def _headline(self, message: str) -> str:
         frame = "request" if self.request else "frame"

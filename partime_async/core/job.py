@@ -19,9 +19,14 @@ class Job:
     already is): transports carry it along and only devices wait on it. ``ticket`` is the
     runner's own: the device's pending result while the job is in flight on a stage; it
     never crosses a transport.
+
+    ``skipped``: a learning stage skipped this frame (``on_error="skip"``; its route has
+    settled it). The job still travels to the last stage as a marker, without data, so that
+    every stage's learning schedule counts the same frames in the same order (a stage owes
+    frame t's gradient a fixed number of frames after t); no stage computes on it.
     """
 
-    __slots__ = ("frame", "route", "key", "ready", "ticket")
+    __slots__ = ("frame", "route", "key", "ready", "ticket", "skipped")
 
     def __init__(self, frame: Frame, route: Any, key: int = -1) -> None:
         self.frame = frame
@@ -29,6 +34,7 @@ class Job:
         self.key = key
         self.ready: Any = None
         self.ticket: Any = None
+        self.skipped = False
 
 
 class _NoGradient:

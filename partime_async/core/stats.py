@@ -50,8 +50,9 @@ class PipelineStats:
     ``admitted == delivered + discarded + dropped + sum(stage.skipped) + abandoned``, where
     ``discarded`` frames finished after their reader had gone, or were never read (a stream
     closed early, a cancelled ``submit()``), and ``abandoned`` frames never finished because
-    the pipeline stopped first (a failure, in frame order: the frames after the one that
-    failed; a cancellation: every frame in flight), counted when the run ends; frames
+    the pipeline stopped first (a failure, in frame order: the frame that failed a stage and
+    the frames after it; a cancellation: every frame in flight), counted once the run has
+    ended (0 while it runs); frames
     rejected at the door (with ``on_error="skip"``: bad input, or a first frame that the
     model failed on while the pipeline split it) are counted in ``skipped_input`` instead.
     """

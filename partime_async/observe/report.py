@@ -80,7 +80,7 @@ class Report:
 
     def __str__(self) -> str:
         lost = f", discarded {self.discarded} (reader gone)" if self.discarded else ""
-        lost += f", abandoned {self.abandoned} (the pipeline stopped first)" if self.abandoned else ""
+        lost += f", abandoned {self.abandoned} (failed, or in flight when the pipeline stopped)" if self.abandoned else ""
         lines = [f"{self.delivered} delivered of {self.admitted} admitted in {self.elapsed_s:.3f} s: "
                  f"{self.throughput:.1f} frames/s; dropped {self.dropped}, skipped {self.skipped}{lost}"]
         if self.latency_p50_s is not None:

@@ -26,9 +26,10 @@ class SkipFrame(Exception):
         self.error = error
 
 
-Build = Callable[[Payload, "int | None"], Awaitable[None]]
-"""``build(sample, seq)``: make the run's stages from a first frame (raises :class:`SkipFrame`
-to skip that frame)."""
+Build = Callable[[Payload, "int | None", bool], Awaitable[None]]
+"""``build(sample, seq, request)``: make the run's stages from a first frame (``request``: a
+``submit()``'s, which its errors name so); raises :class:`SkipFrame` to skip that frame, or
+the run's error if it has ended."""
 
 
 class Admission:
@@ -98,12 +99,10 @@ class Admission:
             self._refuse(frame, route, error)
             return False
         try:
-            await self._build(frame.data, frame.seq)
+            await self._build(frame.data, frame.seq, route.request)
         except SkipFrame as skip:  # the model failed on it; the next frame tries the split again
-            self._skip_input(frame, route, skip.error.of_request() if route.request else skip.error)
+            self._skip_input(frame, route, skip.error)
             return False
-        except PipelineError as error:
-            raise error.of_request() if route.request and error.seq is not None else error
         return True
 
     def _prepare(self, frame: Frame, route: Route) -> Job | None:
@@ -135,7 +134,7 @@ class Admission:
         """``frame`` failed at the door: raise its error (named as a request for a
         ``submit()``), or with ``on_error="skip"`` skip it."""
         if route.request:
-            error.of_request()
+            error = error.of_request()
         if self._on_error != "skip":
             raise error
         self._skip_input(frame, route, error)

@@ -14,6 +14,7 @@ transports and the runners.
 """
 from __future__ import annotations
 
+import asyncio
 import statistics
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Mapping, Sequence
@@ -54,17 +55,27 @@ class BuildSettings:
     width: bool | frozenset[int] = False
 
 
-async def build(settings: BuildSettings, state: PipelineState, run: Run, sample: Payload, seq: int | None) -> None:
-    """Build ``run``'s stages from its first frame ``sample`` (frame ``seq``; None: a
-    ``start(sample)``) and start their runners in the run's task group. Once per run: a
-    second call returns at once. Raises a :class:`PipelineError` naming what failed, or
-    :class:`SkipFrame` (``on_error="skip"``, a streamed frame the model failed on)."""
+async def build(settings: BuildSettings, state: PipelineState, run: Run, sample: Payload, seq: int | None,
+                request: bool) -> None:
+    """Build ``run``'s stages from its first frame ``sample`` (frame ``seq``, or request
+    ``seq`` of a ``submit()`` where ``request``; None: a ``start(sample)``) and start their
+    runners in the run's task group. Once per run: a second call returns at once. Raises a
+    :class:`PipelineError` naming what failed, :class:`SkipFrame` (``on_error="skip"``, a
+    streamed frame the model failed on), or the run's error if it ended meanwhile (this
+    frame waited for another's build, or the run closed the devices under this one)."""
     admission = run.admission
     async with run.build_lock:
         if admission.built:
             return
+        run.check_running()
         try:
             plans, inline = await _plan(settings, state, sample)
+            stages = [_stage(plan, inline, settings, state, run) for plan, inline in zip(plans, inline)]
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or not task.cancelling():
+                run.check_running()  # not this caller's cancellation: the run ended under it
+            raise
         except (LayerFailed, StageFailed) as exc:  # the model raised on this frame
             if isinstance(exc, LayerFailed):  # profiling: the split is not known yet, the layer is
                 cause, what, component = exc.__cause__, "profiling the model", str(exc)
@@ -72,15 +83,14 @@ async def build(settings: BuildSettings, state: PipelineState, run: Run, sample:
                 cause, what = exc.error, "timing the stage"
                 component = f"stage {exc.stage} ({settings.devices[exc.stage].name})"
             error = PipelineError(f"{type(cause).__name__}: {cause} (while {what} on its first frame)",
-                                  component=component, seq=seq)
+                                  component=component, seq=seq, request=request)
             error.__cause__ = cause
             if settings.on_error == "skip" and seq is not None:  # a streamed frame: skipped like any other
                 raise SkipFrame(error) from cause
             raise error from cause
         except Exception as exc:
             raise PipelineError(f"{type(exc).__name__}: {exc} (while splitting the model on its first frame)",
-                                component="pipeline set-up", seq=seq) from exc
-        stages = [_stage(plan, inline, settings, state, run) for plan, inline in zip(plans, inline)]
+                                component="pipeline set-up", seq=seq, request=request) from exc
         run.install(stages, _connect(stages, Inlet(admission.ingress), Egress(run, state), settings, run.fail))
         admission.open(InputSpec.like(sample) if settings.input_spec == "first" else settings.input_spec,
                        cut_parts=len(stages) if settings.learning is not None else 0)

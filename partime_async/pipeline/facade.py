@@ -197,7 +197,7 @@ class Pipeline:
         try:
             await started
             if sample is not None:
-                await build(settings, self._state, run, sample, None)
+                await build(settings, self._state, run, sample, None, False)
         except BaseException:  # a bad sample, a failed split, or the caller cancelled: nothing left running
             await self.cancel()
             raise

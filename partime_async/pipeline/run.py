@@ -9,8 +9,8 @@ started (joining their threads) and records the one error to report.
 
 Errors come in frame order (:meth:`Run.fail`): a frame that fails a stage, or a source or an
 input that fails at the door, stops admission at once, but the frames before it that can
-still complete do, and are delivered; then every waiter gets the error. The frames after it
-are abandoned: ``stats().abandoned`` counts them, so that ``admitted == delivered + discarded
+still complete do, and are delivered; then every waiter gets the error. That frame (if it
+was admitted) and those after it are abandoned: ``stats().abandoned`` counts them, so that ``admitted == delivered + discarded
 + dropped + skipped + abandoned`` once the streams are read or closed.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ import asyncio
 import warnings
 import weakref
 from collections import deque
+from functools import partial
 from typing import Any, Awaitable, Callable, Sequence
 
 from ..aio.channel import Channel
@@ -31,8 +32,8 @@ from .cuts import CutSchedule
 from .routes import Route
 
 
-BuildRun = Callable[["Run", Payload, "int | None"], Awaitable[None]]
-"""``build(run, sample, seq)``: make ``run``'s stages from its first frame
+BuildRun = Callable[["Run", Payload, "int | None", bool], Awaitable[None]]
+"""``build(run, sample, seq, request)``: make ``run``'s stages from its first frame
 (:func:`partime_async.pipeline.build.build`, bound to the pipeline's settings)."""
 
 
@@ -55,12 +56,12 @@ class Run:
         self.stages: list[Stage] = []  # built with the first frame: stats() shows no old run's
         self.runners: list[StageRunner] = []
         self.build_lock = asyncio.Lock()
-        self.admission = Admission(self.check_running, lambda sample, seq: build(self, sample, seq), cuts, **door)
+        self.admission = Admission(self.check_running, partial(build, self), cuts, **door)
         self._runner_tasks: list[asyncio.Task[None]] = []
         self._error_rank = float("inf")  # where in frame order the reported failure happened
         self.delivered = self.discarded = 0
         self.egressed = 0  # frames that left the last stage (delivered, discarded, or waiting in a stream)
-        self.abandoned = 0  # frames admitted that never settled because the run ended (counted when it does)
+        self.ended = False
         self.latency_sum_s = 0.0  # over the delivered frames (Prometheus' summary sum)
         self.t_start = self.t_end = now()
 
@@ -97,8 +98,7 @@ class Run:
         finally:
             self.tg = None
             self.t_end = now()
-            self.abandoned = self.admission.admitted - self.egressed - self.admission.ingress.dropped - sum(
-                stage.stats.skipped for stage in self.stages)
+            self.ended = True
             closed = PipelineClosed("the pipeline stopped before this frame's output")
             self.admission.ingress.abort(self.error or closed)
             for route in list(self.routes):
@@ -112,6 +112,16 @@ class Run:
                     if device in mine and device.died is not None:
                         warnings.warn(f"stage {k} ({device.name}): {device.died}; every frame had been "
                                       "delivered", RuntimeWarning, stacklevel=2)
+
+    @property
+    def abandoned(self) -> int:
+        """Frames admitted that never settled because the run ended: 0 while it runs. Worked
+        out when asked, not when the run ends: a ``submit()`` waiting for room on the ingress
+        was counted as admitted and is uncounted once it learns that the run has ended."""
+        if not self.ended:
+            return 0
+        return self.admission.admitted - self.egressed - self.admission.ingress.dropped - sum(
+            stage.stats.skipped for stage in self.stages)
 
     def fail(self, error: PipelineError, runner: StageRunner | None = None, key: int | None = None) -> None:
         """Fail the run in frame order with ``error``: admit nothing more, let what is in

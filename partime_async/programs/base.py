@@ -23,7 +23,8 @@ the error rules. The runner calls ``program.attach()`` before the first frame of
   weights and learner state for a checkpoint cut. Where a stage has no gradient to apply
   (the frame was skipped further down, or its forward here failed) the runner or the
   backward passes :data:`~partime_async.core.job.NO_GRADIENT` instead, and the update is
-  skipped.
+  skipped. A frame a stage before skipped comes as a marker (``job.skipped``): its
+  ``forward`` only counts it (no data, no loss), and ``learns_from(job)`` is False.
 
 ``forward`` (and ``backward``) are plain callables built once: they run per frame and per
 stage, so they are closures rather than methods (every attribute look-up counts on a hop of
@@ -62,6 +63,10 @@ class StageProgram:
     def forward_input(self, job: Job) -> Any:
         """What :attr:`forward` of a program that learns gets for ``job`` (loop thread)."""
         return job.frame.data
+
+    def learns_from(self, job: Job) -> bool:
+        """Whether ``job``'s frame will contribute a gradient at this stage (loop thread)."""
+        return False
 
     def owes(self, job: Job) -> tuple[int, int] | None:
         """The ``(key, seq)`` whose gradient is owed after ``job``'s forward (loop thread)."""

@@ -15,6 +15,10 @@ from .base import StageProgram, host_timing, output_checker
 from .online import StageLearner
 
 
+SKIPPED = object()
+"""What a learning forward gets for a frame skipped before its stage: nothing to compute."""
+
+
 class LearnProgram(StageProgram):
     """One stage of a learning pipeline (see :mod:`partime_async.programs.base` for the order
     the runner keeps). The :class:`StageLearner` holds what outlives a run (optimiser,
@@ -53,7 +57,11 @@ class LearnProgram(StageProgram):
         def forward(item: Any, seq: int) -> tuple[Payload, Any]:
             y, loss = learner.forward(item, seq)
             if check is not None:
-                check(y, seq)
+                try:
+                    check(y, seq)
+                except BaseException:
+                    learner.reject(item)  # skipped here: no update may run through its graph
+                    raise
             return y, loss
 
         def backward(item: Any, seq: int) -> tuple[int, Payload]:
@@ -64,18 +72,30 @@ class LearnProgram(StageProgram):
             finally:
                 counters["skipped_updates"] += learner.skipped_updates - skipped
 
-        self.forward = self._timing(forward, "compute")
+        timed = self._timing(forward, "compute")
+
+        def forward_or_pass(item: Any, seq: int) -> tuple[Payload, Any]:
+            if item is SKIPPED:
+                learner.pass_skipped()
+                return SKIPPED, None
+            return timed(item, seq)
+
+        self.forward = forward_or_pass
         self.backward = self._timing(backward, "backward")
 
-    def forward_input(self, job: Job) -> tuple[int, Payload, bool, Payload | None]:
-        """``(key, x, learns, target)``: only the last stage is given the target."""
+    def forward_input(self, job: Job) -> tuple[int, Payload, bool, Payload | None] | object:
+        """``(key, x, learns, target)``: only the last stage is given the target; for a frame
+        skipped before this stage, :data:`SKIPPED` (it only counts in the schedule)."""
+        if job.skipped:
+            return SKIPPED
         frame = job.frame
-        return job.key, frame.data, self.learner.learns(frame.target is not None), \
-            frame.target if self.plan.last else None
+        return job.key, frame.data, self.learns_from(job), frame.target if self.plan.last else None
+
+    def learns_from(self, job: Job) -> bool:
+        return not job.skipped and self.learner.learns(job.frame.target is not None)
 
     def owes(self, job: Job) -> tuple[int, int] | None:
-        frame = job.frame
-        return self.learner.owes(job.key, frame.seq, frame.target is not None)
+        return self.learner.owes(job.key, job.frame.seq, self.learns_from(job))
 
     def remaining(self) -> list[tuple[int, int]]:
         """``stashed`` applies every gradient still owed; ``partime`` has no newer graph left to

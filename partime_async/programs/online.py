@@ -34,8 +34,12 @@ skips steps with infs; it warns once, and every stage counts what it skipped in
 :attr:`StageLearner.skipped_updates`. A frame skipped by a stage (``on_error="skip"``: its
 forward raised, or its target does not fit) owes no gradient either: the stages before it
 receive ``NO_GRADIENT`` for it (in ``partime``, that frame's graph was also to carry an older
-frame's gradient at the stage that skipped it: that update is skipped too). The schedule, and
-so determinism, is untouched: the owed gradient is only marked absent.
+frame's gradient at the stage that skipped it: that update is skipped too), and it travels on
+to the stages after it as a marker (:attr:`~partime_async.core.job.Job.skipped`), which they
+count in their schedules without computing on it (:meth:`StageLearner.pass_skipped`; in
+``partime`` the update its position carries is skipped there too). The schedule, and so
+determinism, is untouched: every stage counts the same frames, and an owed gradient is only
+marked absent.
 
 Targets (``target_spec="output"``, the default): the last stage checks each target against
 the output it is compared with, before the loss: the same structure, shapes and dtypes. A
@@ -211,15 +215,15 @@ class StageLearner:
         self.pending.clear()
         self.forward_failed = False
 
-    def owes(self, key: int, seq: int, has_target: bool) -> tuple[int, int] | None:
-        """Record that the frame of job ``key`` (seq ``seq``) was forwarded; the job key and
-        frame seq whose gradient is now owed, if any.
+    def owes(self, key: int, seq: int, learns: bool) -> tuple[int, int] | None:
+        """Record that the frame of job ``key`` (seq ``seq``) was forwarded (``learns``: it
+        will contribute a gradient, see :meth:`learns`; a frame skipped before this stage does
+        not); the job key and frame seq whose gradient is now owed, if any.
 
         Runs on the loop thread in the same order as the forwards; it only decides, from
         positions and targets, never from timing. Gradients are matched by job key: seqs
         need not be unique (two streams, or a stream and ``submit()``, each count from 0).
         """
-        learns = self.learns(has_target)
         self._order.append((key, seq, learns))
         if len(self._order) <= self.delay:
             return None
@@ -245,15 +249,35 @@ class StageLearner:
         try:
             return self._forward(payload, seq)
         except BaseException:
-            # No graph of this frame: the backward owed for it (or, in partime, carried by it)
-            # skips its update; in partime nothing may run on an older frame's graph instead.
-            self.forward_failed = True
             key, _, learns, _ = payload
-            if self.config.mode == "partime":
-                self.pending.clear()
-            elif learns:
-                self.pending.append(_Saved(key, learns, failed=True))
+            self._no_graph(key, learns, kept=False)
             raise
+
+    def reject(self, payload: tuple[int, Payload, bool, Payload | None]) -> None:
+        """The frame just forwarded (``payload``, as given to :meth:`forward`) is skipped
+        after all (its output failed a check): its graph is dropped as if its forward had
+        raised."""
+        key, _, learns, _ = payload
+        self._no_graph(key, learns, kept=True)
+
+    def pass_skipped(self) -> None:
+        """A frame skipped before this stage passes (a marker, no forward): in ``partime``
+        the backward owed at its position had its graph to carry, and skips its update."""
+        self.forward_failed = True
+        if self.config.mode == "partime":
+            self.pending.clear()
+
+    def _no_graph(self, key: int, learns: bool, *, kept: bool) -> None:
+        """No graph of the latest frame: the backward owed for it (or, in partime, carried by
+        it) skips its update; in partime nothing may run on an older frame's graph instead.
+        ``kept``: its forward succeeded and kept what it saved, which goes."""
+        self.forward_failed = True
+        if self.config.mode == "partime":
+            self.pending.clear()
+        elif learns:
+            if kept:
+                self.pending.pop()
+            self.pending.append(_Saved(key, learns, failed=True))
 
     def _forward(self, payload: tuple[int, Payload, bool, Payload | None], seq: int) -> tuple[Payload, Any]:
         key, x, learns, target = payload

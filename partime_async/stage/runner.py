@@ -159,7 +159,7 @@ class StageRunner:
 
     async def _collect(self, inflight: Channel[Job]) -> None:
         outbox, device, download = self.outlet.jobs, self.stages[-1].device, self._download
-        learning = self.stages[0].program.learns
+        learning, last = self.stages[0].program.learns, self.stages[-1].plan.last
         # One stage counts its frames here; a chain's stages count theirs on their threads.
         counted = self.stages[0].stats if len(self.stages) == 1 else None
         try:
@@ -172,7 +172,7 @@ class StageRunner:
                             if job.ready is not None:  # on a GPU, possibly not computed yet
                                 loss = await device.download(loss, job.ready, seq=job.frame.seq)
                             job.frame.meta["loss"] = self.stages[0].stats.loss = float(loss)
-                    if download:
+                    if download and not job.skipped:
                         data = await device.download(data, job.ready, seq=job.frame.seq)
                         job.ready = None
                 except StageFailed as failed:  # a chain's: the stage is named
@@ -186,9 +186,15 @@ class StageRunner:
                     self._halt(self._died(stage, exc, job.frame.seq), job, exc)
                 except Exception as exc:
                     self._failed(self.stages[0], job, exc)
-                    continue
+                    if not job.skipped:
+                        continue
                 finally:
                     job.ticket = None
+                if job.skipped:  # a learning marker (see Job): the later stages count it
+                    job.ready = None
+                    if not last and not outbox.send_nowait(job):
+                        await outbox.send(job)
+                    continue
                 job.frame.data = data
                 if counted is not None:
                     counted.frames += 1
@@ -283,8 +289,10 @@ class StageRunner:
             self._halt(error, job, exc)
         stage.stats.skipped += 1
         (stage.stats.skipped_requests if request else stage.stats.skipped_seqs).append(seq)
-        if stage.program.learns and self.outlet.grads is not None:
-            self.outlet.grads.forgo(job.key)  # it goes no further: no gradient of it will come back
+        if stage.program.learns:
+            if self.outlet.grads is not None and stage.program.learns_from(job):
+                self.outlet.grads.forgo(job.key)  # no gradient of it will come back
+            job.skipped = True  # it goes on as a marker (see Job)
         job.route.skip(job.frame, error)
 
     def _halt(self, error: PipelineError, job: Job, cause: BaseException) -> None:
@@ -293,7 +301,7 @@ class StageRunner:
         if cause is not error and error.__cause__ is None:
             error.__cause__ = cause
         if job.route is not None and job.route.request:
-            error.of_request()
+            error = error.of_request()
         if self._on_failure is None:
             raise error
         job.route.lose(job.key, error)

@@ -213,3 +213,26 @@ async def test_a_start_that_fails_or_is_cancelled_leaves_nothing_running():
         await starting
     assert not pipe.running
     await assert_clean()
+
+
+class Slow(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.02)
+        return x
+
+
+@pytest.mark.parametrize("how", ["cancel", "stop"])
+async def test_submits_waiting_for_room_when_the_pipeline_ends_are_accounted_for(how):
+    """``submit()`` callers blocked on a full ingress when the pipeline is cancelled (or
+    stopped) are told so, and are not counted as admitted, nor as abandoned."""
+    pipe = pa.Pipeline([Slow(), nn.Identity()], devices=pa.cpu_devices(2, threads=1, inline=False), balance=[1, 1],
+                       capacity=1)
+    await pipe.start()
+    tasks = [asyncio.create_task(pipe.submit(torch.full((1, 4), float(i)))) for i in range(10)]
+    await asyncio.sleep(0.05)
+    await (pipe.cancel() if how == "cancel" else pipe.stop())
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, (torch.Tensor, pa.PipelineClosed)) for r in results), results
+    stats = pipe.stats()
+    assert_accounted(stats)
+    assert stats.delivered == sum(isinstance(r, torch.Tensor) for r in results)

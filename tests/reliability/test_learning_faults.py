@@ -1,9 +1,19 @@
-"""Issue #6.6: a learning pipeline crashes between two checkpoints; resuming from the last
-checkpoint restores exactly its weights and optimiser state, and the stream goes on from its
-position, ending in exactly the weights of a run that was never interrupted at that cut."""
+"""Faults while learning.
+
+* Issue #6.6: a learning pipeline crashes between two checkpoints; resuming from the last
+  checkpoint restores exactly its weights and optimiser state, and the stream goes on from its
+  position, ending in exactly the weights of a run that was never interrupted at that cut.
+* With ``on_error="skip"``, any frames skipped at any stages, under random stage delays:
+  the stream completes with exactly the other frames, in order, every frame accounted for, and
+  learning is deterministic (``stashed``: the weights are those of the same stream with the
+  skipped frames carrying no target).
+"""
 from __future__ import annotations
 
+import asyncio
 import copy
+import random
+import time
 
 import pytest
 import torch
@@ -14,7 +24,7 @@ from torch import nn
 import partime_async as pa
 from partime_async.checkpoint import load
 from partime_async.sinks import Checkpoint
-from reliability_helpers import Injected
+from reliability_helpers import Injected, assert_accounted
 
 N = 60
 EVERY = 10
@@ -125,3 +135,73 @@ async def test_crash_then_resume_from_the_last_checkpoint(mode, fail_at, data, s
         await stream_all(again, frames[:last + 1])
         await stream_all(again, frames[last + 1:])
     assert all(torch.equal(p, q) for p, q in zip(resumed_model.parameters(), reference.parameters()))
+
+
+class SkipAndJitter(nn.Module):
+    """``Linear(6, 6)`` + Tanh that raises on the frames of ``bad`` (told by a frame-number
+    column) and sleeps up to 1 ms on some calls (drawn from ``seed``)."""
+
+    def __init__(self, bad: set[int], seed: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 6), nn.Tanh())
+        self.bad, self.rng = bad, random.Random(seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rng.random() < 0.2:
+            time.sleep(self.rng.uniform(0, 1e-3))
+        if int(x[0, -1]) in self.bad:
+            raise Injected("skip me")
+        return torch.cat([self.body(x[:, :6]), x[:, 6:]], dim=1)
+
+
+def numbered_frames(seed: int, n: int, *, without: set[int] = frozenset()) -> list[pa.Frame]:
+    """``make_frames``' frames with their number appended as a 7th column (what SkipAndJitter
+    reads); targets too, so that the loss compares like with like."""
+    g = torch.Generator().manual_seed(seed)
+    frames = []
+    for t in range(n):
+        x, y = torch.randn(1, 6, generator=g), torch.randn(1, 6, generator=g)
+        tag = torch.tensor([[float(t)]])
+        frames.append(pa.Frame(t, torch.cat([x, tag], 1), None if t in without else torch.cat([y, tag], 1)))
+    return frames
+
+
+@given(mode=st.sampled_from(["partime", "stashed"]), n_stages=st.integers(2, 4), data=st.data(),
+       seed=st.integers(0, 2**16))
+@SETTINGS
+async def test_skipped_frames_anywhere_keep_learning_complete_and_deterministic(mode, n_stages, data, seed):
+    n = 30
+    bad = [data.draw(st.sets(st.integers(0, n - 1), max_size=8), label=f"skipped at stage {k}")
+           for k in range(n_stages)]
+
+    def model(jitter: int) -> nn.Sequential:
+        torch.manual_seed(seed)
+        return nn.Sequential(*[SkipAndJitter(bad[k], jitter * 100 + k) for k in range(n_stages)])
+
+    def pipe_for(m: nn.Module) -> pa.Pipeline:
+        learning = pa.OnlineLearning(loss=nn.MSELoss(), optimizer=lambda p: torch.optim.SGD(p, lr=0.05), mode=mode)
+        return pa.Pipeline(m, devices=pa.cpu_devices(n_stages, threads=1), balance=[1] * n_stages,
+                           learning=learning, on_error="skip", input_spec=None)
+
+    skipped = set().union(*bad)
+    runs = []
+    for jitter in (1, 2):
+        m = model(jitter)
+        pipe = pipe_for(m)
+        async with pipe:
+            outputs = await asyncio.wait_for(_read(pipe, numbered_frames(seed, n)), 60)
+        assert [f.seq for f in outputs] == [t for t in range(n) if t not in skipped]
+        assert_accounted(pipe.stats())
+        runs.append([p.detach().clone() for p in m.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    if mode == "stashed":
+        reference = model(3)
+        for module in reference:
+            module.bad = set()
+        async with pipe_for(reference) as pipe:
+            await _read(pipe, numbered_frames(seed, n, without=skipped))
+        assert all(torch.equal(a, b.detach()) for a, b in zip(runs[0], reference.parameters()))
+
+
+async def _read(pipe: pa.Pipeline, frames: list[pa.Frame]) -> list[pa.Frame]:
+    return [f async for f in pipe.stream(frames)]
