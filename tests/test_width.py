@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
+import threading
 
 import pytest
 import torch
@@ -440,3 +442,30 @@ async def test_a_width_stage_without_split_layers_fails_the_set_up_with_the_reas
         async with pipe:
             async for _ in pipe.stream([torch.randn(4, model[0].in_features)]):
                 pass
+
+
+def test_a_frame_handed_to_workers_that_the_run_then_detached_fails_instead_of_waiting(trained):
+    """The run ends (detach) while the device thread hands a frame to the workers it saw
+    attached: the frame fails, saying the workers left, rather than waiting for ever (which
+    would hang the device's close)."""
+    model, calibration, heldout = trained
+    plan = repurpose(model, calibration, workers=2, budget=0.25)
+    plans = SequentialSplit(plan.model).plans([len(plan.model)], pa.cpu_devices(1, threads=1))
+    (program,) = programs_for(plans)
+    program.attach()
+    seen = program._running()  # what the device thread read just before the run detached
+    program.detach()
+    program._running = lambda: seen
+    outcome: list[BaseException] = []
+
+    def forward() -> None:
+        try:
+            program.forward(heldout[:4], 0)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=forward)
+    thread.start()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert len(outcome) == 1 and re.search(r"width worker thread\(s\) .* left", str(outcome[0]))

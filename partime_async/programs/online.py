@@ -374,8 +374,10 @@ class StageLearner:
         if self._warned_nonfinite:
             return
         self._warned_nonfinite = True
-        warnings.warn(f"stage {self.stage}: the loss or a gradient of frame {seq} is not finite (NaN or Inf): that "
-                      "update is skipped at this stage and every stage before it, and counted in "
+        carried = (f" (carried through the graph of the frame forwarded {self.delay} frames later, whose input may "
+                   "be the non-finite one)" if self.config.mode == "partime" and self.delay else "")
+        warnings.warn(f"stage {self.stage}: the loss or a gradient of frame {seq}{carried} is not finite (NaN or "
+                      "Inf): that update is skipped at this stage and every stage before it, and counted in "
                       "pipe.learners[k].skipped_updates (warned once per stage); check_finite=True rejects "
                       "non-finite inputs and targets at the pipeline's door", RuntimeWarning, stacklevel=2)
 

@@ -134,10 +134,13 @@ class WidthProgram(StageProgram):
                 for row in events:
                     for event in row:
                         event.clear()
-                for inbox in program._inboxes():
+                # The workers this frame went to: if the run detaches them meanwhile (it
+                # ended with frames still queued here), they leave and the wait ends.
+                threads, inboxes = program._running()
+                for inbox in inboxes:
                     inbox.put(frame)
                 while not frame.finished.wait(1.0):
-                    program._check_alive()
+                    program._check_alive(threads)
             if frame.error is not None:
                 raise frame.error
             y = torch.cat(frame.outputs, dim)  # type: ignore[arg-type]
@@ -174,13 +177,14 @@ class WidthProgram(StageProgram):
             thread.join()
         self._queues = []
 
-    def _inboxes(self) -> list[queue.SimpleQueue[Any]]:
-        if not self._threads:
+    def _running(self) -> tuple[list[threading.Thread], list[queue.SimpleQueue[Any]]]:
+        threads, queues = self._threads, self._queues  # detach() replaces both lists, never changes them
+        if not threads:
             raise RuntimeError(f"{self.plan.name}: the width-split stage is not attached (its workers are not running)")
-        return self._queues
+        return threads, queues
 
-    def _check_alive(self) -> None:
-        dead = [t.name for t in self._threads if not t.is_alive()]
+    def _check_alive(self, threads: list[threading.Thread]) -> None:
+        dead = [t.name for t in threads if not t.is_alive()]
         if dead:
             raise RuntimeError(f"{self.plan.name}: width worker thread(s) {', '.join(dead)} left")
 
