@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import pickle
 import secrets
 import tempfile
 from pathlib import Path
@@ -93,5 +94,23 @@ async def save_atomic_async(obj: Any, path: str | Path) -> Path:
 
 
 def load(path: str | Path) -> dict[str, Any]:
-    """A checkpoint written by :class:`~partime_async.sinks.Checkpoint` (tensors on CPU)."""
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A checkpoint written by :class:`~partime_async.sinks.Checkpoint` or :func:`save_atomic`
+    (tensors on CPU).
+
+    Loaded with ``torch.load(weights_only=True)``: a checkpoint holds only tensors, numbers,
+    strings and plain containers (weights, optimiser and scheduler states, positions), so
+    opening one, whoever made it, never runs code. A file that holds anything else (a pickled
+    object) is refused with a :class:`pickle.UnpicklingError` that names it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise pickle.UnpicklingError(
+            f"{path}: this checkpoint holds more than tensors, numbers, strings and plain containers, and loading "
+            "it could run code, so partime_async.checkpoint.load refuses it. If you made the file yourself or trust "
+            "whoever did, load it with torch.load(path, weights_only=False), or register the type it names with "
+            f"torch.serialization.add_safe_globals. (torch says: {_first_line(exc)})") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return next((line for line in lines if "Unsupported global" in line), lines[0] if lines else type(exc).__name__)

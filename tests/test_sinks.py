@@ -525,3 +525,50 @@ async def test_a_run_cancelled_while_its_sinks_close_still_closes_every_one(tmp_
     assert len((tmp_path / "x.jsonl").read_text().splitlines()) == 4
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
     assert not pipe.cuts.periods
+
+
+@pytest.mark.parametrize("scheduler", [
+    lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda step: 0.9 ** step),
+    lambda o: torch.optim.lr_scheduler.OneCycleLR(o, 0.1, total_steps=100),
+    lambda o: torch.optim.lr_scheduler.SequentialLR(o, [torch.optim.lr_scheduler.LinearLR(o),
+                                                       torch.optim.lr_scheduler.ExponentialLR(o, 0.9)], [3]),
+], ids=["lambda", "one-cycle", "sequential"])
+async def test_a_learning_checkpoint_holds_only_plain_data_and_loads_without_running_code(tmp_path, scheduler):
+    """Checkpoints (weights, optimiser and scheduler states, the position) load with
+    ``weights_only=True``, so a resumed pipeline gets exactly the state it saved."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 4))
+    learning = pa.OnlineLearning(loss=nn.MSELoss(), optimizer=lambda p: torch.optim.Adam(p, 1e-3, amsgrad=True),
+                                 scheduler=scheduler, mode="stashed")
+    pipe = pa.Pipeline(model, devices=pa.cpu_devices(2), balance=[2, 1], learning=learning)
+    xs = [pa.Frame(i, torch.randn(2, 4), target=torch.randn(2, 4)) for i in range(8)]
+    checkpoint = Checkpoint(pipe, tmp_path / "c.pt", every=4)
+    await pa.run(from_iterable(xs) >> pipe >> checkpoint)
+    state = load(checkpoint.saved[-1])
+    assert state["position"] == 8 and state["model"].keys() == model.state_dict().keys()
+    resumed = pa.Pipeline(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 4)),
+                          devices=pa.cpu_devices(2), balance=[2, 1], learning=learning)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict()["model"].values(), state["model"].values()))
+
+
+class _RunsCode:
+    ran = False
+
+    def __reduce__(self):
+        return (_RunsCode._run, ())
+
+    @staticmethod
+    def _run():
+        _RunsCode.ran = True
+        return "ran"
+
+
+def test_a_checkpoint_carrying_a_pickled_object_is_refused_and_runs_nothing(tmp_path):
+    import pickle
+
+    path = save_atomic({"model": {"w": torch.zeros(2)}, "extra": _RunsCode()}, tmp_path / "evil.pt")
+    with pytest.raises(pickle.UnpicklingError, match=r"evil\.pt: this checkpoint holds more than tensors, numbers, "
+                                                     r"strings and plain containers.*weights_only=False"):
+        load(path)
+    assert not _RunsCode.ran
