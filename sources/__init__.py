@@ -11,7 +11,8 @@ from .realtime import RealTime
 from .sensor import SensorSource
 from .synthetic import SyntheticVideo
 from .targets import NextFrameTargets, next_frame_targets
+from .video import VideoInfo, VideoSource  # PyAV is imported when a VideoSource is made, not here
 
 __all__ = ["END", "NextFrameTargets", "NpyDirectory", "NpzVideo", "PanZoomCamera", "QueueSource", "RealTime",
-           "SensorSource", "Source", "SyntheticVideo", "from_async_iterable", "from_iterable", "from_queue",
-           "iterate_frames", "load_image", "next_frame_targets", "sample_photograph"]
+           "SensorSource", "Source", "SyntheticVideo", "VideoInfo", "VideoSource", "from_async_iterable",
+           "from_iterable", "from_queue", "iterate_frames", "load_image", "next_frame_targets", "sample_photograph"]

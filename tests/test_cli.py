@@ -99,3 +99,52 @@ async def test_demo_function_checks_its_options_up_front(monkeypatch):
         await cli.demo(stages=20, out=io.StringIO())
     with pytest.raises(ValueError, match="--no-learn"):
         await cli.demo(learn=False, mode="stashed", out=io.StringIO())
+
+
+# -- --video -------------------------------------------------------------------------------------------
+async def _clip(path, frames: int) -> str:
+    """A small video made with the library's own sink (PyAV)."""
+    import torch
+    from partime_async.sinks import VideoSink
+    from partime_async.sources import SyntheticVideo
+
+    import partime_async as pa
+
+    video = SyntheticVideo(frames, height=48, width=64, dtype=torch.uint8)
+    await pa.run(video >> pa.Pipeline([torch.nn.Identity()], devices=pa.cpu_devices(1)) >> VideoSink(path, fps=25))
+    return str(path)
+
+
+async def test_demo_runs_on_a_video_and_stops_at_its_end(tmp_path, monkeypatch):
+    pytest.importorskip("av")
+    clip = await _clip(tmp_path / "clip.mp4", 10)
+
+    async def rates(model, frames, learning):  # the baseline's speed is not what this test is about
+        return {1: 1e3}
+
+    monkeypatch.setattr(cli, "unsplit_rates", rates)
+    out = io.StringIO()
+    summary = await cli.demo(frames=24, size=16, stages=2, out=out, video=clip)
+    text = out.getvalue()
+    assert "9 frames of video clip.mp4 (64x48, resized to 16x16), learning next-frame prediction" in text
+    assert summary["frames"] == 9 and "frames 9/9" in text  # 10 frames: each of the first 9 learns from the next
+    summary = await cli.demo(frames=4, size=16, stages=2, learn=False, out=io.StringIO(), video=clip)
+    assert summary["frames"] == 4
+
+
+def test_demo_rejects_a_video_it_cannot_read_before_running(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("av")
+    monkeypatch.setattr(cli, "demo", _must_not_run)
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video" * 100)
+    for path, words in ((tmp_path / "missing.mp4", "--video: there is no file"),
+                        (broken, "--video: video broken.mp4: FFmpeg cannot read")):
+        with pytest.raises(SystemExit) as info:
+            cli.main(["demo", "--video", str(path)])
+        assert info.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_demo_video_without_pyav_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match=r"pip install 'partime-async\[video\]'"):
+        cli.check_demo_options(None, True, None, None, None, video="clip.mp4")
