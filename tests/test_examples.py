@@ -32,6 +32,17 @@ def test_web_backend_example():
     assert "smoke ok: 2 predictions equal to the model's, 1 bad input refused, 3 stream events" in result.stdout
 
 
+def test_fastapi_app_example():
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("websockets")  # uvicorn serves WebSockets with it (the `fastapi` extra's uvicorn[standard])
+    result = subprocess.run([sys.executable, str(EXAMPLES / "fastapi_app.py"), "--smoke"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert ("smoke ok: 4 predictions equal to the model's (JSON, .npy, PNG, multipart PNG), 1 bad input refused, "
+            "3 stream events") in result.stdout
+
+
 def test_custom_sensor_example():
     result = subprocess.run([sys.executable, str(EXAMPLES / "custom_sensor.py"), "--frames", "16"],
                             capture_output=True, text=True, timeout=120)
