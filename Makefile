@@ -40,6 +40,8 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/partime-async demo
 
 test: $(VENV)/.dev
+	$(PY) -m ruff check partime_async sources sinks
+	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed
@@ -51,4 +53,4 @@ example: $(VENV)/.installed
 	$(PY) examples/$(NAME).py $(ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache

@@ -49,8 +49,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -267,7 +268,7 @@ class Solver:
 
         def pull(lam: Tensor) -> tuple[Tensor, list[Tensor] | None]:
             gz, grads = [], []
-            for segment, fn in zip(plan, pulls):
+            for segment, fn in zip(plan, pulls, strict=True):
                 g, gp = fn(lam[segment.start:segment.stop])
                 gz.append(g)
                 if gp is not None:
@@ -420,7 +421,7 @@ class _Solve(torch.autograd.Function):
         gx, grads = fctx.solver._backward(fctx.ctx, fctx.ctx.unflatten(flat), X, states, g, params)
         grads = grads if grads is not None else [None] * len(flat)
         return (None, None, None, gx if want[3] else None, None,
-                *(gr if w else None for gr, w in zip(grads, want[5:])))
+                *(gr if w else None for gr, w in zip(grads, want[5:], strict=True)))
 
 
 # -- the reduction ---------------------------------------------------------------------------
@@ -571,8 +572,8 @@ class _Functional(_Segment):
         return [_stack([t[name] for t in tensors]).detach() for name in self.buffer_names]
 
     def _call(self, p: Sequence[Tensor], b: Sequence[Tensor], z: Tensor) -> Tensor:
-        state = dict(zip(self.names, p))
-        state.update(zip(self.buffer_names, b))
+        state = dict(zip(self.names, p, strict=True))
+        state.update(zip(self.buffer_names, b, strict=True))
         return functional_call(self.base, state, (z,))
 
     def _layerwise(self, batched: bool) -> Callable[[Sequence[Tensor], Sequence[Tensor], Tensor], Tensor]:
@@ -584,11 +585,10 @@ class _Functional(_Segment):
         return self._layerwise(batched)(tuple(p), tuple(b), Z), None
 
     def jacobian(self, p: list[Tensor], b: list[Tensor], Z: Tensor, aux: Any, batched: bool) -> Tensor:
-        if batched:
-            def sample(p_: Sequence[Tensor], b_: Sequence[Tensor], z: Tensor) -> Tensor:
-                return self._call(p_, b_, z.unsqueeze(0)).squeeze(0)
-        else:
-            sample = self._call
+        def one(p_: Sequence[Tensor], b_: Sequence[Tensor], z: Tensor) -> Tensor:  # a sample of a batched call
+            return self._call(p_, b_, z.unsqueeze(0)).squeeze(0)
+
+        sample = one if batched else self._call
         per_layer = vmap(jacrev(sample, argnums=2), in_dims=(None, None, 0))  # over the batch
         J = vmap(per_layer)(tuple(p), tuple(b), Z)                              # over the layers
         m, B = Z.shape[:2]
@@ -597,16 +597,16 @@ class _Functional(_Segment):
 
     def pullback(self, p: list[Tensor], b: list[Tensor], Z: Tensor, params: bool,
                  batched: bool) -> Callable[[Tensor], tuple[Tensor, list[Tensor] | None]]:
-        layerwise, b = self._layerwise(batched), tuple(b)
+        layerwise, buffers = self._layerwise(batched), tuple(b)
         if params:
-            _, fn = vjp(lambda p_, z: layerwise(p_, b, z), tuple(p), Z)
+            fn = vjp(lambda p_, z: layerwise(p_, buffers, z), tuple(p), Z)[1]
 
             def pull(lam: Tensor) -> tuple[Tensor, list[Tensor] | None]:
                 gp, gz = fn(lam)
                 return gz, list(gp)
         else:
             weights = tuple(p)
-            _, fn = vjp(lambda z: layerwise(weights, b, z), Z)
+            fn = vjp(lambda z: layerwise(weights, buffers, z), Z)[1]
 
             def pull(lam: Tensor) -> tuple[Tensor, list[Tensor] | None]:
                 return fn(lam)[0], None
@@ -634,8 +634,8 @@ def _segments(layers: Sequence[nn.Module], vector: bool) -> list[_Segment]:
     segments: list[_Segment] = []
     for key, start, members in groups:
         if key[0] == "affine":
-            pairs = [_affine_parts(m) for m in members]
-            segments.append(_Affine(start, [lin for lin, _ in pairs], pairs[0][1]))  # type: ignore[misc]
+            pairs = [parts for parts in map(_affine_parts, members) if parts is not None]  # all: grouped as affine
+            segments.append(_Affine(start, [lin for lin, _ in pairs], pairs[0][1]))
         else:
             segments.append(_Functional(start, members))
     return segments
@@ -657,7 +657,7 @@ def _affine_parts(layer: nn.Module) -> tuple[nn.Linear, nn.Module | None] | None
 
 
 # act'(a) from a and y = act(a), as PyTorch's own backward computes it (ReLU: 0 at 0).
-_DERIVATIVES: dict[type[nn.Module], Callable[[Any, Tensor, Tensor], Tensor]] = {
+_DERIVATIVES: dict[type, Callable[[Any, Tensor, Tensor], Tensor]] = {
     nn.Identity: lambda act, a, y: torch.ones_like(a),
     nn.Tanh: lambda act, a, y: 1 - y * y,
     nn.Sigmoid: lambda act, a, y: y * (1 - y),
@@ -688,7 +688,7 @@ def _structure(layer: nn.Module) -> Any:
     for name, sub in layer.named_modules():
         if _hooked(sub):
             return None
-        attrs = []
+        attrs: list[tuple[str, Any]] = []
         for key, value in vars(sub).items():
             if key.startswith("_"):
                 continue

@@ -9,7 +9,8 @@ the whole graph). The first failure anywhere cancels everything and :func:`run` 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator, Awaitable, Literal, Protocol, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Any, Literal, Protocol
 
 from .aio.channel import POLICIES, Channel, Policy
 from .aio.threads import to_the_end
@@ -89,13 +90,15 @@ class Graph:
         self.sinks = list(sinks)
 
     def __rshift__(self, sinks: Sink | Sequence[Sink]) -> Graph:
-        added = list(sinks) if isinstance(sinks, (list, tuple)) else [sinks]
-        for i, sink in enumerate(added):
+        given: list[Any] = list(sinks) if isinstance(sinks, (list, tuple)) else [sinks]
+        added: list[Sink] = []
+        for sink in given:
             if not isinstance(sink, Sink):
                 raise TypeError(f"{sink!r} is not a Sink; wrap a function with sinks.CallbackSink(fn)")
-            if any(sink is other for other in self.sinks + added[:i]):
+            if any(sink is other for other in self.sinks + added):
                 raise ValueError(f"{sink!r} is in this graph twice: it would be opened twice and write every "
                                  "frame twice; make a second sink instead")
+            added.append(sink)
         return Graph(self.source, self.pipeline, self.sinks + added)
 
     def __rrshift__(self, source: Any) -> Graph:

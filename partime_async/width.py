@@ -68,9 +68,10 @@ every other worker); it is applied to every layer alike.
    least squares on their kept inputs, as the restructured network computes them on the
    calibration data, to the original network's pre-activations (so that each layer also
    corrects the errors of the layers before it). Each worker's neurons share one Gram
-   matrix (their kept inputs are the same), so a layer costs one Cholesky factor per worker. A refit that fits the calibration data
-   worse than plain masking is not taken; a worker that lost no non-zero weight keeps its
-   weights exactly (so ``budget=1.0`` is an exact permutation of the model).
+   matrix (their kept inputs are the same), so a layer costs one Cholesky factor per worker.
+   A refit that fits the calibration data worse than plain masking is not taken; a worker
+   that lost no non-zero weight keeps its weights exactly (so ``budget=1.0`` is an exact
+   permutation of the model).
 4. *Bookkeeping*: each layer's neurons are reordered worker by worker (original order within
    a worker); the biases follow their neurons, the next layer's columns follow its inputs,
    and the last layer restores the original output order.
@@ -85,8 +86,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -142,6 +143,7 @@ class SplitLayer(nn.Module):
     """A weight layer split in width over K workers (see :class:`SplitLinear`)."""
 
     dim: int  # the feature (channel) dimension of inputs and outputs
+    order: torch.Tensor | None  # a buffer: the permutation that restores the outputs' order (last layer)
 
     def __init__(self, sizes: Sequence[int], in_sizes: Sequence[int] | None, local: Sequence[torch.Tensor],
                  cross: Sequence[torch.Tensor], cross_index: Sequence[torch.Tensor], bias: Sequence[torch.Tensor],
@@ -223,7 +225,7 @@ class SplitLayer(nn.Module):
     def extra_repr(self) -> str:
         kept = self.communication() // self.unit if not self.broadcast else 0
         return (f"workers={self.workers}, sizes={list(self.sizes)}, "
-                f"{'broadcast input' if self.broadcast else f'in_sizes={list(self.in_sizes)}'}, "
+                f"{'broadcast input' if self.in_sizes is None else f'in_sizes={list(self.in_sizes)}'}, "
                 f"received={kept}, restores_order={self.order is not None}")
 
 
@@ -332,11 +334,15 @@ class _Layer:
     in_units: int = 0               # neurons of the previous layer that feed it (its input channels)
     k: int = 1                      # design columns per input neuron
     unit_size: int = 1              # scalar activations per input neuron per sample (communication)
-    flat_weight: torch.Tensor | None = None  # [out, in_units * k]
 
     @property
     def out(self) -> int:
         return self.weight.shape[0]
+
+    @property
+    def flat_weight(self) -> torch.Tensor:
+        """[out, in_units * k]"""
+        return self.weight.reshape(self.out, -1)
 
 
 def _fold_bn(weight: torch.Tensor, bias: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm
@@ -379,8 +385,8 @@ def _parse(model: nn.Module) -> tuple[list[nn.Module], list[_Layer], list[nn.Mod
             layer = _Layer("conv" if isinstance(module, nn.Conv2d) else "linear", weight, bias,
                            before=[] if not layers else pending)
             if isinstance(module, nn.Conv2d):
-                layer.conv = dict(stride=tuple(module.stride), padding=tuple(module.padding),
-                                  dilation=tuple(module.dilation), kernel_size=tuple(module.kernel_size))
+                layer.conv = {"stride": tuple(module.stride), "padding": tuple(module.padding),
+                              "dilation": tuple(module.dilation), "kernel_size": tuple(module.kernel_size)}
             layers.append(layer)
             pending = []
         elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and layers and not pending:
@@ -475,7 +481,6 @@ def _shape_layers(prefix: list[nn.Module], layers: list[_Layer], sample: torch.T
         else:
             layer.in_units = x.shape[-1] if layer.kind == "linear" else x.shape[1]
             layer.k = 1 if layer.kind == "linear" else math.prod(layer.conv["kernel_size"])
-        layer.flat_weight = layer.weight.reshape(layer.out, -1)
         x = _forward(layer, x, layer.weight, layer.bias)
 
 
@@ -493,8 +498,9 @@ def _onehot(owner: torch.Tensor, k: int) -> torch.Tensor:
     return F.one_hot(owner, k).double()
 
 
-def _assign(masses: list[torch.Tensor | None], sizes: list[int], k: int, sweeps: int = _SWEEPS) -> list[torch.Tensor]:
-    """Balanced owners for every layer; ``masses[l]``: layer l's ``m`` (None for the first)."""
+def _assign(masses: Mapping[int, torch.Tensor], sizes: list[int], k: int, sweeps: int = _SWEEPS
+            ) -> list[torch.Tensor]:
+    """Balanced owners for every layer; ``masses[i]``: layer i's ``m`` (every layer but the first)."""
     n = len(sizes)
     owners: list[torch.Tensor] = []
     # The first layer reads the broadcast input: seed it by clustering its neurons by the
@@ -503,20 +509,20 @@ def _assign(masses: list[torch.Tensor | None], sizes: list[int], k: int, sweeps:
         owners.append(_cluster(masses[1], k))
     else:
         owners.append(torch.arange(sizes[0]) % k)
-    for l in range(1, n):
-        owners.append(balanced_assignment(-masses[l] @ _onehot(owners[l - 1], k)))
+    for i in range(1, n):
+        owners.append(balanced_assignment(-masses[i] @ _onehot(owners[i - 1], k)))
     for _ in range(sweeps):
         changed = False
-        for l in range(n):
-            cost = torch.zeros(sizes[l], k, dtype=torch.float64)
-            if l > 0:
-                cost -= masses[l] @ _onehot(owners[l - 1], k)
-            if l + 1 < n:
-                cost -= masses[l + 1].T @ _onehot(owners[l + 1], k)
+        for i in range(n):
+            cost = torch.zeros(sizes[i], k, dtype=torch.float64)
+            if i > 0:
+                cost -= masses[i] @ _onehot(owners[i - 1], k)
+            if i + 1 < n:
+                cost -= masses[i + 1].T @ _onehot(owners[i + 1], k)
             new = balanced_assignment(cost)
-            if (cost.gather(1, new[:, None]).sum() < cost.gather(1, owners[l][:, None]).sum() - 1e-12
-                    and not torch.equal(new, owners[l])):
-                owners[l], changed = new, True
+            if (cost.gather(1, new[:, None]).sum() < cost.gather(1, owners[i][:, None]).sum() - 1e-12
+                    and not torch.equal(new, owners[i])):
+                owners[i], changed = new, True
         if not changed:
             break
     return owners
@@ -601,7 +607,11 @@ def _select(layer: _Layer, needed: torch.Tensor, prev: torch.Tensor, owner: torc
         return kept
     w2 = layer.flat_weight.double() ** 2
     if how in ("mask", "magnitude"):
-        energy = w2 if how == "magnitude" else w2 * power.double()
+        if how == "magnitude":
+            energy = w2
+        else:
+            assert power is not None  # the calibration data's, for "mask"
+            energy = w2 * power.double()
         per_unit = energy.reshape(layer.out, layer.in_units, layer.k).sum(2)  # [out, in_units]
         score = (per_unit.T @ _onehot(owner, k))  # [in_units, K]
         score[~needed] = -math.inf
@@ -676,35 +686,35 @@ def _refit(layer: _Layer, prev: torch.Tensor, owner: torch.Tensor, kept: torch.T
 
 # -- building the restructured model -----------------------------------------------------------------
 def _build(prefix: list[nn.Module], layers: list[_Layer], suffix: list[nn.Module], owners: list[torch.Tensor],
-           weights: list[torch.Tensor], biases: list[torch.Tensor], kept: list[torch.Tensor | None], k: int
+           weights: list[torch.Tensor], biases: list[torch.Tensor], kept: Mapping[int, torch.Tensor], k: int
            ) -> nn.Sequential:
     modules: list[nn.Module] = [copy.deepcopy(m) for m in prefix]
     perms = [torch.argsort(o, stable=True) for o in owners]
-    for l, layer in enumerate(layers):
-        if l:
+    for i, layer in enumerate(layers):
+        if i:
             modules += [copy.deepcopy(m) for m in layer.before]
-        owner, perm = owners[l], perms[l]
+        owner, perm = owners[i], perms[i]
         sizes = torch.bincount(owner, minlength=k).tolist()
-        w = weights[l].reshape(layer.out, layer.in_units, layer.k)
+        w = weights[i].reshape(layer.out, layer.in_units, layer.k)
         shape = (layer.k,) if layer.kind == "linear" else tuple(layer.conv["kernel_size"])
         local, cross, index, bias = [], [], [], []
-        if l == 0:
+        if i == 0:
             in_sizes = None
             for worker in range(k):
                 rows = perm[owner[perm] == worker]
-                local.append(weights[l][rows].reshape(len(rows), *layer.weight.shape[1:]))
-                cross.append(weights[l].new_zeros(len(rows), 0, *layer.weight.shape[2:]))
+                local.append(weights[i][rows].reshape(len(rows), *layer.weight.shape[1:]))
+                cross.append(weights[i].new_zeros(len(rows), 0, *layer.weight.shape[2:]))
                 index.append(torch.zeros(0, dtype=torch.long))
-                bias.append(biases[l][rows])
+                bias.append(biases[i][rows])
         else:
-            prev, pperm = owners[l - 1], perms[l - 1]
+            prev, pperm = owners[i - 1], perms[i - 1]
             in_sizes = torch.bincount(prev, minlength=k).tolist()
             position = torch.empty_like(pperm)
             position[pperm] = torch.arange(len(pperm))  # input neuron -> its place in worker-major order
             for worker in range(k):
                 rows = perm[owner[perm] == worker]
                 own = pperm[prev[pperm] == worker]
-                received = torch.nonzero(kept[l][:, worker]).reshape(-1)
+                received = torch.nonzero(kept[i][:, worker]).reshape(-1)
                 received = received[torch.argsort(position[received])]
                 blk = w[rows]
                 local.append(_shape(blk[:, own], layer, shape))
@@ -712,14 +722,14 @@ def _build(prefix: list[nn.Module], layers: list[_Layer], suffix: list[nn.Module
                 cols = (position[received][:, None] * layer.k + torch.arange(layer.k)[None, :]).reshape(-1) \
                     if layer.kind == "linear" else position[received]
                 index.append(cols)
-                bias.append(biases[l][rows])
+                bias.append(biases[i][rows])
         order = None
-        if l == len(layers) - 1:
+        if i == len(layers) - 1:
             order = torch.empty_like(perm)
             order[perm] = torch.arange(len(perm))
         if layer.kind == "linear":
             modules.append(SplitLinear(sizes, in_sizes, local, cross, index, bias, order,
-                                       unit=layer.k if l else 1))
+                                       unit=layer.k if i else 1))
         else:
             c = layer.conv
             modules.append(SplitConv2d(sizes, in_sizes, local, cross, index, bias, order, unit=1,
@@ -798,11 +808,13 @@ def repurpose(model: nn.Module, calibration: torch.Tensor | Sequence[torch.Tenso
         model.train(was_training)
 
 
-def _repurpose(prefix, layers, suffix, x, k, budget, refit, assignment, selection, seed) -> WidthPlan:
+def _repurpose(prefix: list[nn.Module], layers: list[_Layer], suffix: list[nn.Module], x: torch.Tensor, k: int,
+               budget: float, refit: bool, assignment: Sequence[torch.Tensor] | None, selection: str,
+               seed: int) -> WidthPlan:
     _shape_layers(prefix, layers, x[:2])
-    for l, layer in enumerate(layers):
+    for i, layer in enumerate(layers):
         if layer.out < k:
-            raise ValueError(f"weight layer {l} has {layer.out} neurons, fewer than workers={k}")
+            raise ValueError(f"weight layer {i} has {layer.out} neurons, fewer than workers={k}")
     generator = torch.Generator().manual_seed(seed)
     # The original network on the calibration data: each layer's input power per column
     # (the assignment's masses), and the row subsets of the Conv2d least squares.
@@ -810,8 +822,8 @@ def _repurpose(prefix, layers, suffix, x, k, budget, refit, assignment, selectio
     rows: list[torch.Tensor | None] = []
     powers: list[torch.Tensor] = []
     a = x0
-    for l, layer in enumerate(layers):
-        if l:
+    for i, layer in enumerate(layers):
+        if i:
             a = _run(layer.before, a)
         if layer.kind == "conv":
             total = a.shape[0] * _forward(layer, a[:1], layer.weight, layer.bias)[0, 0].numel()
@@ -821,46 +833,47 @@ def _repurpose(prefix, layers, suffix, x, k, budget, refit, assignment, selectio
         powers.append(_design(layer, a, rows[-1]).pow(2).mean(0).double())
         a = _forward(layer, a, layer.weight, layer.bias)
     if assignment is None:
-        masses = [None] + [_unit_mass(layer, powers[l]) for l, layer in enumerate(layers) if l]
+        masses = {i: _unit_mass(layer, powers[i]) for i, layer in enumerate(layers) if i}
         owners = _assign(masses, [layer.out for layer in layers], k)
     else:
         owners = _check_assignment(assignment, layers, k)
     # Prune and refit layer by layer, on the restructured network's own activations.
-    needed = [None] + [_needed(layer, owners[l - 1], owners[l], k) for l, layer in enumerate(layers) if l]
-    dense = [0.0] + [float(needed[l].sum()) * layer.unit_size for l, layer in enumerate(layers) if l]
-    quotas = _quotas([int(needed[l].sum()) if l else 0 for l in range(len(layers))],
+    needed = {i: _needed(layer, owners[i - 1], owners[i], k) for i, layer in enumerate(layers) if i}
+    dense = [0.0] + [float(needed[i].sum()) * layer.unit_size for i, layer in enumerate(layers) if i]
+    quotas = _quotas([int(needed[i].sum()) if i else 0 for i in range(len(layers))],
                      [layer.unit_size for layer in layers], budget)
-    weights, biases, kept = [], [], []
+    weights: list[torch.Tensor] = []
+    biases: list[torch.Tensor] = []
+    kept: dict[int, torch.Tensor] = {}  # every layer's but the first's
     how = "magnitude" if selection == "magnitude" else ("refit" if refit else "mask")
     a, ahat = x0, x0  # the original network's activations (for a refit's targets), the restructured one's
-    for l, layer in enumerate(layers):
-        if l:
+    for i, layer in enumerate(layers):
+        if i:
             ahat = _run(layer.before, ahat)
             if refit:
                 a = _run(layer.before, a)
         z = _forward(layer, a, layer.weight, layer.bias) if refit else None  # its pre-activations
-        if l == 0:
+        if i == 0:
             weights.append(layer.flat_weight.clone())
             biases.append(layer.bias.clone())
-            kept.append(None)
         else:
             gram = power = None
             if how != "magnitude":
-                design = _design(layer, ahat, rows[l])
-                if refit:
-                    gram = _Gram(design, _outputs(layer, z, rows[l]))
+                design = _design(layer, ahat, rows[i])
+                if z is not None:  # refit
+                    gram = _Gram(design, _outputs(layer, z, rows[i]))
                 power = design.pow(2).mean(0).double()
                 del design
-            keep = _select(layer, needed[l], owners[l - 1], owners[l], quotas[l], gram, power, how, k)
-            weight, bias = _refit(layer, owners[l - 1], owners[l], keep, gram, k)
+            keep = _select(layer, needed[i], owners[i - 1], owners[i], quotas[i], gram, power, how, k)
+            weight, bias = _refit(layer, owners[i - 1], owners[i], keep, gram, k)
             weights.append(weight)
             biases.append(bias)
-            kept.append(keep)
-        ahat = _forward(layer, ahat, weights[l].reshape(layer.weight.shape), biases[l])
-        if refit:
+            kept[i] = keep
+        ahat = _forward(layer, ahat, weights[i].reshape(layer.weight.shape), biases[i])
+        if z is not None:  # refit
             a = z
     built = _build(prefix, layers, suffix, owners, weights, biases, kept, k)
-    per_layer = [0.0] + [float(kept[l].sum()) * layer.unit_size for l, layer in enumerate(layers) if l]
+    per_layer = [0.0] + [float(kept[i].sum()) * layer.unit_size for i, layer in enumerate(layers) if i]
     return WidthPlan(model=built, assignment=[o.clone() for o in owners], communication=float(sum(per_layer)),
                      dense_communication=float(sum(dense)), workers=k, budget=budget, layer_communication=per_layer)
 
@@ -869,13 +882,13 @@ def _quotas(pairs: list[int], unit: list[int], budget: float) -> list[int]:
     """Pairs to keep per layer: ``budget`` of each layer's, rounded down, then the largest
     remainders rounded up while the total stays within ``budget`` of the whole."""
     exact = [budget * p for p in pairs]
-    quotas = [min(p, math.floor(e + 1e-9)) for p, e in zip(pairs, exact)]
-    allowed = budget * sum(p * u for p, u in zip(pairs, unit)) + 1e-9
-    used = sum(q * u for q, u in zip(quotas, unit))
-    for l in sorted(range(len(pairs)), key=lambda l: quotas[l] - exact[l]):
-        if quotas[l] < pairs[l] and exact[l] > quotas[l] and used + unit[l] <= allowed:
-            quotas[l] += 1
-            used += unit[l]
+    quotas = [min(p, math.floor(e + 1e-9)) for p, e in zip(pairs, exact, strict=True)]
+    allowed = budget * sum(p * u for p, u in zip(pairs, unit, strict=True)) + 1e-9
+    used = sum(q * u for q, u in zip(quotas, unit, strict=True))
+    for i in sorted(range(len(pairs)), key=lambda i: quotas[i] - exact[i]):
+        if quotas[i] < pairs[i] and exact[i] > quotas[i] and used + unit[i] <= allowed:
+            quotas[i] += 1
+            used += unit[i]
     return quotas
 
 
@@ -884,9 +897,9 @@ def _check_assignment(assignment: Sequence[torch.Tensor], layers: list[_Layer], 
     if len(owners) != len(layers):
         raise ValueError(f"assignment has {len(owners)} entries for {len(layers)} weight layers")
     out = []
-    for l, (owner, layer) in enumerate(zip(owners, layers)):
+    for i, (owner, layer) in enumerate(zip(owners, layers, strict=True)):
         owner = torch.as_tensor(owner).long().reshape(-1)
         if owner.numel() != layer.out or (owner.numel() and (owner.min() < 0 or owner.max() >= k)):
-            raise ValueError(f"assignment[{l}] must give each of the {layer.out} neurons a worker in [0, {k})")
+            raise ValueError(f"assignment[{i}] must give each of the {layer.out} neurons a worker in [0, {k})")
         out.append(owner.clone())
     return out

@@ -3,7 +3,8 @@ sinks, :mod:`partime_async.graph`)."""
 from __future__ import annotations
 
 import inspect
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from partime_async.core.frame import Frame
 from partime_async.graph import Sink

@@ -14,17 +14,18 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import aiofiles
 import aiofiles.os
 import numpy as np
 import torch
 
+from partime_async.aio.threads import to_the_end
 from partime_async.checkpoint import create_temporary, fsync_folder
 from partime_async.core.frame import Frame, Payload, tree_map
-from partime_async.aio.threads import to_the_end
 
 from .base import Sink
 
@@ -79,6 +80,9 @@ class AtomicFile:
         file, self._file = self._file, None
         if file is None:
             raise RuntimeError(f"{self.path}: open() it first (or it was already committed or discarded)")
+        tmp = self.tmp
+        assert tmp is not None  # open() made it before the file
+
         async def flush() -> None:
             await file.flush()
             if self.fsync:
@@ -91,7 +95,7 @@ class AtomicFile:
                 await to_the_end(file.close())
             # On the loop thread: a rename is one metadata operation, and done here no
             # cancellation can fall between the file appearing and the commit being recorded.
-            os.replace(self.tmp, self.path)
+            os.replace(tmp, self.path)
         except BaseException:
             self._remove_tmp()
             raise

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from typing import Any, AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable
+from typing import Any
 
-from partime_async.core.frame import Frame, now
 from partime_async.aio.threads import aclose_to_the_end
+from partime_async.core.frame import Frame, now
 
 
 class Source:
@@ -76,7 +77,7 @@ class _Iterable(Source):
         return iterate_frames(self.items)
 
 
-async def iterate_frames(items: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Frame]:
+async def iterate_frames(items: Iterable[Any] | AsyncIterable[Any]) -> AsyncGenerator[Frame, None]:
     """The items of any (async) iterable as frames; payloads get seq 0, 1, 2, …
 
     An async iterator that has ``aclose`` (an async generator, a :class:`Source`), or a
@@ -84,15 +85,15 @@ async def iterate_frames(items: Iterable[Any] | AsyncIterable[Any]) -> AsyncIter
     consumer stops early (other iterators are left open: they are the caller's).
     """
     counter = itertools.count()
-    if hasattr(items, "__aiter__"):
-        iterator = aiter(items)  # type: ignore[arg-type]
+    if isinstance(items, AsyncIterable):
+        aiterator = aiter(items)
         try:
-            async for item in iterator:
+            async for item in aiterator:
                 yield item if isinstance(item, Frame) else Frame(next(counter), item)
         finally:
-            await aclose_to_the_end(iterator)
+            await aclose_to_the_end(aiterator)
     else:
-        iterator = iter(items)  # type: ignore[arg-type]
+        iterator = iter(items)
         try:
             for item in iterator:
                 yield item if isinstance(item, Frame) else Frame(next(counter), item)

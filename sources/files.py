@@ -11,16 +11,18 @@ converted to native, which keeps the values). Pickled (object) arrays are refuse
 from __future__ import annotations
 
 import io
+import itertools
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator, Literal
+from typing import Literal
 
 import aiofiles
 import numpy as np
 import torch
 
-from partime_async.core.frame import Frame
 from partime_async.aio.threads import to_the_end
+from partime_async.core.frame import Frame
 
 from .base import Source
 
@@ -90,7 +92,7 @@ class NpyDirectory(Source):
         if self.order == "name":
             return list(enumerate(sorted(paths, key=lambda p: p.name)))
         indexed = sorted(((file_index(p), p) for p in paths), key=lambda item: (item[0], item[1].name))
-        for (a, pa), (b, pb) in zip(indexed, indexed[1:]):
+        for (a, pa), (b, pb) in itertools.pairwise(indexed):
             if a == b:
                 raise ValueError(f"{pa.name} and {pb.name} have the same index {a}; order='index' needs unique ones")
         return indexed

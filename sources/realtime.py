@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any, AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
 
 from partime_async.aio.channel import Channel, Policy
-from partime_async.core.frame import Frame, now
 from partime_async.aio.threads import retrieve, to_the_end
+from partime_async.core.frame import Frame, now
 
 from .base import Source, iterate_frames
 

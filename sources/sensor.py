@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
-from partime_async.core.frame import Frame, Payload
 from partime_async.aio.threads import to_the_end
+from partime_async.core.frame import Frame, Payload
 
 from .base import Source
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import torch
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections import deque
-from typing import Any, AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import Any
 
 from partime_async.core.frame import Frame, clone
 

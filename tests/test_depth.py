@@ -424,6 +424,28 @@ def test_a_depth_stack_chooses_its_tolerance_by_dtype_and_takes_solver_classes_o
         DepthStack(model, lambda layers: DeepPCR(layers))
 
 
+def test_a_depth_stack_takes_a_runs_tolerance_from_the_runs_own_input():
+    """A stage whose payload is not a tensor (a pair, summed by its first layer) solves its
+    run too (it raised a TypeError, with no dtype to choose the tolerance by); a run after a
+    layer that changes the dtype gets that dtype's tolerance."""
+    class Sum(nn.Module):
+        def forward(self, pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            return pair[0] + pair[1]
+
+    class Float32(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.float()
+
+    torch.manual_seed(0)
+    tail = nn.Sequential(*[nn.Sequential(nn.Linear(4, 4), nn.Tanh()) for _ in range(3)])
+    pair = (torch.randn(2, 4), torch.randn(2, 4))
+    for first, x, plain in ((Sum(), pair, pair[0] + pair[1]), (Float32(), pair[0].double(), pair[0])):
+        stack = DepthStack(nn.Sequential(first, *tail))
+        with torch.no_grad():
+            assert (stack(x) - tail(plain)).abs().max() <= 1e-4
+        assert len(stack.solvers) == 1 and stack.solvers[0].tol == 1e-5
+
+
 # -- the Pipeline's depth= ------------------------------------------------------------------------
 def _mlp64(depth: int = 12, width: int = 6) -> nn.Sequential:
     torch.manual_seed(3)

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Callable, Generic, Literal, TypeVar, get_args
+from collections.abc import Callable
+from typing import Generic, Literal, TypeVar, get_args
 
 T = TypeVar("T")
 Policy = Literal["block", "drop_oldest", "drop_newest", "latest"]

@@ -14,8 +14,8 @@ import asyncio
 import threading
 import warnings
 from collections import deque
-from collections.abc import Generator
-from typing import Any, Awaitable, Callable, TypeVar
+from collections.abc import Awaitable, Callable, Generator
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 

@@ -6,5 +6,5 @@ from .job import NO_GRADIENT, Job
 from .stats import PipelineStats, StageStats
 from .validation import InputSpec, TensorSpec
 
-__all__ = ["NO_GRADIENT", "Frame", "FrameDropped", "FrameError", "InputSpec", "Job", "Payload", "PipelineClosed", "PipelineError",
-           "PipelineStats", "StageStats", "TensorSpec", "now"]
+__all__ = ["NO_GRADIENT", "Frame", "FrameDropped", "FrameError", "InputSpec", "Job", "Payload", "PipelineClosed",
+           "PipelineError", "PipelineStats", "StageStats", "TensorSpec", "now"]

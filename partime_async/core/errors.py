@@ -60,8 +60,8 @@ def primary_error(exc: BaseException) -> PipelineError | None:
     """One error for the user out of what a task group raised: the first real failure
     (None when the only thing that happened is cancellation)."""
     if isinstance(exc, BaseExceptionGroup):
-        leaves = []
-        stack = [exc]
+        leaves: list[BaseException] = []
+        stack: list[BaseException] = [exc]
         while stack:
             e = stack.pop(0)
             if isinstance(e, BaseExceptionGroup):

@@ -8,8 +8,9 @@ as torch understands it). The pytree helpers here are thin wrappers over
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree

@@ -9,8 +9,9 @@ later ones.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
@@ -49,7 +50,7 @@ class TensorSpec:
         if self.shape is not None:
             if t.dim() != len(self.shape):
                 return f"expected {len(self.shape)} dimensions {_shape(self.shape)}, got {t.dim()} {_shape(t.shape)}"
-            if any(e is not None and e != s for e, s in zip(self.shape, t.shape)):
+            if any(e is not None and e != s for e, s in zip(self.shape, t.shape, strict=True)):
                 return f"expected shape {_shape(self.shape)}, got {_shape(t.shape)}"
         return None
 
@@ -69,8 +70,10 @@ class InputSpec:
         self._plain: tuple[torch.Size, torch.dtype | None, str | None] | None = None
         if structure.is_leaf() and len(self.leaves) == 1:
             spec = self.leaves[0]
-            if spec.shape is not None and None not in spec.shape:
-                self._plain = (torch.Size(spec.shape), spec.dtype, spec.device_type)
+            if spec.shape is not None:
+                fixed = [d for d in spec.shape if d is not None]
+                if len(fixed) == len(spec.shape):  # no free dimension
+                    self._plain = (torch.Size(fixed), spec.dtype, spec.device_type)
 
     @classmethod
     def like(cls, payload: Payload) -> InputSpec:
@@ -88,7 +91,7 @@ class InputSpec:
         values, structure = pytree.tree_flatten(_keys_sorted(payload))
         if structure != self.structure:
             return f"expected a payload shaped like {self.structure}, got {structure}"
-        for i, (spec, value) in enumerate(zip(self.leaves, values)):
+        for i, (spec, value) in enumerate(zip(self.leaves, values, strict=False)):
             why = spec.mismatch(value)
             if why is not None:
                 return why if len(values) == 1 else f"leaf {i}: {why}"

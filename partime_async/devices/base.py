@@ -43,7 +43,8 @@ from __future__ import annotations
 import asyncio
 from abc import ABC, abstractmethod
 from collections import deque
-from typing import Any, Awaitable, Callable, Hashable, Literal
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -94,11 +95,11 @@ class Device(ABC):
     def close(self) -> None:
         """Release everything; joins threads. Pending tickets fail. Idempotent."""
 
-    def synchronize(self) -> None:
+    def synchronize(self) -> None:  # noqa: B027 (a hook: nothing to do by default, not abstract)
         """Wait for the work launched here so far (set-up: weights moved, buffers restored).
         Nothing to wait for where work completes before its ticket does."""
 
-    def record_into(self, track: int, stats: StageStats, spans: deque[Any] | None) -> None:
+    def record_into(self, track: int, stats: StageStats, spans: deque[Any] | None) -> None:  # noqa: B027 (as above)
         """The stage this device serves in the current run: a device that times its own work
         (``host_timed`` False) adds it to ``stats.busy_s`` and, with ``spans``, records spans
         labelled ``track``. Others have nothing to record here."""

@@ -23,7 +23,8 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from typing import Any, Callable, Hashable
+from collections.abc import Callable, Hashable
+from typing import Any
 
 import torch
 
@@ -75,7 +76,7 @@ class CpuDevice(Device):
         self._closing = False
         self._dead = False  # the worker has left: nothing queued from now on would ever run
         self._lock = threading.Lock()  # orders post() against the worker's last drain
-        self._notifier: LoopNotifier | None = None
+        self._notifier: LoopNotifier  # made by start(): nothing is posted before
         self._running = -1  # the frame the worker runs now (for the message if it dies)
 
     def __repr__(self) -> str:
@@ -96,11 +97,12 @@ class CpuDevice(Device):
         if self._thread is not None:
             raise RuntimeError(f"{self.name} is already started; a device serves one pipeline at a time")
         self._loop = loop
-        self._notifier = LoopNotifier(loop)
+        self._notifier = notifier = LoopNotifier(loop)
         self._closing = self._dead = False
         self.died = None
         self._queue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._work, name=f"partime-{self.name}", daemon=True)
+        self._thread = threading.Thread(target=self._work, args=(loop, notifier), name=f"partime-{self.name}",
+                                        daemon=True)
         self._thread.start()
 
     def submit(self, fn: Work, payload: Payload, ready: Any = None, *, seq: int = -1,
@@ -164,7 +166,7 @@ class CpuDevice(Device):
         self._queue.put(_STOP)
         thread.join()
 
-    def _work(self) -> None:
+    def _work(self, loop: asyncio.AbstractEventLoop, notifier: LoopNotifier) -> None:
         item = None
         try:
             if self.threads is not None:
@@ -174,7 +176,7 @@ class CpuDevice(Device):
                 torch.set_num_threads(self.threads)
             while (item := self._queue.get()) is not _STOP:
                 if self._closing:  # shutting down: whoever waited is being cancelled too
-                    self._loop.call_soon_threadsafe(item[1].cancel)
+                    loop.call_soon_threadsafe(item[1].cancel)
                     continue
                 self._running = item[2]
                 item[0]()
@@ -188,9 +190,9 @@ class CpuDevice(Device):
         finally:
             # The thread is leaving (stopped, or dying from an error in itself): fail whatever
             # is still queued so that no stage waits forever.
-            self._fail_pending(item)
+            self._fail_pending(item, loop, notifier)
 
-    def _fail_pending(self, current: Any) -> None:
+    def _fail_pending(self, current: Any, loop: asyncio.AbstractEventLoop, notifier: LoopNotifier) -> None:
         pending = [(current, "died while running this frame")] if current not in (None, _STOP) else []
         with self._lock:
             self._dead = True
@@ -204,8 +206,8 @@ class CpuDevice(Device):
         for (_, future, _), what in pending:
             try:
                 if self._closing:
-                    self._loop.call_soon_threadsafe(future.cancel)
+                    loop.call_soon_threadsafe(future.cancel)
                 else:
-                    self._notifier.notify(future, None, WorkerDied(self, what))
+                    notifier.notify(future, None, WorkerDied(self, what))
             except RuntimeError:
                 return

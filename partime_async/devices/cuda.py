@@ -18,7 +18,8 @@ import asyncio
 import queue
 import threading
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -85,13 +86,14 @@ class EventWaiter:
     def start(self, notifier: LoopNotifier) -> None:
         self._notifier = notifier
         self._queue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._work, name=self.name, daemon=True)
+        self._thread = threading.Thread(target=self._work, args=(notifier,), name=self.name, daemon=True)
         self._thread.start()
 
     def watch(self, event: Any, then: Callable[[BaseException | None], None] | None = None) -> asyncio.Future[None]:
         """A future of the loop that completes when ``event`` does. Call on the loop thread."""
         if self._thread is None:
             raise RuntimeError(f"{self.name} is not running")
+        assert self._notifier is not None  # set by start(), with the thread
         future = self._notifier.loop.create_future()
         self._queue.put((event, then, future))
         return future
@@ -105,7 +107,7 @@ class EventWaiter:
         self._queue.put(_STOP)
         thread.join()
 
-    def _work(self) -> None:
+    def _work(self, notifier: LoopNotifier) -> None:
         while (item := self._queue.get()) is not _STOP:
             event, then, future = item
             try:
@@ -120,7 +122,7 @@ class EventWaiter:
                 except BaseException as exc:  # reported with the event, never kills the waiter
                     error = error or exc
             try:
-                self._notifier.notify(future, None, error)
+                notifier.notify(future, None, error)
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 return
 
@@ -249,21 +251,25 @@ class CudaDevice(Device):
     def _span(self, spans: deque[Any], kind: str, seq: int, start: torch.cuda.Event, end: torch.cuda.Event) -> None:
         """Record into ``spans`` the span between two completed timing events."""
         anchor, t = self._anchor, self._t_anchor
-        spans.append((self.track, kind, seq, t + anchor.elapsed_time(start) * 1e-3, t + anchor.elapsed_time(end) * 1e-3))
+        assert anchor is not None  # set by start()
+        spans.append((self.track, kind, seq,
+                      t + anchor.elapsed_time(start) * 1e-3, t + anchor.elapsed_time(end) * 1e-3))
 
     def _upload(self, payload: Payload, ready: Any) -> tuple[Payload, torch.cuda.Event, Any]:
         """Enqueue the copy of ``payload`` to this device on the copy stream; return its event,
         and for spans ``(kind, start, end)`` timing events of the copies (None if untimed or
         nothing was copied)."""
         kind: str | None = None  # "h2d" or "d2d", from the first tensor copied
+        copy_in = self.copy_in
+        assert copy_in is not None  # set by start(); submit() checked that it ran
         if ready is not None:
-            self.copy_in.wait_event(ready)
+            copy_in.wait_event(ready)
         else:
             # A GPU tensor without an event (the caller's own): it was made on its device's
             # current stream, which the copy stream must follow (our streams do not).
             gpus = {t.device for t in leaves(payload) if isinstance(t, torch.Tensor) and t.is_cuda}
             for gpu in gpus:
-                self.copy_in.wait_stream(torch.cuda.current_stream(gpu))
+                copy_in.wait_stream(torch.cuda.current_stream(gpu))
 
         def move(t: Any) -> Any:
             nonlocal kind
@@ -275,12 +281,12 @@ class CudaDevice(Device):
                 # keeps this block until the copy below has read it.
                 t = t if t.is_pinned() else t.pin_memory()
             else:
-                t.record_stream(self.copy_in)  # producer's allocator must not reuse it early
+                t.record_stream(copy_in)  # producer's allocator must not reuse it early
             return t.to(self.torch_device, non_blocking=True)
 
         timed = self.spans is not None
-        with torch.cuda.stream(self.copy_in):
-            start = self._mark(self.copy_in) if timed else None
+        with torch.cuda.stream(copy_in):
+            start = self._mark(copy_in) if timed else None
             try:
                 moved = tree_map(move, payload)
             except BaseException:
@@ -288,13 +294,13 @@ class CudaDevice(Device):
                     self.timing.give(start)
                 raise
         copy = None
-        if timed:
+        if start is not None:  # timed
             if kind is None:
                 self.timing.give(start)
             else:  # the end mark before the event that the compute waits for: complete with it
-                copy = (kind, start, self._mark(self.copy_in))
+                copy = (kind, start, self._mark(copy_in))
         event = self.events.take()
-        event.record(self.copy_in)
+        event.record(copy_in)
         return moved, event, copy
 
     def submit(self, fn: Work, payload: Payload, ready: Any = None, *, seq: int = -1,
@@ -302,25 +308,27 @@ class CudaDevice(Device):
         loop = self._loop
         if loop is None:
             raise RuntimeError(f"{self.name} is not running")
+        compute = self.compute
+        assert compute is not None  # set with the loop by start()
         spans = self.spans
         copied = copy = start = None
         ticket = loop.create_future()
         try:
             with torch.cuda.device(self.torch_device):
                 x, copied, copy = self._upload(payload, ready)
-                self.compute.wait_event(copied)
-                with torch.cuda.stream(self.compute):
+                compute.wait_event(copied)
+                with torch.cuda.stream(compute):
                     # Always timed on the GPU: the stage's busy time (spans or not) is the
                     # compute stream's time from the first kernel to the last, not the time
                     # the host took to launch them (which includes gaps when launches lag).
-                    start = self._mark(self.compute)
+                    start = self._mark(compute)
                     for t in leaves(x):
                         if isinstance(t, torch.Tensor) and t.is_cuda:
-                            t.record_stream(self.compute)
+                            t.record_stream(compute)
                     y = fn(x, seq)
-                    end = self._mark(self.compute)
+                    end = self._mark(compute)
                 done = self.events.take()
-                done.record(self.compute)
+                done.record(compute)
         except Exception as exc:  # the stage's error, delivered through its ticket
             # Work already enqueued completes later; a recorded event may be taken again at
             # once (a later record completes later still, see EventPool).
@@ -343,9 +351,9 @@ class CudaDevice(Device):
     def _retire(self, error: BaseException | None, events: tuple[torch.cuda.Event, ...],
                 marks: tuple[deque[Any] | None, int, str, Any, Any, Any]) -> None:
         """A frame's work is complete (or failed): add its compute stream's time (between the
-        two marks) to the stage's busy time, record its spans, recycle its events. Runs on the waiter thread (the only writer
-        of ``stats.busy_s`` on a CUDA stage), so it is done for every frame by the time the
-        device closes."""
+        two marks) to the stage's busy time, record its spans, recycle its events. Runs on the
+        waiter thread (the only writer of ``stats.busy_s`` on a CUDA stage), so it is done for
+        every frame by the time the device closes."""
         spans, seq, kind, copy, start, end = marks
         if error is None and seq >= 0:  # (seq -1: not a frame's work, e.g. a checkpoint's copy)
             if self.stats is not None:
@@ -360,27 +368,30 @@ class CudaDevice(Device):
     async def download(self, payload: Payload, ready: Any, *, seq: int = -1) -> Payload:
         spans = self.spans
         timed = spans is not None
+        copy_out = self.copy_out
+        if copy_out is None:
+            raise RuntimeError(f"{self.name} is not running")
         with torch.cuda.device(self.torch_device):
             if ready is not None:
-                self.copy_out.wait_event(ready)
+                copy_out.wait_event(ready)
 
             def fetch(t: Any) -> Any:
                 if not isinstance(t, torch.Tensor) or not t.is_cuda:
                     return t
-                t.record_stream(self.copy_out)
+                t.record_stream(copy_out)
                 host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
                 host.copy_(t, non_blocking=True)
                 return host
 
-            with torch.cuda.stream(self.copy_out):
-                start = self._mark(self.copy_out) if timed else None
+            with torch.cuda.stream(copy_out):
+                start = self._mark(copy_out) if timed else None
                 host = tree_map(fetch, payload)
-                end = self._mark(self.copy_out) if timed else None
+                end = self._mark(copy_out) if timed else None
             event = self.events.take()
-            event.record(self.copy_out)
+            event.record(copy_out)
 
         def retire(error: BaseException | None) -> None:  # on the waiter thread
-            if timed:
+            if spans is not None and start is not None and end is not None:  # timed: all three are
                 if error is None and seq >= 0:
                     self._span(spans, "d2h", seq, start, end)
                 self.timing.give(start, end)

@@ -95,7 +95,8 @@ import contextlib
 import gc
 import threading
 import warnings
-from typing import Any, Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -112,7 +113,8 @@ ADVICE = ("pass graphs=False to silence this, or make the stage capturable: stat
 # still under way (pytorch#180395): every later capture in the process fails inside
 # empty_cache, and frees of blocks used on other streams are put off. After one failure such
 # a torch is not asked to capture again: later stages fall back at once, saying why.
-_CAPTURE_LEAVES_ALLOCATOR_BROKEN = torch.torch_version.TorchVersion(torch.__version__) < (2, 12)
+# (TorchVersion compares with a string as a version, not as text.)
+_CAPTURE_LEAVES_ALLOCATOR_BROKEN = torch.torch_version.TorchVersion(torch.__version__) < "2.12"
 _failed_capture: str | None = None  # what failed first, on such a torch
 
 
@@ -135,7 +137,7 @@ class _Graph:
 
     def replay(self, leaves: list[Any]) -> Payload:
         with torch.no_grad():  # a copy from an input that requires grad must not record autograd
-            for buf, t in zip(self.inputs, leaves):
+            for buf, t in zip(self.inputs, leaves, strict=True):
                 if buf is not None:
                     buf.copy_(t)
         self.graph.replay()  # on the current stream, after the copies
@@ -214,7 +216,8 @@ class _PerSignature:
         side = self._stream
         inputs = [t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else None
                   for t in leaves]
-        static_x = pytree.tree_unflatten([t if buf is None else buf for t, buf in zip(leaves, inputs)], spec)
+        static_x = pytree.tree_unflatten([t if buf is None else buf for t, buf in zip(leaves, inputs, strict=True)],
+                                         spec)
         side.wait_stream(caller)
         try:
             # The outer context restores the caller's stream however the capture ends:
@@ -321,13 +324,13 @@ class _Replay(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, graph: _LearningGraph, n_leaves: int, *args: Any) -> tuple[torch.Tensor, ...]:
-        for buf, t in zip(graph.inputs, args[:n_leaves]):  # (autograd is off in a Function's forward)
+        for buf, t in zip(graph.inputs, args[:n_leaves], strict=True):  # (autograd is off in a Function's forward)
             if buf is not None:
                 buf.copy_(t)
         graph.forward.replay()
         ctx.graph = graph
         outs = tuple(o.clone() for o in graph.outputs)  # the next replay overwrites the static ones
-        ctx.mark_non_differentiable(*[o for o, d in zip(outs, graph.differentiable) if not d])
+        ctx.mark_non_differentiable(*[o for o, d in zip(outs, graph.differentiable, strict=True) if not d])
         return outs
 
     @staticmethod
@@ -335,7 +338,8 @@ class _Replay(torch.autograd.Function):
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         graph: _LearningGraph = ctx.graph
         # Undefined gradients arrive as zeros (materialised by autograd).
-        for buf, g in zip(graph.grad_outputs, [g for g, d in zip(grads, graph.differentiable) if d]):
+        given = [g for g, d in zip(grads, graph.differentiable, strict=True) if d]
+        for buf, g in zip(graph.grad_outputs, given, strict=True):
             buf.copy_(g)
         graph.backward.replay()
         input_grads = [g.clone() if g is not None else None for g in graph.input_grads]
@@ -371,7 +375,7 @@ class GraphedLearningStage(_PerSignature):
         # autograd nodes keep the stream of their first use, which a capture must not wait on
         # (pytorch#137483), and their hooks stay out of the graphs.
         aliases = [p.detach().requires_grad_() for p in self.params]
-        weights = dict(zip(self.names, aliases))
+        weights = dict(zip(self.names, aliases, strict=True))
 
         def run() -> Payload:
             return functional_call(self.module, weights, (static_x,))
@@ -392,7 +396,7 @@ class GraphedLearningStage(_PerSignature):
         finally:
             torch.cuda.set_rng_state(rng, side.device)
         with torch.no_grad():
-            for b, k in zip(buffers, kept):
+            for b, k in zip(buffers, kept, strict=True):
                 b.copy_(k)
         forward, backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         with _capturing(forward, side, self.name):
@@ -405,7 +409,7 @@ class GraphedLearningStage(_PerSignature):
             grads = torch.autograd.grad(diff, wrt, grad_outputs, allow_unused=True)
         it = iter(grads)
         input_grads = [next(it) if buf is not None and buf.requires_grad else None for buf in inputs]
-        param_grads = list(it)
+        param_grads: list[torch.Tensor | None] = list(it)  # None: a parameter unused (allow_unused)
         return _LearningGraph(forward, backward, inputs, outputs, out_spec, grad_outputs, input_grads, param_grads)
 
     def _replay(self, graph: _LearningGraph, leaves: list[Any]) -> Payload:

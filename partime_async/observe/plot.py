@@ -10,8 +10,8 @@
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -37,7 +37,7 @@ def timeline(source: Observable | Observation | Iterable[Span | tuple[int, str, 
         stage_names = stage_names or [s.name for s in obs.stats.stages]
         origin = obs.t_start
     else:
-        spans = as_spans(source)
+        spans = as_spans(obs)
     if not spans:
         if isinstance(obs, Observation) and not obs.metrics:
             raise ValueError("no spans to draw: this pipeline records none (metrics=False); "

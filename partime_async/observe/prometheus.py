@@ -1,7 +1,8 @@
 """A pipeline's metrics in Prometheus' text exposition format (for a ``/metrics`` endpoint)."""
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from .observation import Observable, Observation
 from .report import report
@@ -16,12 +17,12 @@ def prometheus_text(pipe: Observable | Observation) -> str:
     ``partime_stage_busy_ratio``, ``partime_stage_queued_frames``,
     ``partime_stage_compute_median_seconds``, ``partime_stage_wait_mean_seconds`` (the last two
     only where spans give them); ``partime_stage_counter_total`` (labels ``stage``, ``device``,
-    ``name``): what a stage's program counts besides frames (solver iterations, skipped updates). Summary: ``partime_latency_seconds``, capture to delivery:
-    quantiles 0.5, 0.95, 0.99 over the frames kept in the span ring (a sliding window), and
-    ``_sum`` / ``_count`` over every frame delivered since start (counters, as Prometheus'
-    ``rate(_sum) / rate(_count)`` needs them). The
-    numbers are those of :meth:`Pipeline.metrics`. Each call builds its own registry, so any
-    number of pipelines can be exposed, each with its own call.
+    ``name``): what a stage's program counts besides frames (solver iterations, skipped
+    updates). Summary: ``partime_latency_seconds``, capture to delivery: quantiles 0.5, 0.95,
+    0.99 over the frames kept in the span ring (a sliding window), and ``_sum`` / ``_count``
+    over every frame delivered since start (counters, as Prometheus' ``rate(_sum) /
+    rate(_count)`` needs them). The numbers are those of :meth:`Pipeline.metrics`. Each call
+    builds its own registry, so any number of pipelines can be exposed, each with its own call.
     """
     from prometheus_client import CollectorRegistry, generate_latest
 
@@ -72,13 +73,13 @@ class _Collector:
                 median.add_metric(values, s.compute_median_s)
             if s.wait_mean_s is not None:
                 wait.add_metric(values, s.wait_mean_s)
-            for name, value in sorted(s.counters.items()):
-                counter.add_metric([*values, name], value)
+            for name, count in sorted(s.counters.items()):
+                counter.add_metric([*values, name], count)
         yield from (frames, skipped, busy, busy_s, queued, median, wait, counter)
         latency = Metric("partime_latency_seconds", "Capture to delivery (quantiles over the frames kept in the "
                          "span ring; sum and count over every delivered frame).", "summary")
-        if rep.latency_mean_s is not None:
-            for q, v in (("0.5", rep.latency_p50_s), ("0.95", rep.latency_p95_s), ("0.99", rep.latency_p99_s)):
+        for q, v in (("0.5", rep.latency_p50_s), ("0.95", rep.latency_p95_s), ("0.99", rep.latency_p99_s)):
+            if v is not None:  # none is where no latency was measured
                 latency.add_sample("partime_latency_seconds", {"quantile": q}, v)
         latency.add_sample("partime_latency_seconds_sum", {}, rep.latency_sum_s)
         latency.add_sample("partime_latency_seconds_count", {}, rep.delivered)

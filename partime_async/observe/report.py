@@ -80,7 +80,8 @@ class Report:
 
     def __str__(self) -> str:
         lost = f", discarded {self.discarded} (reader gone)" if self.discarded else ""
-        lost += f", abandoned {self.abandoned} (failed, or in flight when the pipeline stopped)" if self.abandoned else ""
+        if self.abandoned:
+            lost += f", abandoned {self.abandoned} (failed, or in flight when the pipeline stopped)"
         lines = [f"{self.delivered} delivered of {self.admitted} admitted in {self.elapsed_s:.3f} s: "
                  f"{self.throughput:.1f} frames/s; dropped {self.dropped}, skipped {self.skipped}{lost}"]
         if self.latency_p50_s is not None:
@@ -97,7 +98,8 @@ class Report:
                          str(s.dropped), str(s.skipped), str(s.queued)))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for r in rows:
-            lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+            cells = enumerate(zip(r, widths, strict=True))
+            lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in cells))
         if self.bottleneck is not None:
             lines.append(f"bottleneck: {self.bottleneck}")
         return "\n".join(lines)
@@ -123,7 +125,7 @@ def report(source: Observable | Observation) -> Report:
     elapsed = stats.elapsed_s
     stages = []
     previous_out = stats.admitted
-    for k, (st, queued) in enumerate(zip(stats.stages, obs.queued)):
+    for k, (st, queued) in enumerate(zip(stats.stages, obs.queued, strict=False)):
         times = duration[compute & (c.stage == k)]
         busy_s = st.busy_s  # a counter (on CUDA, of event-timed GPU seconds): not limited to the ring
         # Without spans, the busy time per frame: the forward alone only where nothing else runs

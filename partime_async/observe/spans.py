@@ -42,8 +42,9 @@ text exposition format.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from operator import itemgetter
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -107,8 +108,8 @@ def frame_ids(c: Columns) -> tuple[np.ndarray, np.ndarray]:
     the ring has lost the earlier spans of a repeated seq at one stage but not at the next,
     the two are matched one frame apart.)"""
     kinds = np.zeros(len(c.kind), np.int64)
-    for code, kind in enumerate(KINDS, 1):  # a comparison per known kind is 5x faster than np.unique on strings
-        kinds[c.kind == kind] = code
+    for code, name in enumerate(KINDS, 1):  # a comparison per known kind is 5x faster than np.unique on strings
+        kinds[c.kind == name] = code
     if not kinds.all():  # spans made by hand, of other kinds
         kinds = np.unique(c.kind, return_inverse=True)[1].reshape(-1)
     out = np.isin(c.kind, list(OUT_KINDS))  # a frame leaves by one or the other, in order: one group
@@ -129,7 +130,7 @@ def frame_ids(c: Columns) -> tuple[np.ndarray, np.ndarray]:
     return ids.reshape(-1), frames
 
 
-def wait_intervals(spans: Sequence[tuple[int, str, int, float, float]]) -> Columns:
+def wait_intervals(spans: Sequence[tuple[int, str, int, float, float]] | Columns) -> Columns:
     """The queue waits that the spans allow deriving, as columns (``kind`` is ``"wait"``): for
     each stage and frame (:func:`frame_ids`), from the end of the frame's forward at the stage
     before (its capture, for stage 0; known once it is delivered) to the start of its first

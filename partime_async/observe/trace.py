@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .observation import Observable, Observation, observe
 from .spans import FORWARD_KINDS, OUT_KINDS, Columns, Span, as_spans, frame_ids, wait_intervals
@@ -67,7 +68,7 @@ def chrome_trace(spans: Sequence[Span], stage_names: Sequence[str] = (), origin:
     columns = Columns.of(spans)
     ids, frames = frame_ids(columns)
     forward: dict[int, list[tuple[float, int, float, float]]] = defaultdict(list)  # frame -> (t0, tid, ts, dur)
-    for s, frame in zip(spans, ids.tolist()):
+    for s, frame in zip(spans, ids.tolist(), strict=True):
         tid = tids[track_of(s)]
         if s.kind in OUT_KINDS:
             events.append({"ph": "i", "s": "t", "pid": PID, "tid": tid, "name": s.kind, "ts": us(s.t1),
@@ -93,13 +94,14 @@ def chrome_trace(spans: Sequence[Span], stage_names: Sequence[str] = (), origin:
         # starts and ends its flow there). A point binds to the slice enclosing it: the middle
         # of its span is inside.
         phases = ["s", *["t"] * (len(points) - 2), "f"] if len(points) > 1 else ["s", "f"]
-        for phase, (_, tid, ts, dur) in zip(phases, points + points[-1:] * (len(phases) - len(points))):
+        for phase, (_, tid, ts, dur) in zip(phases, points + points[-1:] * (len(phases) - len(points)), strict=True):
             event = {"ph": phase, "pid": PID, "tid": tid, "name": "frame", "cat": "frame", "id": flow_id,
                      "ts": round(ts + dur / 2, 3)}
             if phase == "f":
                 event["bp"] = "e"
             events.append(event)
-    for i, (stage, _, seq, start, end) in enumerate(zip(*(column.tolist() for column in wait_intervals(columns)))):
+    waits = zip(*(column.tolist() for column in wait_intervals(columns)), strict=True)
+    for i, (stage, _, seq, start, end) in enumerate(waits):
         name, wait_id = f"stage {stage} wait", f"wait-{i}"
         events.append({"ph": "b", "pid": PID, "cat": "wait", "name": name, "id": wait_id, "ts": us(start),
                        "args": {"seq": seq}})

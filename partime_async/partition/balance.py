@@ -2,7 +2,8 @@
 minimises the costliest stage. A greedy split can be far off when costs are uneven."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from typing import cast
 
 
 def min_max_partition(costs: Sequence[float] | Sequence[Sequence[float]], n_stages: int) -> list[int]:
@@ -12,7 +13,11 @@ def min_max_partition(costs: Sequence[float] | Sequence[Sequence[float]], n_stag
     ``costs[k][i]`` is layer i's cost on stage k's device). Ties go to the earliest split.
     Exact dynamic programme, O(n_stages * n_layers^2).
     """
-    rows = [list(costs)] * n_stages if not costs or not isinstance(costs[0], (list, tuple)) else [list(r) for r in costs]
+    # (the check on the first entry tells the two forms apart; the types cannot narrow on it)
+    if costs and isinstance(costs[0], (list, tuple)):
+        rows = [list(r) for r in cast("Sequence[Sequence[float]]", costs)]
+    else:
+        rows = [list(cast("Sequence[float]", costs))] * n_stages
     n = len(rows[0])
     if len(rows) != n_stages or any(len(r) != n for r in rows):
         raise ValueError("costs must have one row per stage, each with one cost per layer")

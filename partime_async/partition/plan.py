@@ -6,8 +6,9 @@ cross its cuts, never "a list of layers".
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -66,7 +67,9 @@ class Partitioner(Protocol):
     per stage, in order.
     """
 
-    units: int
+    @property
+    def units(self) -> int:
+        """The number of indivisible pieces (read-only: a property or an attribute)."""
 
     def check_balance(self, balance: Sequence[int], n_stages: int) -> list[int]:
         """A valid balance for ``n_stages``, or a ValueError that says what would be valid."""

@@ -3,7 +3,7 @@ and per stage (for choosing inline stages)."""
 from __future__ import annotations
 
 import statistics
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -47,7 +47,7 @@ def profile_layers(layers: Sequence[nn.Module], sample: Payload, *, repeats: int
                     if rep >= warmup:
                         samples[i].append(now() - t0)
     finally:
-        for layer, buffers in zip(layers, saved):
+        for layer, buffers in zip(layers, saved, strict=True):
             for name, value in layer.named_buffers():
                 value.copy_(buffers[name])
     return [statistics.median(s) for s in samples]

@@ -10,7 +10,8 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,7 +59,7 @@ class SequentialSplit:
 
     def plans(self, balance: Sequence[int], devices: Sequence[Device]) -> list[StagePlan]:
         plans, start = [], 0
-        for k, (module, device) in enumerate(zip(split(self.layers, balance), devices)):
+        for k, (module, device) in enumerate(zip(split(self.layers, balance), devices, strict=True)):
             end = start + balance[k]
             module.to(device.torch_device)
             plans.append(StagePlan(
@@ -81,7 +82,7 @@ class SequentialSplit:
     def _named(self) -> nn.Sequential:
         """A new ``nn.Sequential`` of the layers themselves (no copies) under their names in
         the model: its ``state_dict`` is keyed as the model's."""
-        return nn.Sequential(OrderedDict(zip(self.names, self.layers)))
+        return nn.Sequential(OrderedDict(zip(self.names, self.layers, strict=True)))
 
 
 def _renamer(names: Sequence[str]) -> Callable[[str], str]:
@@ -116,7 +117,8 @@ def check_balance(balance: Sequence[int], n_layers: int, n_devices: int) -> list
     """Validate an explicit balance; errors say what would be valid."""
     balance = list(balance)
     if len(balance) != n_devices:
-        raise ValueError(f"balance has {len(balance)} entries but there are {n_devices} devices; give one layer count per device")
+        raise ValueError(f"balance has {len(balance)} entries but there are {n_devices} devices; "
+                         "give one layer count per device")
     if any(not isinstance(b, int) or b < 1 for b in balance):
         raise ValueError(f"every stage needs at least one layer; balance {balance} has an entry < 1 or not an int")
     if sum(balance) != n_layers:
@@ -136,7 +138,7 @@ def check_unshared(layers: Sequence[nn.Module], names: Sequence[str], balance: S
         return
     stage_of = [k for k, count in enumerate(balance) for _ in range(count)]
     owner: dict[int, tuple[int, str]] = {}
-    for layer, name, k in zip(layers, names, stage_of):
+    for layer, name, k in zip(layers, names, stage_of, strict=True):
         tensors = [*layer.named_parameters(prefix=name), *layer.named_buffers(prefix=name)]
         if one_device:  # learning: the optimisers step trainable parameters only
             tensors = [(key, t) for key, t in tensors if isinstance(t, nn.Parameter) and t.requires_grad]

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from collections.abc import Set as AbstractSet
 
 from ..aio.channel import Channel, Policy
 from ..core.errors import FrameError, PipelineError
 from ..core.frame import Frame, Payload
-from ..core.validation import InputSpec, check_tensors
 from ..core.job import Job
+from ..core.validation import InputSpec, check_tensors
 from .cuts import CutSchedule
 from .routes import Route
 
@@ -144,7 +145,7 @@ class Admission:
         route.admitted += 1
         route.skip(frame, error)
 
-    def _cut(self, frame: Frame, periods: frozenset[int]) -> None:
+    def _cut(self, frame: Frame, periods: AbstractSet[int]) -> None:
         self._cuts.cut(frame, periods, self.cut_parts)
 
     def _dropped(self, job: Job) -> None:

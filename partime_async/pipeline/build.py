@@ -15,23 +15,36 @@ transports and the runners.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import statistics
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Mapping, Sequence
+from typing import Any, Literal
+
+from torch import nn
 
 from ..aio.threads import in_thread, to_the_end
 from ..core.errors import PipelineError, StageFailed
 from ..core.frame import Payload, now
 from ..core.stats import StageStats
 from ..core.validation import InputSpec
+from ..depth import Solver
 from ..devices import Device
 from ..partition import LayerFailed, Partitioner, StagePlan, min_max_partition, time_module
-from ..depth import Solver
-from ..programs import (DepthLearnProgram, DepthProgram, DepthStack, InferProgram, LearnProgram, OnlineLearning,
-                        StageLearner, StageProgram, WidthProgram)
-from ..width import SplitLayer
+from ..programs import (
+    DepthLearnProgram,
+    DepthProgram,
+    DepthStack,
+    InferProgram,
+    LearnProgram,
+    OnlineLearning,
+    StageLearner,
+    StageProgram,
+    WidthProgram,
+)
 from ..stage import OnError, OnFailure, Stage, StageRunner
 from ..transport import Inlet, Outlet, Sender, local_link
+from ..width import SplitLayer
 from .admission import SkipFrame
 from .delivery import Egress
 from .run import Run
@@ -46,7 +59,7 @@ class BuildSettings:
 
     devices: Sequence[Device]
     learning: OnlineLearning | None
-    input_spec: InputSpec | str | None
+    input_spec: InputSpec | Literal["first"] | None
     check_outputs: bool
     on_error: OnError
     capacity: int
@@ -70,7 +83,7 @@ async def build(settings: BuildSettings, state: PipelineState, run: Run, sample:
         run.check_running()
         try:
             plans, inline = await _plan(settings, state, sample)
-            stages = [_stage(plan, inline, settings, state, run) for plan, inline in zip(plans, inline)]
+            stages = [_stage(plan, inline, settings, state, run) for plan, inline in zip(plans, inline, strict=True)]
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is None or not task.cancelling():
@@ -107,7 +120,7 @@ async def _plan(settings: BuildSettings, state: PipelineState, sample: Payload) 
                        one_device=len({d.torch_device for d in devices}) == 1)
     plans = split.plans(state.balance, devices)
     state.modules = [plan.module for plan in plans]
-    for before, after in zip(plans, plans[1:]):
+    for before, after in itertools.pairwise(plans):
         if before.outputs != after.inputs:
             raise RuntimeError(f"the partitioner's stages do not join: stage {before.index} gives {before.outputs}, "
                                f"stage {after.index} takes {after.inputs}")
@@ -163,10 +176,15 @@ async def _choose_inline(plans: Sequence[StagePlan], sample: Payload, never: Any
     x = sample
     for k, plan in enumerate(plans):
         device = plan.device
+
+        def timed(v: Payload, _: int, m: nn.Module = plan.module) -> tuple[float, Payload]:
+            return time_module(m, v)
+
         try:
-            (seconds, x), ready = await to_the_end(device.submit(lambda v, _, m=plan.module: time_module(m, v), x))
+            (seconds, x), ready = await to_the_end(device.submit(timed, x))
         except Exception as exc:
             cause = exc.__cause__ if isinstance(exc, LayerFailed) else exc
+            assert cause is not None  # a LayerFailed is raised from the layer's error
             raise StageFailed(k, cause) from cause
         if k in auto:
             # After a stage whose results are not on the host (a GPU's), the input's event is

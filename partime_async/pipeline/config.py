@@ -1,7 +1,8 @@
 """The checks of :class:`Pipeline`'s arguments, with messages that say what would be valid."""
 from __future__ import annotations
 
-from typing import Any, Collection, Literal, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any, Literal
 
 from ..aio.channel import Channel, Policy
 from ..core.validation import InputSpec

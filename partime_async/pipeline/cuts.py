@@ -19,7 +19,9 @@ fresh warm-up, as at the start of a stream.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Awaitable
+from collections.abc import Awaitable
+from collections.abc import Set as AbstractSet
+from typing import Any
 
 from ..core.frame import Frame
 from ..devices import settle
@@ -83,6 +85,6 @@ class CutSchedule:
         """The periods whose cut the ``admitted``-th frame of the run closes."""
         return frozenset(every for every in self.periods if admitted % every == 0)
 
-    def cut(self, frame: Frame, periods: frozenset[int], n_stages: int) -> None:
+    def cut(self, frame: Frame, periods: AbstractSet[int], n_stages: int) -> None:
         """Take a cut at ``frame`` for the sinks of ``periods`` (``n_stages`` parts to come)."""
         frame.checkpoint = Cut(frame.seq, frozenset(periods), n_stages, self._state)

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import AsyncIterable, Iterable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, AsyncIterable, Iterable, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -42,8 +43,7 @@ from ..partition import SequentialSplit
 from ..programs import OnlineLearning, StageLearner
 from ..stage import OnError
 from .build import BuildSettings, build
-from .config import (Balance, Depth, Width, check_learning, check_options, depth_by_stage, initial_balance,
-                     width_stages)
+from .config import Balance, Depth, Width, check_learning, check_options, depth_by_stage, initial_balance, width_stages
 from .cuts import CutSchedule
 from .routes import FutureRoute
 from .run import Run
@@ -181,7 +181,8 @@ class Pipeline:
         if sample is not None:  # what a frame's payload must be, said before anything starts
             check_tensors(sample, None, finite=False)
         loop = asyncio.get_running_loop()
-        spans = deque(maxlen=self._span_capacity or _spans.SPAN_CAPACITY) if self.metrics_enabled else None
+        spans: deque[Any] | None = (deque(maxlen=self._span_capacity or _spans.SPAN_CAPACITY)
+                                    if self.metrics_enabled else None)
         # A run's settings are the pipeline's attributes when it starts.
         settings = BuildSettings(self.devices, self.learning, self.input_spec, self.output_spec == "first",
                                  self.on_error, self.capacity, self.window, self.depth, self.width)
@@ -207,6 +208,7 @@ class Pipeline:
         task = self._task
         if task is None:
             return
+        assert self._run is not None  # started with the task
         self._run.request_stop()
         try:
             # A caller cancelled meanwhile stops the pipeline now (frames in flight abandoned);
@@ -234,6 +236,7 @@ class Pipeline:
         if self._task is not task or not task.done():
             return None
         self._task = None
+        assert self._run is not None  # started with the task
         error, self._run.error = self._run.error, None
         return error
 
@@ -324,7 +327,8 @@ class Pipeline:
         self._state.load_state_dict(state, learning=self.learning is not None)
 
     def _check_quiet(self, what: str) -> None:
-        if self.running and self.learning is not None and self._run.admission.admitted > 0:
+        run = self._run  # (there is one while the pipeline is running)
+        if self.running and self.learning is not None and run is not None and run.admission.admitted > 0:
             raise RuntimeError(f"{what} of a learning pipeline while it streams: its stages may still be applying "
                                "the updates of frames already delivered, on their own threads (a torn state). Call "
                                "it after `await pipe.stop()`, or stream through "

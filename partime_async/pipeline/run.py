@@ -10,8 +10,9 @@ started (joining their threads) and records the one error to report.
 Errors come in frame order (:meth:`Run.fail`): a frame that fails a stage, or a source or an
 input that fails at the door, stops admission at once, but the frames before it that can
 still complete do, and are delivered; then every waiter gets the error. That frame (if it
-was admitted) and those after it are abandoned: ``stats().abandoned`` counts them, so that ``admitted == delivered + discarded
-+ dropped + skipped + abandoned`` once the streams are read or closed.
+was admitted) and those after it are abandoned: ``stats().abandoned`` counts them, so that
+``admitted == delivered + discarded + dropped + skipped + abandoned`` once the streams are
+read or closed.
 """
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ import asyncio
 import warnings
 import weakref
 from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any
 
 from ..aio.channel import Channel
 from ..core.errors import PipelineClosed, PipelineError, primary_error
@@ -30,7 +32,6 @@ from ..stage import Stage, StageRunner
 from .admission import Admission
 from .cuts import CutSchedule
 from .routes import Route
-
 
 BuildRun = Callable[["Run", Payload, "int | None", bool], Awaitable[None]]
 """``build(run, sample, seq, request)``: make ``run``'s stages from its first frame
@@ -162,6 +163,7 @@ class Run:
         not when it left the last stage, so that the counters only grow (Prometheus' rate()
         needs it: a stream closed with frames unread turns those into discarded ones)."""
         self.delivered += 1
+        assert frame.t_done is not None  # stamped by the egress
         self.latency_sum_s += frame.t_done - frame.t_capture
 
     def unread(self, out: Channel[Frame], *, counted: bool = True) -> None:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import copy
 import itertools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
@@ -95,6 +96,7 @@ class PipelineState:
         model: dict[str, Any] = {}
         for module_state, _ in parts:
             model.update(module_state)
+        assert self.balance is not None  # chosen by the build, before any frame is admitted
         return {"model": model, "balance": list(self.balance), "learners": [learner for _, learner in parts],
                 "position": seq + 1, "next_seq": self.peek_seq()}
 
@@ -105,5 +107,5 @@ class PipelineState:
         if len(saved) != len(self.learners):
             raise ValueError(f"the state has {len(saved)} learning stages but this pipeline has {len(self.learners)}; "
                              "load it into a pipeline with the same devices and balance")
-        for learner, learner_state in zip(self.learners, saved):
+        for learner, learner_state in zip(self.learners, saved, strict=True):
             learner.load_state_dict(learner_state)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from typing import Any, AsyncIterable, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 
@@ -91,14 +92,17 @@ class OutputStream:
     def close_now(self) -> None:
         """Close the stream (see :meth:`aclose`), from the loop's thread."""
         self._closed = True
+        run = self._run
+        if run is None:  # never opened: no pump, no route
+            return
         if self._pump is not None:
             self._pump.cancel()
-            self._run.pumps.discard(self._pump)
+            run.pumps.discard(self._pump)
         if self._route is not None:  # opened: registered with its run
-            self._run.unread(self._route.out, counted=self._run.current)
+            run.unread(self._route.out, counted=run.current)
             self._route.detach()
-            self._run.routes.discard(self._route)
-            self._run.streams.discard(self)
+            run.routes.discard(self._route)
+            run.streams.discard(self)
 
     def _begin_read(self) -> StreamRoute:
         if self._cancelled:
@@ -108,12 +112,15 @@ class OutputStream:
         if self._closed:
             raise StopAsyncIteration
         route = self._route or self._open()
-        self._reader = weakref.ref(asyncio.current_task())
+        task = asyncio.current_task()
+        assert task is not None  # a coroutine reads it, in a task
+        self._reader = weakref.ref(task)
         return route
 
     def _settled(self, frame: Frame) -> None:
         """Its reader took ``frame``: delivered, if this stream is of the pipeline's current run
         (one read after a restart belongs to a run whose counts are gone)."""
+        assert self._run is not None  # opened by the read that took it
         if self._run.current:
             self._run.handed(frame)
 
@@ -155,13 +162,17 @@ async def pump(source: Iterable[Any] | AsyncIterable[Any], route: StreamRoute, r
     still complete and are delivered, then the stream raises the error."""
     admission = run.admission
     name = getattr(source, "name", type(source).__name__)
-    is_async = hasattr(source, "__aiter__")
-    items = aiter(source) if is_async else iter(source)  # type: ignore[arg-type]
+    items: AsyncIterator[Any] | Iterator[Any]
+    if isinstance(source, AsyncIterable):
+        is_async, items = True, aiter(source)
+    else:
+        is_async, items = False, iter(source)
     seq = 0
     try:
         while True:
             try:
-                item = (await anext(items)) if is_async else next(items)
+                # (is_async tells the two apart: cheaper than an isinstance test per frame)
+                item = (await anext(items)) if is_async else next(items)  # type: ignore[arg-type]
             except (StopIteration, StopAsyncIteration):
                 break
             except Exception as exc:

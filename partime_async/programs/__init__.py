@@ -12,5 +12,5 @@ from .learn import LearnProgram
 from .online import MODES, OnlineLearning, StageLearner
 from .width import WidthProgram
 
-__all__ = ["DEFAULT_TOL", "MODES", "DepthLearnProgram", "DepthProgram", "DepthStack", "InferProgram", "LearnProgram", "OnlineLearning", "StageLearner", "StageProgram",
-           "WidthProgram", "calls", "host_timing", "output_checker"]
+__all__ = ["DEFAULT_TOL", "MODES", "DepthLearnProgram", "DepthProgram", "DepthStack", "InferProgram", "LearnProgram",
+           "OnlineLearning", "StageLearner", "StageProgram", "WidthProgram", "calls", "host_timing", "output_checker"]

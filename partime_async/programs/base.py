@@ -33,7 +33,8 @@ a width-split block plugs in here, without touching the runner.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -84,7 +85,7 @@ class StageProgram:
         """The run has ended (undo :meth:`attach`)."""
 
 
-def calls(module: nn.Module) -> tuple[Callable[[Payload], Payload], ...]:
+def calls(module: nn.Module) -> tuple[nn.Module, ...]:
     """The calls that compute ``module(x)`` one after another: an ``nn.Sequential``'s children
     (as it would call them, minus its own call overhead, which is most of a cheap hop), or
     the module itself."""

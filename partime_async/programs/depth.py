@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import warnings
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -130,23 +131,27 @@ class DepthStack(nn.Module):
         """The layers as runs: ``(layers, solver)`` for a run of at least ``min_run`` layers that
         keep the shape and dtype of a tensor like ``x`` (found by running them once, without
         autograd), ``(layers, None)`` for the others."""
-        keeps = []
+        # Per layer, the dtype it keeps (None: it does not keep its input's shape and dtype); a
+        # run's default tolerance goes by it.
+        keeps: list[torch.dtype | None] = []
         with torch.no_grad():
             z = x
             for layer in self.calls:
                 y = layer(z)
-                keeps.append(isinstance(z, Tensor) and isinstance(y, Tensor) and y.shape == z.shape
-                             and y.dtype == z.dtype and y.device == z.device and z.is_floating_point())
+                same = (isinstance(z, Tensor) and isinstance(y, Tensor) and y.shape == z.shape
+                        and y.dtype == z.dtype and y.device == z.device and z.is_floating_point())
+                keeps.append(z.dtype if same else None)
                 z = y
         pieces: list[tuple[tuple[Callable[[Payload], Payload], ...], Solver | None]] = []
         i, n = 0, len(self.calls)
-        tol = self.tol if self.tol is not None else DEFAULT_TOL.get(x.dtype, 1e-10) if isinstance(x, Tensor) else None
         while i < n:
             j = i + 1
             while j < n and keeps[j] == keeps[i]:
                 j += 1
             run = tuple(self.calls[i:j])
-            if keeps[i] and len(run) >= self.min_run:
+            dtype = keeps[i]
+            if dtype is not None and len(run) >= self.min_run:
+                tol = self.tol if self.tol is not None else DEFAULT_TOL.get(dtype, 1e-10)
                 solver = self.solver(run, tol=tol, max_iters=self.max_iters)
                 solver.observer = self._observe
                 pieces.append((run, solver))

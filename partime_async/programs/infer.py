@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,7 +33,7 @@ class InferProgram(StageProgram):
                 x = layer(x)
             return x
 
-        graphed = device.graph_inference(run, name=plan.name)
+        graphed: Callable[[Payload], Payload] | None = device.graph_inference(run, name=plan.name)
         graphed = None if graphed is run else graphed
 
         # Grad mode is toggled with the primitive that ``torch.no_grad`` wraps (a context

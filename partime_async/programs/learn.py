@@ -5,15 +5,15 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..core.frame import Payload, now
+from ..core.job import Job
 from ..core.stats import StageStats
 from ..partition import StagePlan
-from ..core.job import Job
 from .base import StageProgram, host_timing, output_checker
 from .online import StageLearner
-
 
 SKIPPED = object()
 """What a learning forward gets for a frame skipped before its stage: nothing to compute."""

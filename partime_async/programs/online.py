@@ -57,8 +57,9 @@ from __future__ import annotations
 
 import warnings
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -295,7 +296,8 @@ class StageLearner:
                 with torch.no_grad():
                     out = self.module(x)
             elif self._stash:
-                saved.weights = {n: p.detach().clone().requires_grad_() for n, p in zip(self.names, self.params)}
+                saved.weights = {n: p.detach().clone().requires_grad_()
+                                 for n, p in zip(self.names, self.params, strict=True)}
                 out = functional_call(self.module, saved.weights, (x,))
             else:
                 out = (self.graphed or self.module)(x)
@@ -340,6 +342,7 @@ class StageLearner:
             elif mode == "partime" and not self.last:
                 _check_carried(grad, saved.out, self.delay)
             if self.last:
+                assert saved.loss is not None  # the last stage keeps only frames that learn, with their loss
                 outputs, grads = [saved.loss], [None]
             else:
                 pairs = list(zip(pytree.tree_leaves(saved.out), pytree.tree_leaves(grad), strict=True))
@@ -348,7 +351,8 @@ class StageLearner:
             weights = list(saved.weights.values()) if saved.weights is not None else self.params
             inputs = [t for t in pytree.tree_leaves(saved.x) if isinstance(t, torch.Tensor) and t.requires_grad]
             wrt = weights + inputs
-            found = torch.autograd.grad(outputs, wrt, grads, allow_unused=True) if wrt and outputs else [None] * len(wrt)
+            found = (torch.autograd.grad(outputs, wrt, grads, allow_unused=True) if wrt and outputs
+                     else [None] * len(wrt))
         if not _finite(found) or (saved.loss is not None and not bool(torch.isfinite(saved.loss))):
             self._warn_nonfinite(seq)
             return self._skip(key, saved)
@@ -390,7 +394,7 @@ class StageLearner:
     def _step(self, grads: Iterable[torch.Tensor | None]) -> None:
         if self.optimizer is None:
             return
-        for p, g in zip(self.params, grads):
+        for p, g in zip(self.params, grads, strict=True):
             p.grad = g
         if self.config.clip_grad_norm is not None:
             nn.utils.clip_grad_norm_(self.params, self.config.clip_grad_norm)
@@ -465,7 +469,7 @@ def _check_carried(grad: Payload, out: Payload, delay: int) -> None:
     grads, outs = pytree.tree_leaves(grad), pytree.tree_leaves(out)
     if len(grads) == len(outs) and all(
             not (isinstance(g, torch.Tensor) and isinstance(o, torch.Tensor)) or g.shape == o.shape
-            for g, o in zip(grads, outs)):
+            for g, o in zip(grads, outs, strict=True)):
         return
     raise ValueError(
         f"mode='partime' carries the gradient of frame t-{delay} through the graph of frame t, so this stage's "

@@ -33,7 +33,8 @@ from __future__ import annotations
 import queue
 import threading
 from collections import deque
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -89,7 +90,7 @@ class WidthProgram(StageProgram):
         if not where:
             raise ValueError(f"{plan.name}: the stage holds no SplitLinear/SplitConv2d layer (make its model with "
                              "partime_async.width.repurpose)")
-        split: list[SplitLayer] = [layers[i] for i in where]
+        split = [m for m in layers if isinstance(m, SplitLayer)]
         k = split[0].workers
         if any(layer.workers != k for layer in split):
             raise ValueError(f"{plan.name}: the split layers disagree on the number of workers")
@@ -232,7 +233,9 @@ class WidthProgram(StageProgram):
                     events[n - 1][s].wait()
                     if frame.error is not None:
                         return
-                    parts.append(published[n - 1][s].index_select(layer.dim, positions))
+                    given = published[n - 1][s]
+                    assert given is not None  # published before its event was set
+                    parts.append(given.index_select(layer.dim, positions))
                 if parts:
                     received = parts[0] if len(parts) == 1 else torch.cat(parts, layer.dim)
                     transfers += len(parts)

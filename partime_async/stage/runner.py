@@ -29,15 +29,16 @@ aborts its ends with the error.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 from ..aio.channel import Channel
 from ..core.errors import FrameError, PipelineError, StageFailed, StageLost, primary_error
 from ..core.job import Job
 from ..core.stats import StageStats
-from ..devices import Device, settle
+from ..devices import Device, Ticket, settle
 from ..partition import StagePlan
 from ..programs import StageProgram
 from ..transport import Inlet, Outlet, Step, ThreadChain
@@ -86,6 +87,7 @@ class StageRunner:
         self.name = first.name if len(self.stages) == 1 else f"stages {first.plan.index}-{last.plan.index}"
         # Last stage on a device whose results are not host tensors: hand the sinks host copies.
         self._download = last.plan.last and not last.device.on_host
+        self._submit: Callable[..., Ticket]  # (payload, ready, *, seq)
         if len(self.stages) > 1:
             self._submit = ThreadChain([Step(s.device, s.program.forward, s.stats) for s in self.stages]).submit
         else:

@@ -31,22 +31,24 @@ is a stand-in that reports their settling (a skip) back to the rank that admitte
 """
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from ..core.frame import Payload
 from ..core.job import Job
 
-T = TypeVar("T")
+T_contra = TypeVar("T_contra", contravariant=True)  # what a sender takes
+T_co = TypeVar("T_co", covariant=True)  # what a receiver gives
 
 
-class Sender(Protocol[T]):
+class Sender(Protocol[T_contra]):
     """The send end of a link (or the pipeline's egress after the last stage)."""
 
-    def send_nowait(self, item: T) -> bool:
+    def send_nowait(self, item: T_contra) -> bool:
         """Send ``item`` if that needs no waiting; False (nothing sent) means: await :meth:`send`."""
 
-    async def send(self, item: T) -> None:
+    async def send(self, item: T_contra) -> None:
         """Send ``item``, waiting for room (backpressure)."""
 
     def close(self) -> None:
@@ -56,13 +58,13 @@ class Sender(Protocol[T]):
         """The stream ends with ``exc``: the receiver raises it (what is queued is dropped)."""
 
 
-class Receiver(Protocol[T]):
+class Receiver(Protocol[T_co]):
     """The receive end of a link, read with ``async for`` (it stops at the end of the stream;
     an aborted link raises its error)."""
 
-    def __aiter__(self) -> AsyncIterator[T]: ...
+    def __aiter__(self) -> AsyncIterator[T_co]: ...
 
-    async def __anext__(self) -> T: ...
+    async def __anext__(self) -> T_co: ...
 
     def __len__(self) -> int:
         """Items queued and not yet received."""

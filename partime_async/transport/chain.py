@@ -23,8 +23,9 @@ Contract (who runs what, where it goes, how it stops, what happens to an excepti
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from ..core.errors import StageFailed
 from ..core.frame import Payload
