@@ -25,13 +25,13 @@ import torch
 from partime_async.aio.threads import in_thread, to_the_end
 from partime_async.checkpoint import create_temporary, fsync_folder
 from partime_async.core.frame import Frame
+from partime_async.sources.video import require_av
 
 from .base import Sink
 
 T = TypeVar("T")
 InputLayout = Literal["auto", "nchw", "hwc"]
 
-INSTALL_HINT = "pip install 'partime-async[video]' (or pip install av)"
 
 CONTAINERS: dict[str, str] = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm",
                               ".avi": "avi"}
@@ -48,15 +48,6 @@ _LOSSLESS_SETTINGS: dict[str, tuple[str, dict[str, str]]] = {"libx264rgb": ("rgb
 _INPUT_FORMATS = {1: "gray", 3: "rgb24", 4: "rgba"}
 _CHANNELS = {"gray": 1, "rgb24": 3, "bgr24": 3, "rgba": 4, "bgra": 4}
 
-
-def require_av(what: str = "VideoSink") -> ModuleType:
-    """PyAV, imported now; an ``ImportError`` that says how to install it if it is missing."""
-    try:
-        import av
-    except ImportError as exc:
-        raise ImportError(f"{what} decodes and encodes video with PyAV (FFmpeg's bindings), which is not "
-                          f"installed: {INSTALL_HINT}") from exc
-    return av
 
 
 class VideoSink(Sink):
