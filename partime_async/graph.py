@@ -123,6 +123,10 @@ async def run(graph: Graph) -> PipelineStats:
     if graph.source is None:
         raise ValueError("the graph has no source: write `source >> pipeline >> sinks`")
     pipe = graph.pipeline
+    if not getattr(pipe, "driving", True):  # a serving rank: its stages serve the driving rank's run
+        async with pipe:
+            pass
+        return pipe.stats()
     opened: list[Sink] = []  # in the order they opened: each is closed exactly once
     try:
         async with pipe, asyncio.TaskGroup() as tg:

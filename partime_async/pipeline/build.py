@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import statistics
+from collections import deque
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -42,6 +43,7 @@ from ..programs import (
     StageProgram,
     WidthProgram,
 )
+from ..ranks.device import RankDevice
 from ..stage import OnError, OnFailure, Stage, StageRunner
 from ..transport import Inlet, Outlet, Sender, local_link
 from ..width import SplitLayer
@@ -83,7 +85,8 @@ async def build(settings: BuildSettings, state: PipelineState, run: Run, sample:
         run.check_running()
         try:
             plans, inline = await _plan(settings, state, sample)
-            stages = [_stage(plan, inline, settings, state, run) for plan, inline in zip(plans, inline, strict=True)]
+            stages = [_stage(plan, inline, settings, state, run.spans)
+                      for plan, inline in zip(plans, inline, strict=True)]
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is None or not task.cancelling():
@@ -128,13 +131,9 @@ async def _plan(settings: BuildSettings, state: PipelineState, sample: Payload) 
     learning = settings.learning
     if learning is not None:
         if not state.learners:  # a restarted pipeline keeps its optimisers' state
-            n = len(plans)
             # Off the loop: the first optimiser a process makes imports torch._dynamo
             # (1-2 s, during which the loop would serve nothing else).
-            depth = settings.depth
-            state.learners = await in_thread(lambda: [StageLearner(
-                learning, DepthStack(plan.module, depth[plan.index]) if plan.index in depth else plan.module,
-                plan.index, n) for plan in plans])
+            state.learners = await in_thread(_learners, plans, settings)
         state.load_pending()
     else:
         inline = await _choose_inline(plans, sample, never={*settings.depth, *_split_in_width(plans, settings)})
@@ -143,6 +142,34 @@ async def _plan(settings: BuildSettings, state: PipelineState, sample: Payload) 
     for device in devices:
         device.synchronize()
     return plans, inline
+
+
+def _learners(plans: Sequence[StagePlan], settings: BuildSettings) -> list[StageLearner]:
+    """One learner per stage (a stage solved in depth learns through its solver)."""
+    assert settings.learning is not None
+    depth, n = settings.depth, len(plans)
+    return [StageLearner(settings.learning, DepthStack(plan.module, depth[plan.index]) if plan.index in depth
+                         else plan.module, plan.index, n) for plan in plans]
+
+
+def serve_stage(settings: BuildSettings, state: PipelineState, index: int, balance: list[int],
+                saved: Mapping[str, Any]) -> Stage:
+    """Stage ``index`` of the split ``balance``, on this (serving) rank, for a run of the
+    driving rank (:mod:`partime_async.ranks.serve`, on its thread): the same program the
+    driving rank's own build makes, holding the weights and learner state it sent (``saved``:
+    ``{"module": ..., "learner": ...}``)."""
+    split = state.partitioner
+    state.balance = split.check_balance(balance, len(settings.devices))
+    plans = split.plans(state.balance, settings.devices)
+    state.modules = [plan.module for plan in plans]
+    if settings.learning is not None and not state.learners:
+        state.learners = _learners(plans, settings)
+    plan = plans[index]
+    plan.module.load_state_dict(saved["module"])
+    if saved["learner"] is not None:
+        state.learners[index].load_state_dict(saved["learner"])
+    plan.device.synchronize()
+    return _stage(plan, False, settings, state, None)
 
 
 async def _profile(split: Partitioner, devices: Sequence[Device], sample: Payload) -> list[list[float]]:
@@ -210,22 +237,28 @@ def _noop(x: Any, seq: int) -> Any:
     return x
 
 
-def _stage(plan: StagePlan, inline: bool, settings: BuildSettings, state: PipelineState, run: Run) -> Stage:
-    """The stage of ``plan`` in ``run``: its statistics and its program."""
+def _stage(plan: StagePlan, inline: bool, settings: BuildSettings, state: PipelineState,
+           spans: deque[Any] | None) -> Stage:
+    """The stage of ``plan`` in a run whose span ring is ``spans``: its statistics and its
+    program. A stage on another rank is built there too, from this rank's weights."""
     device = plan.device
     stats = StageStats(plan.name, device.name, plan.units, inline=inline)
-    device.record_into(plan.index, stats, run.spans)  # where a device that times its own work records it
+    device.record_into(plan.index, stats, spans)  # where a device that times its own work records it
     program: StageProgram
     solver = settings.depth.get(plan.index)
     if state.learners:
         learn = LearnProgram if solver is None else DepthLearnProgram
-        program = learn(plan, state.learners[plan.index], stats, spans=run.spans, check_outputs=settings.check_outputs)
+        program = learn(plan, state.learners[plan.index], stats, spans=spans, check_outputs=settings.check_outputs)
     elif solver is not None:
-        program = DepthProgram(plan, stats, spans=run.spans, check_outputs=settings.check_outputs, solver=solver)
+        program = DepthProgram(plan, stats, spans=spans, check_outputs=settings.check_outputs, solver=solver)
     elif plan.index in _split_in_width([plan], settings):
-        program = WidthProgram(plan, stats, spans=run.spans, check_outputs=settings.check_outputs)
+        program = WidthProgram(plan, stats, spans=spans, check_outputs=settings.check_outputs)
     else:
-        program = InferProgram(plan, stats, spans=run.spans, check_outputs=settings.check_outputs)
+        program = InferProgram(plan, stats, spans=spans, check_outputs=settings.check_outputs)
+    if isinstance(device, RankDevice):
+        assert state.balance is not None  # chosen before the stages are built
+        device.bind(plan.index, program, list(state.balance),
+                    state.learners[plan.index].state_dict() if state.learners else None)
     return Stage(plan, program, stats, inline)
 
 

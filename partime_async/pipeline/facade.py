@@ -20,6 +20,7 @@ when the first frame arrives (``balance="time"`` profiles every layer on it) unl
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections import deque
 from collections.abc import AsyncIterable, Iterable, Sequence
 from functools import partial
@@ -35,14 +36,16 @@ from ..core.errors import PipelineClosed, PipelineError
 from ..core.frame import Frame, Payload, now
 from ..core.stats import PipelineStats
 from ..core.validation import InputSpec, check_tensors
-from ..devices import Device, resolve_devices
+from ..devices import CpuDevice, Device, resolve_devices
 from ..graph import Graph
 from ..observe import Observation, Report, Span, as_spans, report, write_trace
 from ..observe import spans as _spans
 from ..partition import SequentialSplit
 from ..programs import OnlineLearning, StageLearner
+from ..ranks.placement import DRIVING_RANK, is_ranked, rank, resolve_ranked
+from ..ranks.serve import serve
 from ..stage import OnError
-from .build import BuildSettings, build
+from .build import BuildSettings, build, serve_stage
 from .config import Balance, Depth, Width, check_learning, check_options, depth_by_stage, initial_balance, width_stages
 from .cuts import CutSchedule
 from .routes import FutureRoute
@@ -60,6 +63,10 @@ class Pipeline:
             model's layers are moved to their stage's GPU in place.
         devices: ``"auto"`` (every GPU, else one CPU device per core), a list of
             ``"cpu"``/``"cuda:N"``/``torch.device``/:class:`Device`, or :func:`cpu_devices`.
+            ``"rankN:cpu"`` places a stage in rank N's process of a ``torchrun`` job
+            (:mod:`partime_async.ranks`; devices without a rank are rank 0's): every rank runs
+            the same script, rank 0 (:attr:`driving`) streams and submits, the others serve
+            their stages for each of its runs.
         balance: layer counts per device, ``"time"`` (profile, then the optimal contiguous
             split) or ``"params"``.
         input_spec: ``"first"`` (every frame must match the first one's structure, shapes,
@@ -115,7 +122,13 @@ class Pipeline:
     ) -> None:
         self.model = model
         self._split = split = SequentialSplit(model)
-        self.devices = resolve_devices(devices, split.units)
+        if is_ranked(devices):
+            assert not isinstance(devices, str)  # a list that names ranks
+            self.devices, self._here = resolve_ranked(devices, split.units)
+            self.driving = rank() == DRIVING_RANK
+        else:
+            self.devices, self._here = resolve_devices(devices, split.units), set()
+            self.driving = True
         check_learning(learning, self.devices)
         self._state = PipelineState(split, initial_balance(balance, split, self.devices), len(self.devices))
         check_options(on_error=on_error, output_spec=output_spec, input_spec=input_spec, window=window,
@@ -175,17 +188,21 @@ class Pipeline:
     async def start(self, sample: Payload | None = None) -> None:
         """Start the devices and the task group. With ``sample``, split the model now; if
         that fails (or the caller is cancelled meanwhile), the pipeline is stopped again
-        before the error goes on."""
+        before the error goes on. On a serving rank: serve this rank's stages for the
+        driving rank's run (until :meth:`stop` sees it end)."""
         if self._task is not None:
             raise RuntimeError("the pipeline is already started; stop() it first")
         if sample is not None:  # what a frame's payload must be, said before anything starts
             check_tensors(sample, None, finite=False)
         loop = asyncio.get_running_loop()
-        spans: deque[Any] | None = (deque(maxlen=self._span_capacity or _spans.SPAN_CAPACITY)
-                                    if self.metrics_enabled else None)
         # A run's settings are the pipeline's attributes when it starts.
         settings = BuildSettings(self.devices, self.learning, self.input_spec, self.output_spec == "first",
                                  self.on_error, self.capacity, self.window, self.depth, self.width)
+        if not self.driving:
+            self._task = loop.create_task(self._serve(settings), name="partime-serving")
+            return
+        spans: deque[Any] | None = (deque(maxlen=self._span_capacity or _spans.SPAN_CAPACITY)
+                                    if self.metrics_enabled else None)
         if self._run is not None:
             self._run.current = False  # its streams' reads count in no run now
         target_spec = self.learning.target_spec if self.learning is not None else None
@@ -203,11 +220,41 @@ class Pipeline:
             await self.cancel()
             raise
 
+    async def _serve(self, settings: BuildSettings) -> None:
+        """A serving rank's run: one session of the driving rank's requests, on a thread (it
+        blocks on the link: a daemon thread, which a cancelled caller leaves behind)."""
+        if not self._here:
+            return  # no stage here: the driving rank never calls
+        loop = asyncio.get_running_loop()
+        ended: asyncio.Future[None] = loop.create_future()
+        threads = max((d.threads or 1 for d in self.devices if isinstance(d, CpuDevice)), default=None)
+
+        def session() -> None:
+            try:
+                serve(DRIVING_RANK, partial(serve_stage, settings, self._state), threads=threads)
+            except BaseException as exc:
+                loop.call_soon_threadsafe(_settle, ended, exc)
+            else:
+                loop.call_soon_threadsafe(_settle, ended, None)
+
+        threading.Thread(target=session, name="partime-serving", daemon=True).start()
+        try:
+            await ended
+        except Exception as exc:
+            raise PipelineError(f"{type(exc).__name__}: {exc}", component=f"rank {rank()} (serving)") from exc
+
     async def stop(self) -> None:
-        """Admit no more frames, finish those in flight, stop. Re-raises a failure, once."""
+        """Admit no more frames, finish those in flight, stop. Re-raises a failure, once.
+        On a serving rank: wait until the driving rank's run has ended."""
         task = self._task
         if task is None:
             return
+        if not self.driving:
+            try:
+                await asyncio.wait({task})
+            finally:
+                self._task = None
+            return task.result()
         assert self._run is not None  # started with the task
         self._run.request_stop()
         try:
@@ -223,6 +270,10 @@ class Pipeline:
         """Stop now: frames in flight are abandoned (their waiters get PipelineClosed)."""
         task = self._task
         if task is None:
+            return
+        if not self.driving:  # the session's thread waits on the driving rank: left behind
+            self._task = None
+            task.cancel()
             return
         task.cancel()
         try:
@@ -252,6 +303,11 @@ class Pipeline:
 
     def _active(self) -> Run:
         """The running run; raises its error, or PipelineClosed, if there is none."""
+        if not self.driving:
+            raise RuntimeError(f"rank {rank()} serves its stages for rank {DRIVING_RANK}, which streams and submits: "
+                               "call stream() and submit() where `pipe.driving` is true; here run `async with pipe:` "
+                               "(or partime_async.run(graph), which serves on a serving rank) once per run of rank "
+                               f"{DRIVING_RANK}")
         if self._run is None:
             raise PipelineClosed("the pipeline is not running; use `async with pipe:` or `await pipe.start()`")
         self._run.check_running()
@@ -301,6 +357,8 @@ class Pipeline:
         cancelled closes the stream; to wait for a frame with a timeout and read on, use
         :meth:`OutputStream.next` (``await outputs.next(timeout=t)``).
         """
+        if not self.driving:
+            self._active()  # raises: the driving rank streams
         if not is_source(source):
             raise TypeError(f"a source must be an iterable or async iterable of frames or tensors, got "
                             f"{type(source).__name__} (for one tensor, use `await pipe.submit(x)`)")
@@ -388,3 +446,11 @@ class Pipeline:
         https://ui.perfetto.dev): a track per stage, per copy stream and for deliveries, a
         slice per span and one flow per frame through the stages. Returns the path."""
         return write_trace(self, path)
+
+
+def _settle(future: asyncio.Future[None], exc: BaseException | None) -> None:
+    if not future.done():
+        if exc is None:
+            future.set_result(None)
+        else:
+            future.set_exception(exc)

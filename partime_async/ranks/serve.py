@@ -1,0 +1,79 @@
+"""The serving rank's side: run the driving rank's requests for this rank's stages, in order.
+
+A serving rank holds no source, sink or runner: for each run of the driving rank it serves
+one session on a thread of its own, from the driving rank's first message to its ``BYE``.
+Each request is the work of one stage of this rank on one frame (build, forward, backward,
+state); it runs here, on this thread, in the order it came, and its reply (the result, or
+the exception described) goes back in the same order. The receives are posted ahead (see
+:class:`~partime_async.ranks.link.PeerLink`), so the next frame arrives while this one
+computes, and replies leave on the link's send thread: no event loop is on a frame's way.
+
+A stage that fails to build answers every later request with a fatal error (the driving
+rank stops the run); an exception in a frame's work is that frame's (the driving rank applies
+``on_error``). A lost driving rank ends the session with :class:`~partime_async.ranks.link.PeerLost`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..core.frame import now
+from ..stage import Stage
+from .device import SENTINELS, WORK
+from .link import BUILD, BYE, ERROR, FATAL, FINAL, RESULT, WANT_FINAL, PeerLink, describe
+
+_WORK = {op: name for name, op in WORK.items()}
+
+BuildStage = Callable[[int, list[int], dict[str, Any]], Stage]
+"""``build(index, balance, saved)``: this rank's stage ``index`` of the split ``balance``, with
+the weights and learner state in ``saved`` (``{"module": ..., "learner": ...}``)."""
+
+
+def serve(driving_rank: int, build: BuildStage, *, threads: int | None = None) -> None:
+    """Serve one session of ``driving_rank``'s requests (blocks until its ``BYE``); ``threads``
+    is the intra-op thread count of this rank's CPU stages."""
+    if threads is not None:
+        torch.get_num_threads()  # fix this thread's own count before setting it (see CpuDevice)
+        torch.set_num_threads(threads)
+    link = PeerLink(driving_rank, sentinels=SENTINELS, name=f"rank {driving_rank}")
+    link.start()
+    stages: dict[int, Stage] = {}
+    broken: dict[int, dict[str, Any]] = {}
+    try:
+        while (message := link.receive()).kind != BYE:
+            k, seq = message.stage, message.seq
+            if k in broken:
+                link.send(ERROR, k, seq, broken[k], flags=FATAL)
+                continue
+            if message.kind == ERROR:  # a request the driving rank could not send: its error comes back
+                link.send(ERROR, k, seq, message.payload)
+                continue
+            if message.kind == BUILD:
+                try:
+                    stages[k] = build(k, message.payload["balance"], message.payload)
+                except Exception as exc:
+                    broken[k] = describe(exc)
+                    link.send(ERROR, k, seq, broken[k], flags=FATAL)
+                else:
+                    link.send(RESULT, k, seq)
+                continue
+            work = getattr(stages[k].program, _WORK[message.kind])
+            t0 = now()
+            try:
+                result = work(message.payload, seq)
+            except Exception as exc:
+                link.send(ERROR, k, seq, describe(exc), busy=now() - t0)
+            else:
+                link.send(RESULT, k, seq, result, busy=now() - t0)
+        if message.flags & WANT_FINAL:
+            link.send(FINAL, -1, -1, {k: _learnt(stage) for k, stage in stages.items()})
+    finally:
+        link.close()
+
+
+def _learnt(stage: Stage) -> tuple[dict[str, Any], Any]:
+    """The stage's weights (keyed as its module's) and learner state."""
+    learner = getattr(stage.program, "learner", None)
+    return stage.plan.module.state_dict(), learner.state_dict() if learner is not None else None
