@@ -12,6 +12,7 @@ stage runs), ``partition`` (what each stage holds), ``transport`` and ``programs
 move; what a stage computes), ``stage`` (the runner), ``pipeline`` (the facade), ``graph``
 (source >> pipeline >> sinks), and ``observe`` (spans, reports, traces), read by the pipeline.
 """
+from . import ranks
 from .aio.channel import Channel, ChannelClosed, EndOfStream
 from .core.errors import FrameDropped, FrameError, PipelineClosed, PipelineError
 from .core.frame import Frame
@@ -25,6 +26,6 @@ from .programs import OnlineLearning
 __all__ = [
     "Channel", "ChannelClosed", "CpuDevice", "CudaDevice", "Device", "EndOfStream", "Frame",
     "FrameDropped", "FrameError", "Graph", "InputSpec", "OnlineLearning", "Pipeline", "PipelineClosed",
-    "PipelineError", "PipelineStats", "TensorSpec", "cpu_devices", "run", "run_sync",
+    "PipelineError", "PipelineStats", "TensorSpec", "cpu_devices", "ranks", "run", "run_sync",
 ]
 __version__ = "0.1.0"

@@ -190,7 +190,10 @@ class _Peer:
             if self.lost is not None:
                 raise self.lost
             self._pending.append((future, stage))
-        self.link.send(kind, stage, seq, payload, ready=ready)
+        try:
+            self.link.send(kind, stage, seq, payload, ready=ready)
+        except PeerLost as exc:
+            raise self._lose(exc) from exc
         return future
 
     def waiting(self, stage: int) -> int:
@@ -235,16 +238,18 @@ class _Peer:
             self._lose(PeerLost(f"rank {self.rank}: the link broke ({type(exc).__name__}: {exc})"))
             raise
 
-    def _lose(self, exc: BaseException) -> None:
+    def _lose(self, exc: BaseException) -> StageLost:
+        """The peer is gone: every ticket waiting for it fails, and so will every request."""
         device = next(iter(self.bound.values()))[0] if self.bound else None
         with self._lock:
-            self.lost = StageLost(f"{exc}; every rank stops", device)
+            lost = self.lost = self.lost or StageLost(f"{exc}; every rank stops", device)
             pending, self._pending = list(self._pending), deque()
         for future, _ in pending:
             try:
-                self._notifier.notify(future, None, self.lost)
+                self._notifier.notify(future, None, lost)
             except RuntimeError:  # the loop is closed: nobody waits
-                return
+                break
+        return lost
 
     def _apply_final(self, states: dict[int, tuple[dict[str, Any], Any]]) -> None:
         """The learnt weights and learner state of the peer's stages, into this rank's copies."""

@@ -3,10 +3,15 @@ their own, messages in through receives posted ahead.
 
 Contract:
 
-* :meth:`PeerLink.send` queues a message from any thread and never waits; the link's send
-  thread encodes and sends the messages in order, with blocking ``dist.send`` (gloo's
-  ``Work.is_completed()`` stays false until ``wait()`` is called, pytorch issue 30723, and
-  ``wait(timeout)`` tears the connection down: a thread that blocks is the only safe way).
+* :meth:`PeerLink.send` encodes a message and posts it (``isend``) on the calling thread,
+  in order, without waiting: gloo's ``Work.is_completed()`` stays false until ``wait()`` is
+  called (pytorch issue 30723) and ``wait(timeout)`` tears the connection down, so a send
+  is waited for (blocking, no timeout) only once it is surely done: when
+  :attr:`in_flight` newer ones have been posted to a peer that keeps its receives posted.
+  A hand-off to a send thread per message would cost a thread wake-up each (measured: on
+  the 2-vCPU VM a wake-up and gloo's own syscalls cost more than the frame's compute
+  saves). Only a message whose data waits for a GPU's event goes through a send thread
+  (which waits for it), and every later one after it, to keep the order.
 * :meth:`PeerLink.receive` is called by one thread (the one that consumes the peer's
   messages) and returns them in order. The link keeps :attr:`ahead` receives posted, so a
   peer's send completes as soon as its bytes arrive (a gloo send waits for its receive to be
@@ -58,65 +63,101 @@ class PeerLink:
     """Messages to and from rank ``peer``; see the module docstring."""
 
     def __init__(self, peer: int, *, sentinels: Mapping[str, object], ahead: int = 4, chunk: int = 64 * 1024,
-                 name: str = "") -> None:
-        if ahead < 1 or chunk < HEAD_BYTES:
-            raise ValueError(f"a link needs ahead >= 1 and chunk >= {HEAD_BYTES}, got {ahead} and {chunk}")
+                 in_flight: int = 32, name: str = "") -> None:
+        if ahead < 1 or chunk < HEAD_BYTES or in_flight < 1:
+            raise ValueError(f"a link needs ahead >= 1, chunk >= {HEAD_BYTES} and in_flight >= 1, got {ahead}, "
+                             f"{chunk} and {in_flight}")
         self.peer = peer
         self.ahead = ahead
         self.chunk = chunk
+        self.in_flight = in_flight
         self.name = name or f"rank {peer}"
         self.error: BaseException | None = None
         self._encoder = Encoder(sentinels)
         self._decoder = Decoder(sentinels)
+        self._sent: deque[tuple[Any, torch.Tensor]] = deque()  # sends posted, not yet waited for
         self._out: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._sender: threading.Thread | None = None  # once a message waits for a device
         self._posted: deque[tuple[Any, torch.Tensor]] = deque()
         self._said_bye = False
-        self._sender = threading.Thread(target=self._sending, name=f"partime-send-{self.name}", daemon=True)
 
     def start(self) -> None:
-        """Post the receives and start the send thread."""
+        """Post the receives."""
         for _ in range(self.ahead):
             self._post()
-        self._sender.start()
 
     # -- out -----------------------------------------------------------------------------------
     def send(self, kind: int, stage: int, seq: int, payload: Any = None, *, flags: int = 0, busy: float = 0.0,
              ready: Any = None) -> None:
-        """Queue a message (any thread; never waits). ``ready``: an event the payload's data
-        waits for (a GPU's), synchronised on the send thread."""
-        self._out.put((kind, stage, seq, payload, flags, busy, ready))
+        """Send a message after the ones sent before (one thread at a time). It is encoded
+        and posted here (``isend``), without waiting for the peer: a send is waited for only
+        once :attr:`in_flight` newer ones are posted, when the peer, which keeps receives
+        posted, has long taken it. A message whose data waits for ``ready`` (a GPU's event)
+        goes through a send thread that waits for it, and so does every later one (order).
+        Raises :class:`PeerLost` if the peer is gone."""
+        if ready is not None and self._sender is None:
+            self._sender = threading.Thread(target=self._sending, name=f"partime-send-{self.name}", daemon=True)
+            self._sender.start()
+        if self._sender is not None:
+            self._out.put((kind, stage, seq, payload, flags, busy, ready))
+            return
+        self._post_send(self._encode(kind, stage, seq, payload, flags, busy, None))
 
     def close(self, *, flags: int = 0, timeout: float | None = None) -> None:
-        """Send ``BYE`` (with ``flags``) after what is queued, and wait (up to ``timeout`` s)
-        for the send thread."""
-        self._out.put((_CLOSE, flags))
-        if self._sender.is_alive():
+        """Send ``BYE`` (with ``flags``) after what was sent, then the padding, and wait (up
+        to ``timeout`` s, where a send thread sends) until every send is done. Errors of a
+        peer that is gone are kept in :attr:`error`, not raised."""
+        if self._sender is not None:
+            self._out.put((_CLOSE, flags))
             self._sender.join(timeout)
+            return
+        try:
+            self._say_bye(flags)
+        except PeerLost as exc:
+            self.error = exc
+
+    def _say_bye(self, flags: int) -> None:
+        self._post_send(self._encoder.encode(BYE, -1, -1, None, flags=flags))
+        for _ in range(self.ahead - 1):
+            self._post_send(self._encoder.encode(PAD, -1, -1, None))
+        self._wait_sends(0)
 
     def _sending(self) -> None:
         try:
             while (item := self._out.get())[0] is not _CLOSE:
-                kind, stage, seq, payload, flags, busy, ready = item
-                try:
-                    if ready is not None:
-                        ready.synchronize()
-                    message = self._encoder.encode(kind, stage, seq, payload, flags=flags, busy=busy)
-                except Exception as exc:  # goes as an error in its place: the order of replies holds
-                    message = self._encoder.encode(ERROR, stage, seq, describe(exc), busy=busy)
-                self._send(message)
-            self._send(self._encoder.encode(BYE, -1, -1, None, flags=item[1]))
-            for _ in range(self.ahead - 1):
-                self._send(self._encoder.encode(PAD, -1, -1, None))
-        except Exception as exc:  # the peer is gone: what is queued can never go
-            self.error = PeerLost(f"{self.name} is lost ({type(exc).__name__}: {exc})")
+                self._post_send(self._encode(*item))
+            self._say_bye(item[1])
+        except PeerLost as exc:  # the peer is gone: what is queued can never go
+            self.error = exc
 
-    def _send(self, message: torch.Tensor) -> None:
-        n = message.numel()
-        if n <= self.chunk:
-            dist.send(message, self.peer, tag=0)
-        else:
-            dist.send(message[:self.chunk], self.peer, tag=0)
-            dist.send(message[self.chunk:], self.peer, tag=1)
+    def _encode(self, kind: int, stage: int, seq: int, payload: Any, flags: int, busy: float,
+                ready: Any) -> torch.Tensor:
+        try:
+            if ready is not None:
+                ready.synchronize()
+            return self._encoder.encode(kind, stage, seq, payload, flags=flags, busy=busy)
+        except Exception as exc:  # goes as an error in its place: the order of replies holds
+            return self._encoder.encode(ERROR, stage, seq, describe(exc), busy=busy)
+
+    def _post_send(self, message: torch.Tensor) -> None:
+        try:
+            n = message.numel()
+            if n <= self.chunk:
+                self._sent.append((dist.isend(message, self.peer, tag=0), message))
+            else:
+                self._sent.append((dist.isend(message[:self.chunk], self.peer, tag=0), message))
+                self._sent.append((dist.isend(message[self.chunk:], self.peer, tag=1), message))
+        except Exception as exc:
+            raise PeerLost(f"{self.name} is lost ({type(exc).__name__}: {exc})") from exc
+        self._wait_sends(self.in_flight)
+
+    def _wait_sends(self, keep: int) -> None:
+        """Wait for the oldest sends until at most ``keep`` are posted and not waited for."""
+        try:
+            while len(self._sent) > keep:
+                self._sent.popleft()[0].wait()
+        except Exception as exc:
+            raise PeerLost(f"{self.name} is lost ({type(exc).__name__}: {exc})") from exc
 
     # -- in ------------------------------------------------------------------------------------
     def receive(self) -> Message:

@@ -7,6 +7,7 @@ a stage placed on this rank gets a real device here, a stage placed on another r
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import re
@@ -41,11 +42,19 @@ def init(*, timeout: float = 120.0, backend: str = "gloo") -> None:
                            "`torchrun --nproc-per-node 2 script.py`, on every host of the job")
     try:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+        # Left to the interpreter's exit, gloo's threads are torn down while still joinable
+        # (the process aborts); every link has ended by then, nothing is pending.
+        atexit.register(_leave)
     except Exception as exc:
         raise RuntimeError(f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: the ranks did not all join "
                            f"within {timeout:g} s ({type(exc).__name__}: {exc}); start every rank with the same "
                            "torchrun command (same --nnodes, --nproc-per-node and --rdzv-endpoint) and check that "
                            f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} is reachable") from exc
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank() -> int:
