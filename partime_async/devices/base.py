@@ -76,6 +76,9 @@ class Device(ABC):
     inline_mode: InlineMode = False
     graphs: bool = False
     """Whether the stage asked to run as CUDA graphs (see :meth:`graph_inference`)."""
+    ahead: int = 0
+    """Frames a runner keeps submitted here beyond the pipeline's ``window``: a device whose
+    results come back from far (another rank) needs more in flight to stay busy."""
 
     @abstractmethod
     def start(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -43,7 +43,6 @@ from .link import (
     BACKWARD,
     BUILD,
     BYE,
-    ERROR,
     FATAL,
     FINAL,
     FORWARD,
@@ -54,12 +53,17 @@ from .link import (
     PeerLost,
     rebuild,
 )
+from .wire import BATCH, Message
 
 WORK = {"forward": FORWARD, "backward": BACKWARD, "state": STATE}
 """The program's work a stage on another rank runs there, by the message kind that asks for it."""
 
 SENTINELS: dict[str, object] = {"skipped": SKIPPED, "no_gradient": NO_GRADIENT}
 """The objects of ours that travel by name (a learning marker, a missing gradient)."""
+
+MESSAGES_IN_FLIGHT = 2
+"""Request messages out to a peer at a time: the peer works on one while the other's reply
+travels back and the next requests gather here."""
 
 CLOSE_TIMEOUT_S = 60.0
 """How long closing waits for a peer's last messages (its learnt state) before it gives up."""
@@ -70,6 +74,7 @@ class RankDevice(Device):
 
     on_host = True      # results arrive as host tensors
     host_timed = False  # the peer times its work; the reply says how long it took
+    ahead = 8           # frames in flight beyond the window: requests gather while replies travel
 
     def __init__(self, rank: int, spec: str) -> None:
         self.rank = rank
@@ -174,6 +179,8 @@ class _Peer:
         self.closing = False
         self._notifier = LoopNotifier(loop)
         self._pending: deque[tuple[asyncio.Future[Any], int]] = deque()  # (ticket, stage) in request order
+        self._waiting: list[tuple[int, int, int, Any, int, float, Any]] = []  # requests not sent yet
+        self._out = 0  # messages sent and not answered
         self._lock = threading.Lock()  # the loop appends requests; the receiving thread settles them
         self._loop = loop
         self.link.start()
@@ -184,17 +191,29 @@ class _Peer:
         self.bound[index] = device, program
 
     def request(self, kind: int, stage: int, seq: int, payload: Any, ready: Any) -> asyncio.Future[Any]:
-        """Send work ``kind`` for ``stage``; the future of its reply (loop thread)."""
+        """Send work ``kind`` for ``stage``; the future of its reply (loop thread).
+
+        At most :data:`MESSAGES_IN_FLIGHT` messages are out at a time; requests made
+        meanwhile wait here and leave together, as one message, when a reply comes (see the
+        module docstring)."""
         future = self._loop.create_future()
         with self._lock:
             if self.lost is not None:
                 raise self.lost
             self._pending.append((future, stage))
-        try:
-            self.link.send(kind, stage, seq, payload, ready=ready)
-        except PeerLost as exc:
-            raise self._lose(exc) from exc
+            self._waiting.append((kind, stage, seq, payload, 0, 0.0, ready))
+            if self._out < MESSAGES_IN_FLIGHT:
+                self._flush()
         return future
+
+    def _flush(self) -> None:
+        """Send the requests waiting here as one message (under the lock: the order holds)."""
+        items, self._waiting = self._waiting, []
+        self._out += 1
+        try:
+            self.link.send_batch(items)
+        except PeerLost as exc:
+            raise self._lose(exc, locked=True) from exc
 
     def waiting(self, stage: int) -> int:
         return sum(1 for _, s in self._pending if s == stage)
@@ -223,33 +242,48 @@ class _Peer:
                     self._apply_final(message.payload)
                     continue
                 with self._lock:
-                    future, stage = self._pending.popleft()
-                device = self.bound[stage][0] if stage in self.bound else None
-                if device is not None and message.busy:
-                    device.add_busy(message.busy)
-                if message.kind == RESULT:
-                    self._notifier.notify(future, (message.payload, None), None)
-                elif message.kind == ERROR:
-                    self._notifier.notify(future, None, rebuild(message.payload, self.rank, device,
-                                                                fatal=bool(message.flags & FATAL)))
+                    self._out -= 1
+                    if self._waiting:
+                        self._flush()
+                for reply in message.payload if message.kind == BATCH else (message,):
+                    self._settle(reply)
         except PeerLost as exc:
             self._lose(exc)
         except BaseException as exc:
             self._lose(PeerLost(f"rank {self.rank}: the link broke ({type(exc).__name__}: {exc})"))
             raise
 
-    def _lose(self, exc: BaseException) -> StageLost:
-        """The peer is gone: every ticket waiting for it fails, and so will every request."""
-        device = next(iter(self.bound.values()))[0] if self.bound else None
+    def _settle(self, reply: Message) -> None:
+        """Resolve the oldest ticket with ``reply`` (the receiving thread)."""
         with self._lock:
-            lost = self.lost = self.lost or StageLost(f"{exc}; every rank stops", device)
-            pending, self._pending = list(self._pending), deque()
+            future, stage = self._pending.popleft()
+        device = self.bound[stage][0] if stage in self.bound else None
+        if device is not None and reply.busy:
+            device.add_busy(reply.busy)
+        if reply.kind == RESULT:
+            self._notifier.notify(future, (reply.payload, None), None)
+        else:
+            self._notifier.notify(future, None, rebuild(reply.payload, self.rank, device,
+                                                        fatal=bool(reply.flags & FATAL)))
+
+    def _lose(self, exc: BaseException, *, locked: bool = False) -> StageLost:
+        """The peer is gone: every ticket waiting for it fails, and so will every request
+        (``locked``: the caller holds the lock)."""
+        device = next(iter(self.bound.values()))[0] if self.bound else None
+        if not locked:
+            with self._lock:
+                return self._lose(exc, locked=True)
+        lost = self.lost = self.lost or StageLost(f"{exc}; every rank stops", device)
+        pending, self._pending, self._waiting = list(self._pending), deque(), []
+        self._fail(pending, lost)
+        return lost
+
+    def _fail(self, pending: list[tuple[asyncio.Future[Any], int]], lost: StageLost) -> None:
         for future, _ in pending:
             try:
                 self._notifier.notify(future, None, lost)
             except RuntimeError:  # the loop is closed: nobody waits
                 break
-        return lost
 
     def _apply_final(self, states: dict[int, tuple[dict[str, Any], Any]]) -> None:
         """The learnt weights and learner state of the peer's stages, into this rank's copies."""

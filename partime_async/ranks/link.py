@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from ..core.errors import FrameError, PipelineError, StageLost
-from .wire import HEAD_BYTES, Decoder, Encoder, Message
+from .wire import BATCH, HEAD_BYTES, Decoder, Encoder, Message
 
 # What a message is about (the head's kind).
 BUILD, FORWARD, BACKWARD, STATE = 1, 2, 3, 4  # requests, driving rank -> serving rank
@@ -103,6 +103,21 @@ class PeerLink:
             return
         self._post_send(self._encode(kind, stage, seq, payload, flags, busy, None))
 
+    def send_batch(self, items: list[tuple[int, int, int, Any, int, float, Any]]) -> None:
+        """Send several messages as one (``(kind, stage, seq, payload, flags, busy, ready)``
+        each; the peer's :meth:`receive` gives a :data:`~partime_async.ranks.wire.BATCH`
+        message holding them): one transfer's cost for all. Otherwise as :meth:`send`."""
+        if len(items) == 1:
+            self.send(*items[0][:4], flags=items[0][4], busy=items[0][5], ready=items[0][6])
+            return
+        if self._sender is None and any(item[6] is not None for item in items):
+            self._sender = threading.Thread(target=self._sending, name=f"partime-send-{self.name}", daemon=True)
+            self._sender.start()
+        if self._sender is not None:
+            self._out.put((BATCH, items))
+            return
+        self._post_send(self._encoder.encode_batch([self._encode(*item) for item in items]))
+
     def close(self, *, flags: int = 0, timeout: float | None = None) -> None:
         """Send ``BYE`` (with ``flags``) after what was sent, then the padding, and wait (up
         to ``timeout`` s, where a send thread sends) until every send is done. Errors of a
@@ -125,7 +140,10 @@ class PeerLink:
     def _sending(self) -> None:
         try:
             while (item := self._out.get())[0] is not _CLOSE:
-                self._post_send(self._encode(*item))
+                if item[0] == BATCH:
+                    self._post_send(self._encoder.encode_batch([self._encode(*each) for each in item[1]]))
+                else:
+                    self._post_send(self._encode(*item))
             self._say_bye(item[1])
         except PeerLost as exc:  # the peer is gone: what is queued can never go
             self.error = exc

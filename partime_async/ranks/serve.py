@@ -23,6 +23,7 @@ from ..core.frame import now
 from ..stage import Stage
 from .device import SENTINELS, WORK
 from .link import BUILD, BYE, ERROR, FATAL, FINAL, RESULT, WANT_FINAL, PeerLink, describe
+from .wire import BATCH, Message
 
 _WORK = {op: name for name, op in WORK.items()}
 
@@ -39,38 +40,52 @@ def serve(driving_rank: int, build: BuildStage, *, threads: int | None = None) -
         torch.set_num_threads(threads)
     link = PeerLink(driving_rank, sentinels=SENTINELS, name=f"rank {driving_rank}")
     link.start()
-    stages: dict[int, Stage] = {}
-    broken: dict[int, dict[str, Any]] = {}
+    session = _Session(build)
     try:
         while (message := link.receive()).kind != BYE:
-            k, seq = message.stage, message.seq
-            if k in broken:
-                link.send(ERROR, k, seq, broken[k], flags=FATAL)
-                continue
-            if message.kind == ERROR:  # a request the driving rank could not send: its error comes back
-                link.send(ERROR, k, seq, message.payload)
-                continue
-            if message.kind == BUILD:
-                try:
-                    stages[k] = build(k, message.payload["balance"], message.payload)
-                except Exception as exc:
-                    broken[k] = describe(exc)
-                    link.send(ERROR, k, seq, broken[k], flags=FATAL)
-                else:
-                    link.send(RESULT, k, seq)
-                continue
-            work = getattr(stages[k].program, _WORK[message.kind])
-            t0 = now()
-            try:
-                result = work(message.payload, seq)
-            except Exception as exc:
-                link.send(ERROR, k, seq, describe(exc), busy=now() - t0)
+            if message.kind == BATCH:  # several requests: one reply holding their replies, in order
+                link.send_batch([session.answer(each) for each in message.payload])
             else:
-                link.send(RESULT, k, seq, result, busy=now() - t0)
+                kind, k, seq, payload, flags, busy, _ = session.answer(message)
+                link.send(kind, k, seq, payload, flags=flags, busy=busy)
         if message.flags & WANT_FINAL:
-            link.send(FINAL, -1, -1, {k: _learnt(stage) for k, stage in stages.items()})
+            link.send(FINAL, -1, -1, {k: _learnt(stage) for k, stage in session.stages.items()})
     finally:
         link.close()
+
+
+Reply = tuple[int, int, int, Any, int, float, None]
+
+
+class _Session:
+    """This rank's stages in one session, and how it answers one request."""
+
+    def __init__(self, build: BuildStage) -> None:
+        self.build = build
+        self.stages: dict[int, Stage] = {}
+        self.broken: dict[int, dict[str, Any]] = {}
+
+    def answer(self, message: Message) -> Reply:
+        """The reply to ``message``: ``(kind, stage, seq, payload, flags, busy, None)``."""
+        k, seq = message.stage, message.seq
+        if k in self.broken:
+            return ERROR, k, seq, self.broken[k], FATAL, 0.0, None
+        if message.kind == ERROR:  # a request the driving rank could not send: its error comes back
+            return ERROR, k, seq, message.payload, 0, 0.0, None
+        if message.kind == BUILD:
+            try:
+                self.stages[k] = self.build(k, message.payload["balance"], message.payload)
+            except Exception as exc:
+                self.broken[k] = describe(exc)
+                return ERROR, k, seq, self.broken[k], FATAL, 0.0, None
+            return RESULT, k, seq, None, 0, 0.0, None
+        work = getattr(self.stages[k].program, _WORK[message.kind])
+        t0 = now()
+        try:
+            result = work(message.payload, seq)
+        except Exception as exc:
+            return ERROR, k, seq, describe(exc), 0, now() - t0, None
+        return RESULT, k, seq, result, 0, now() - t0, None
 
 
 def _learnt(stage: Stage) -> tuple[dict[str, Any], Any]:

@@ -53,6 +53,10 @@ class Message:
     busy: float = 0.0
 
 
+BATCH = 30
+"""The kind of a message that holds several messages, one after another (see :meth:`Encoder.encode_batch`)."""
+
+
 class Encoder:
     """Turns messages into flat tensors for one direction of one link (it remembers the last
     layout it sent, so only changes travel)."""
@@ -100,6 +104,14 @@ class Encoder:
             at += _aligned(n)
         return out
 
+    def encode_batch(self, messages: list[torch.Tensor]) -> torch.Tensor:
+        """One message of kind :data:`BATCH` holding ``messages`` (each from :meth:`encode`, in
+        order: a layout one of them carries holds for those after it)."""
+        head = torch.empty(HEAD_BYTES, dtype=torch.uint8)
+        total = HEAD_BYTES + sum(m.numel() for m in messages)
+        HEAD.pack_into(head.numpy().data, 0, BATCH, -1, len(messages), total, 0, 0, 0.0, 0)
+        return torch.cat([head, *messages])
+
     def _meta(self, leaf: Any) -> list[Any] | None:
         if isinstance(leaf, torch.Tensor):
             if leaf.is_sparse or leaf.layout != torch.strided:
@@ -139,9 +151,17 @@ class Decoder:
         return kind, total
 
     def decode(self, buffer: torch.Tensor) -> Message:
-        """The message in ``buffer`` (its tensors view ``buffer``: give each message its own)."""
+        """The message in ``buffer`` (its tensors view ``buffer``: give each message its own).
+        A :data:`BATCH` gives the messages it holds, in order, as its payload."""
         buf = buffer.numpy().data
         kind, stage, seq, _, n_layout, flags, busy, _ = HEAD.unpack_from(buf, 0)
+        if kind == BATCH:
+            messages, at = [], HEAD_BYTES
+            for _ in range(seq):
+                size = HEAD.unpack_from(buf, at)[3]
+                messages.append(self.decode(buffer[at:at + size]))
+                at += size
+            return Message(BATCH, stage, seq, messages)
         at = HEAD_BYTES
         if n_layout:
             layout = json.loads(bytes(buf[at:at + n_layout]))

@@ -80,7 +80,7 @@ class StageRunner:
         self.stages = tuple(stages)
         self.inlet = inlet
         self.outlet = outlet
-        self.window = window * len(self.stages)
+        self.window = window * len(self.stages) + self.stages[0].device.ahead
         self.on_error = on_error
         self._on_failure = on_failure
         first, last = self.stages[0], self.stages[-1]
