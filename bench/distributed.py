@@ -42,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _common as C  # noqa: E402
+import _common as C
 
 WIDTH, LAYERS = 1024, 8
 PEER_MICROBATCHES = (1, 8, 32)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import partime_async as pa
-from partime_async.sinks import Collect
+from partime_async.sinks import Checkpoint, Collect
 
 WIDTH = 32
 
@@ -139,7 +139,14 @@ async def learns(out: Path) -> None:
             expected = [f.data async for f in local.stream(_copies(data))]
         results[mode] = {"ranked": ranked.state_dict(), "local": local.state_dict(), "outs": outs,
                          "expected": expected, "initial": model().state_dict()}
+    # Checkpoints while frames flow: the cuts of a stage on rank 1 are taken there, in order.
+    ranked = pa.Pipeline(model(), devices=[pa.CpuDevice(0, threads=1), "rank1:cpu"], balance=[4, 4],
+                         learning=learning_config("partime"))
+    await pa.run(_copies(data) >> ranked >> Checkpoint(ranked, out / "ranked-{seq}.pt", every=12))
     if pa.ranks.rank() == 0:
+        local = pa.Pipeline(model(), devices=pa.cpu_devices(2, threads=1), balance=[4, 4],
+                            learning=learning_config("partime"))
+        await pa.run(_copies(data) >> local >> Checkpoint(local, out / "local-{seq}.pt", every=12))
         torch.save(results, out / "result.pt")
 
 
@@ -196,6 +203,37 @@ async def killed(out: Path) -> None:
     torch.save({"error": error, "seqs": got}, out / "result.pt")
 
 
+async def interrupted(out: Path) -> None:
+    """Ctrl-C on the driving rank while it streams an endless source: every rank stops."""
+    pipe = pa.Pipeline(model(), devices=["cpu", "rank1:cpu"], balance=[4, 4])
+    if not pipe.driving:
+        async with pipe:
+            pass
+        (out / "rank1.done").write_text("served")
+        return
+
+    async def endless():
+        g = torch.Generator().manual_seed(4)
+        while True:
+            await asyncio.sleep(0.005)
+            yield torch.randn(1, WIDTH, generator=g)
+
+    async with pipe:
+        async for f in pipe.stream(endless()):
+            if f.seq == 20:
+                signal.raise_signal(signal.SIGINT)
+
+
+async def cuda_stage(out: Path) -> None:
+    """Stage 1 on rank 1's GPU (cuda:0: one GPU can host it): frames reach it through the host."""
+    m = model()
+    pipe = pa.Pipeline(m, devices=["cpu", "rank1:cuda:0"], balance=[4, 4])
+    async with pipe:
+        got = [f.data async for f in pipe.stream(frames(16))] if pipe.driving else None
+    if pipe.driving:
+        torch.save({"got": got, "expected": unsplit(model(), frames(16))}, out / "result.pt")
+
+
 async def never_joins(out: Path) -> None:
     """One rank of two starts: joining times out with a message that says what to do."""
     try:
@@ -204,7 +242,8 @@ async def never_joins(out: Path) -> None:
         torch.save({"error": str(exc)}, out / "result.pt")
 
 
-CASES = {f.__name__: f for f in (exact, shapes, learns, remote_error, killed, never_joins)}
+CASES = {f.__name__: f for f in (exact, shapes, learns, remote_error, killed, interrupted, cuda_stage,
+                                            never_joins)}
 
 if __name__ == "__main__":
     asyncio.run(CASES[sys.argv[1]](Path(sys.argv[2])))

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import partime_async as pa
+from partime_async.checkpoint import load
 from partime_async.core.job import NO_GRADIENT
 from partime_async.programs.learn import SKIPPED
 from partime_async.ranks.device import SENTINELS
@@ -31,16 +32,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(case: str, out: Path, world: int = 2, *, ranks: int | None = None,
-           timeout: float = 90) -> list[subprocess.CompletedProcess[str]]:
-    """Run ``case`` on ``ranks`` (default: all) of a ``world``-process job; their results."""
+def launch(case: str, out: Path, world: int = 2, *, ranks: int | None = None, timeout: float = 90,
+           command: list[str] | None = None) -> list[subprocess.CompletedProcess[str]]:
+    """Run ``case`` (or ``command``, a script and its arguments) on ``ranks`` (default: all)
+    of a ``world``-process job; their results."""
     port = str(_free_port())
     procs = []
     for rank in range(world if ranks is None else ranks):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
                "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, str(CASES), case, str(out)], env=env, text=True,
+        procs.append(subprocess.Popen([sys.executable, *(command or [str(CASES), case, str(out)])], env=env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     done = []
     try:
@@ -97,6 +99,11 @@ def test_distributed_learning_gives_the_weights_of_one_process(tmp_path):
             for slot, state in want["optimizer"]["state"].items():
                 assert torch.equal(got["optimizer"]["state"][slot]["momentum_buffer"], state["momentum_buffer"])
         assert all(torch.equal(a, b) for a, b in zip(r[mode]["outs"], r[mode]["expected"], strict=True))
+    for seq in (11, 23):  # checkpoint cuts taken while frames flowed, stage 1's on rank 1
+        ranked, local = (load(tmp_path / f"{which}-{seq}.pt") for which in ("ranked", "local"))
+        assert ranked["position"] == local["position"] == seq + 1
+        assert all(torch.equal(ranked["model"][k], v) for k, v in local["model"].items())
+        assert [s["steps"] for s in ranked["learners"]] == [s["steps"] for s in local["learners"]]
 
 
 def test_distributed_exception_on_a_remote_stage(tmp_path):
@@ -120,6 +127,12 @@ def test_distributed_killed_rank_stops_the_others_with_its_name(tmp_path):
     assert r["seqs"] == list(range(len(r["seqs"]))) and len(r["seqs"]) <= 10
 
 
+def test_distributed_ctrl_c_on_the_driving_rank_stops_every_rank(tmp_path):
+    done = launch("interrupted", tmp_path, timeout=60)
+    assert done[0].returncode in (-2, 130) and "KeyboardInterrupt" in done[0].stdout  # Ctrl-C's own exit
+    assert done[1].returncode == 0 and (tmp_path / "rank1.done").read_text() == "served"
+
+
 def test_distributed_rank_that_never_joins_times_out_clearly(tmp_path):
     done = launch("never_joins", tmp_path, world=2, ranks=1, timeout=60)
     _clean(done)
@@ -130,8 +143,24 @@ def test_distributed_rank_that_never_joins_times_out_clearly(tmp_path):
 def test_distributed_outside_torchrun_says_how_to_start(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
-    with pytest.raises(RuntimeError, match="not started by torchrun .*`torchrun --nproc-per-node 2"):
+    with pytest.raises(RuntimeError, match=r"not started by torchrun .*`torchrun --nproc-per-node 2"):
         pa.Pipeline(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()), devices=["cpu", "rank1:cpu"])
+
+
+@pytest.mark.parametrize("learn", [False, True])
+def test_distributed_example(tmp_path, learn):
+    example = Path(__file__).resolve().parents[1] / "examples" / "distributed_stream.py"
+    extra = ["--learn", "--save", str(tmp_path / "learnt.pt")] if learn else []
+    done = launch("", tmp_path, 3, command=[str(example), "--frames", "12", *extra])
+    _clean(done)
+    out = done[0].stdout
+    assert "rank 0: 12 frames over 3 ranks" in out and "stage 2 (rank2:cpu): 12 frames" in out
+    if learn:
+        assert "saved to" in out
+        state = torch.load(tmp_path / "learnt.pt", weights_only=True)
+        assert [learner["steps"] for learner in state["learners"]][-1] > 0
+    else:
+        assert "outputs equal the unsplit model's: True" in out
 
 
 # -- the wire, in this process -----------------------------------------------------------------
@@ -172,7 +201,7 @@ def test_distributed_wire_pickles_other_payloads_and_reads_them_weights_only():
     assert m.payload == state
     encoder = Encoder(SENTINELS)
     message = encoder.encode(2, 0, 0, Mine())  # pickled: reading it is refused
-    with pytest.raises(Exception, match="weights_only|Unsupported global"):
+    with pytest.raises(Exception, match=r"weights_only|Unsupported global"):
         Decoder(SENTINELS).decode(message)
 
 

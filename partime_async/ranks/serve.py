@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..core.frame import now
+from ..core.frame import now, to_device
 from ..stage import Stage
 from .device import SENTINELS, WORK
 from .link import BUILD, BYE, ERROR, FATAL, FINAL, RESULT, WANT_FINAL, PeerLink, describe
@@ -79,10 +79,14 @@ class _Session:
                 self.broken[k] = describe(exc)
                 return ERROR, k, seq, self.broken[k], FATAL, 0.0, None
             return RESULT, k, seq, None, 0, 0.0, None
-        work = getattr(self.stages[k].program, _WORK[message.kind])
+        stage = self.stages[k]
+        work = getattr(stage.program, _WORK[message.kind])
         t0 = now()
         try:
-            result = work(message.payload, seq)
+            # What came over gloo is on the host; a stage on a GPU takes it there (its device's
+            # own submit would have): staged through the host, not device to device.
+            payload = message.payload if stage.device.on_host else to_device(message.payload, stage.device.torch_device)
+            result = work(payload, seq)
         except Exception as exc:
             return ERROR, k, seq, describe(exc), 0, now() - t0, None
         return RESULT, k, seq, result, 0, now() - t0, None
