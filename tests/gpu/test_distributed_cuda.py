@@ -3,7 +3,6 @@ frames travel through the host; device-to-device transfers (NCCL) are not built 
 from __future__ import annotations
 
 import torch
-
 from test_distributed import _clean, launch, result
 
 
