@@ -154,6 +154,42 @@ def _copies(data: list[pa.Frame]) -> list[pa.Frame]:
     return [pa.Frame(seq=f.seq, data=f.data.clone(), target=f.target.clone()) for f in data]
 
 
+async def resumes(out: Path) -> None:
+    """A state learnt over two ranks, saved on rank 0 and loaded there alone into a pipeline
+    whose model starts elsewhere on every rank, resumes as one process resumes it."""
+    g = torch.Generator().manual_seed(5)
+    data = [pa.Frame(seq=k, data=torch.randn(1, WIDTH, generator=g), target=torch.randn(1, WIDTH, generator=g))
+            for k in range(24)]
+
+    def ranked(seed: int) -> pa.Pipeline:
+        return pa.Pipeline(model(seed), devices=[pa.CpuDevice(0, threads=1), "rank1:cpu"], balance=[4, 4],
+                           learning=learning_config("partime"))
+
+    first, second = ranked(0), ranked(7)
+    if not first.driving:
+        for _ in range(2):
+            async with first:  # the serving rank never loads anything: rank 0's state travels
+                pass
+        return
+    async with first:
+        async for _ in first.stream(_copies(data[:12])):
+            pass
+    second.load_state_dict(first.state_dict())
+    async with second:
+        async for _ in second.stream(_copies(data[12:])):
+            pass
+    local = [pa.Pipeline(model(seed), devices=pa.cpu_devices(2, threads=1), balance=[4, 4],
+                         learning=learning_config("partime")) for seed in (0, 7)]
+    async with local[0]:
+        async for _ in local[0].stream(_copies(data[:12])):
+            pass
+    local[1].load_state_dict(local[0].state_dict())
+    async with local[1]:
+        async for _ in local[1].stream(_copies(data[12:])):
+            pass
+    torch.save({"ranked": second.state_dict(), "local": local[1].state_dict()}, out / "result.pt")
+
+
 async def remote_error(out: Path) -> None:
     """A stage on rank 1 raises on frame 7: with on_error="raise" the driving rank delivers
     frames 0-6, then raises naming the stage, the rank and the frame; with "skip" the frame is
@@ -242,7 +278,7 @@ async def never_joins(out: Path) -> None:
         torch.save({"error": str(exc)}, out / "result.pt")
 
 
-CASES = {f.__name__: f for f in (exact, shapes, learns, remote_error, killed, interrupted, cuda_stage,
+CASES = {f.__name__: f for f in (exact, shapes, learns, resumes, remote_error, killed, interrupted, cuda_stage,
                                             never_joins)}
 
 if __name__ == "__main__":

@@ -106,6 +106,14 @@ def test_distributed_learning_gives_the_weights_of_one_process(tmp_path):
         assert [s["steps"] for s in ranked["learners"]] == [s["steps"] for s in local["learners"]]
 
 
+def test_distributed_state_saved_on_rank_0_resumes_across_ranks(tmp_path):
+    _clean(launch("resumes", tmp_path))
+    r = result(tmp_path)
+    assert r["ranked"]["position"] == r["local"]["position"] == 24
+    assert all(torch.equal(r["ranked"]["model"][k], v) for k, v in r["local"]["model"].items())
+    assert [s["steps"] for s in r["ranked"]["learners"]] == [s["steps"] for s in r["local"]["learners"]]
+
+
 def test_distributed_exception_on_a_remote_stage(tmp_path):
     _clean(launch("remote_error", tmp_path))
     r = result(tmp_path)
