@@ -107,6 +107,11 @@ class Device(ABC):
         (``host_timed`` False) adds it to ``stats.busy_s`` and, with ``spans``, records spans
         labelled ``track``. Others have nothing to record here."""
 
+    def adopt_thread(self) -> None:  # noqa: B027 (a hook: nothing to do by default, not abstract)
+        """Make the calling thread run this device's work as its own threads do (a serving
+        rank runs its stages' work on the thread that receives it): a CPU device's intra-op
+        thread count, a GPU's current device."""
+
     def run_inline(self, fn: Work, payload: Payload, ready: Any = None, *, seq: int = -1) -> Payload:
         """``fn(payload, seq)`` on the calling (loop) thread; only where :attr:`inline_mode`
         allows it."""

@@ -139,6 +139,11 @@ class CpuDevice(Device):
         wakes the loop once per batch of results, see :class:`~partime_async.aio.threads.LoopNotifier`)."""
         self._notifier.notify(future, result, exc)
 
+    def adopt_thread(self) -> None:
+        if self.threads is not None:
+            torch.get_num_threads()  # see _work: query first, so that the setting holds
+            torch.set_num_threads(self.threads)
+
     def run_inline(self, fn: Work, payload: Payload, ready: Any = None, *, seq: int = -1) -> Payload:
         return fn(self.host_input(payload, ready), seq)
 

@@ -236,6 +236,9 @@ class CudaDevice(Device):
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.torch_device)
 
+    def adopt_thread(self) -> None:
+        torch.cuda.set_device(self.torch_device)
+
     def graph_inference(self, run: Callable[[Payload], Payload], *, name: str) -> Callable[[Payload], Payload]:
         return GraphedStage(run, name=name) if self.graphs else run
 

@@ -48,8 +48,11 @@ def as_device(spec: Device | str | torch.device) -> Device:
     raise ValueError(f"device type {dev.type!r} is not supported yet; use 'cpu' or 'cuda:N'")
 
 
-def resolve_devices(devices: str | Sequence[Device | str | torch.device], n_layers: int) -> list[Device]:
-    """The device list of a pipeline. ``"auto"``: every GPU, else one CPU device per core."""
+def resolve_devices(devices: str | Sequence[Device | str | torch.device], n_layers: int, *,
+                    processes: int = 1) -> list[Device]:
+    """The device list of a pipeline. ``"auto"``: every GPU, else one CPU device per core.
+    A CPU device without a thread count gets an even share of the cores, which ``processes``
+    processes of this host share (ranks of a torchrun job)."""
     if isinstance(devices, str) and devices == "auto":
         if torch.cuda.is_available():
             devices = [CudaDevice(i) for i in range(torch.cuda.device_count())]
@@ -68,5 +71,5 @@ def resolve_devices(devices: str | Sequence[Device | str | torch.device], n_laye
     cpus = [d for d in result if isinstance(d, CpuDevice)]
     for d in cpus:
         if d.threads is None:
-            d.threads = max(1, available_cores() // len(cpus))
+            d.threads = max(1, available_cores() // (processes * len(cpus)))
     return result

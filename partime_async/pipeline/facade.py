@@ -36,7 +36,7 @@ from ..core.errors import PipelineClosed, PipelineError
 from ..core.frame import Frame, Payload, now
 from ..core.stats import PipelineStats
 from ..core.validation import InputSpec, check_tensors
-from ..devices import CpuDevice, Device, resolve_devices
+from ..devices import Device, resolve_devices
 from ..graph import Graph
 from ..observe import Observation, Report, Span, as_spans, report, write_trace
 from ..observe import spans as _spans
@@ -227,11 +227,10 @@ class Pipeline:
             return  # no stage here: the driving rank never calls
         loop = asyncio.get_running_loop()
         ended: asyncio.Future[None] = loop.create_future()
-        threads = max((d.threads or 1 for d in self.devices if isinstance(d, CpuDevice)), default=None)
 
         def session() -> None:
             try:
-                serve(DRIVING_RANK, partial(serve_stage, settings, self._state), threads=threads)
+                serve(DRIVING_RANK, partial(serve_stage, settings, self._state))
             except BaseException as exc:
                 loop.call_soon_threadsafe(_settle, ended, exc)
             else:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..devices import CpuDevice, Device, available_cores, resolve_devices
+from ..devices import Device, resolve_devices
 from .device import RankDevice
 
 DRIVING_RANK = 0
@@ -106,12 +106,8 @@ def resolve_ranked(devices: Sequence[Any], n_units: int) -> tuple[list[Device], 
         ranks.append(where)
         specs.append(what)
     mine = {k for k, where in enumerate(ranks) if where == me}
-    chosen = {id(s) for s in specs if isinstance(s, CpuDevice) and s.threads is not None}
-    local = resolve_devices([specs[k] for k in sorted(mine)], n_units) if mine else []
-    cpus = [d for d in local if isinstance(d, CpuDevice)]
-    for d in cpus:  # the cores are shared by the processes of this host, then by this one's stages
-        if id(d) not in chosen:
-            d.threads = max(1, available_cores() // (_local_world_size() * len(cpus)))
+    # The cores are shared by the processes of this host, then by this one's stages.
+    local = resolve_devices([specs[k] for k in sorted(mine)], n_units, processes=_local_world_size()) if mine else []
     resolved: list[Device] = []
     it = iter(local)
     for k, (where, what) in enumerate(zip(ranks, specs, strict=True)):

@@ -17,8 +17,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 from ..core.frame import now, to_device
 from ..stage import Stage
 from .device import SENTINELS, WORK
@@ -32,12 +30,9 @@ BuildStage = Callable[[int, list[int], dict[str, Any]], Stage]
 the weights and learner state in ``saved`` (``{"module": ..., "learner": ...}``)."""
 
 
-def serve(driving_rank: int, build: BuildStage, *, threads: int | None = None) -> None:
-    """Serve one session of ``driving_rank``'s requests (blocks until its ``BYE``); ``threads``
-    is the intra-op thread count of this rank's CPU stages."""
-    if threads is not None:
-        torch.get_num_threads()  # fix this thread's own count before setting it (see CpuDevice)
-        torch.set_num_threads(threads)
+def serve(driving_rank: int, build: BuildStage) -> None:
+    """Serve one session of ``driving_rank``'s requests (blocks until its ``BYE``), on the
+    calling thread."""
     link = PeerLink(driving_rank, sentinels=SENTINELS, name=f"rank {driving_rank}")
     link.start()
     session = _Session(build)
@@ -74,7 +69,8 @@ class _Session:
             return ERROR, k, seq, message.payload, 0, 0.0, None
         if message.kind == BUILD:
             try:
-                self.stages[k] = self.build(k, message.payload["balance"], message.payload)
+                self.stages[k] = stage = self.build(k, message.payload["balance"], message.payload)
+                stage.device.adopt_thread()  # this thread runs the stage's work
             except Exception as exc:
                 self.broken[k] = describe(exc)
                 return ERROR, k, seq, self.broken[k], FATAL, 0.0, None
