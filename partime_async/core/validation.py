@@ -76,6 +76,18 @@ class InputSpec:
                     self._plain = (torch.Size(fixed), spec.dtype, spec.device_type)
 
     @classmethod
+    def of(cls, specs: Any) -> InputSpec:
+        """The spec of payloads shaped like ``specs``: a :class:`TensorSpec`, or a tuple, list
+        or dict of them (nested), one per tensor leaf. ``InputSpec.of(TensorSpec((1, 3, None,
+        None), torch.float32))`` takes images of any size, one at a time."""
+        values, structure = pytree.tree_flatten(_keys_sorted(specs))
+        wrong = [type(v).__name__ for v in values if not isinstance(v, TensorSpec)]
+        if wrong or not values:
+            raise TypeError(f"InputSpec.of takes TensorSpecs (alone, or in tuples, lists and dicts), got "
+                            f"{', '.join(wrong) or 'no TensorSpec'}")
+        return cls(structure, values)
+
+    @classmethod
     def like(cls, payload: Payload) -> InputSpec:
         """The spec that ``payload`` satisfies exactly."""
         values, structure = pytree.tree_flatten(_keys_sorted(payload))
