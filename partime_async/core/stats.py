@@ -24,6 +24,9 @@ class StageStats:
     counters: dict[str, float] = field(default_factory=dict)
     """What the stage's program counts besides frames, by name (a depth solver's iterations
     and fallbacks, a width-split stage's exchanged activations): totals over the run."""
+    replicas: list[StageStats] = field(default_factory=list)
+    """A replicated stage's replicas, each with its own device, frames and busy time (the
+    stage's ``busy_s`` is their sum in a snapshot); empty for a stage on one device."""
 
     @property
     def mean_compute_s(self) -> float:
@@ -33,9 +36,11 @@ class StageStats:
 
     def snapshot(self) -> StageStats:
         """A copy that the stage's threads no longer write."""
+        replicas = [r.snapshot() for r in self.replicas]
         return dataclasses.replace(self, skipped_seqs=deque(self.skipped_seqs, maxlen=self.skipped_seqs.maxlen),
                                    skipped_requests=deque(self.skipped_requests, maxlen=self.skipped_requests.maxlen),
-                                   counters=dict(self.counters))
+                                   counters=dict(self.counters), replicas=replicas,
+                                   busy_s=sum(r.busy_s for r in replicas) if replicas else self.busy_s)
 
 
 @dataclass

@@ -15,6 +15,8 @@ transports and the runners.
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
 import itertools
 import statistics
 from collections import deque
@@ -44,7 +46,7 @@ from ..programs import (
     WidthProgram,
 )
 from ..ranks.device import RankDevice
-from ..stage import OnError, OnFailure, Stage, StageRunner
+from ..stage import OnError, OnFailure, Replica, Stage, StageRunner
 from ..transport import Inlet, Outlet, Sender, local_link
 from ..width import SplitLayer
 from .admission import SkipFrame
@@ -57,7 +59,8 @@ from .state import PipelineState
 class BuildSettings:
     """What the pipeline's arguments say about building its runs (``depth``: the solver class
     of each stage whose layers are solved in depth, by stage index; ``width``: the stages run
-    split in width, or True for every stage that holds width-split layers)."""
+    split in width, or True for every stage that holds width-split layers; ``replicas``: every
+    device of each replicated stage, by stage index)."""
 
     devices: Sequence[Device]
     learning: OnlineLearning | None
@@ -68,6 +71,7 @@ class BuildSettings:
     window: int
     depth: Mapping[int, type[Solver]] = field(default_factory=dict)
     width: bool | frozenset[int] = False
+    replicas: Mapping[int, tuple[Device, ...]] = field(default_factory=dict)
 
 
 async def build(settings: BuildSettings, state: PipelineState, run: Run, sample: Payload, seq: int | None,
@@ -118,6 +122,9 @@ async def _plan(settings: BuildSettings, state: PipelineState, sample: Payload) 
     devices, split = settings.devices, state.partitioner
     if state.balance is None:
         costs = await _profile(split, devices, sample)
+        # A stage on n replicas does n frames at a time: each of its layers costs 1/n of a frame.
+        costs = [[c / len(settings.replicas.get(k, (d,))) for c in row]
+                 for k, (row, d) in enumerate(zip(costs, devices, strict=True))]
         state.balance = min_max_partition(costs, len(devices))
     split.check_shared(state.balance, learning=settings.learning is not None,
                        one_device=len({d.torch_device for d in devices}) == 1)
@@ -136,7 +143,8 @@ async def _plan(settings: BuildSettings, state: PipelineState, sample: Payload) 
             state.learners = await in_thread(_learners, plans, settings)
         state.load_pending()
     else:
-        inline = await _choose_inline(plans, sample, never={*settings.depth, *_split_in_width(plans, settings)})
+        inline = await _choose_inline(plans, sample, never={*settings.depth, *_split_in_width(plans, settings),
+                                                            *settings.replicas})
     # Weights moved and buffers restored on whatever stream each step used: done before
     # the stages' own streams read them (set-up only; streaming never synchronises).
     for device in devices:
@@ -255,11 +263,24 @@ def _stage(plan: StagePlan, inline: bool, settings: BuildSettings, state: Pipeli
         program = WidthProgram(plan, stats, spans=spans, check_outputs=settings.check_outputs)
     else:
         program = InferProgram(plan, stats, spans=spans, check_outputs=settings.check_outputs)
+    if plan.index in settings.replicas:
+        stats.replicas = [StageStats(plan.name, d.name, plan.units) for d in settings.replicas[plan.index]]
+        replicas = tuple(Replica(d, InferProgram(_on(plan, d), r, spans=spans, check_outputs=settings.check_outputs), r)
+                         for d, r in zip(settings.replicas[plan.index], stats.replicas, strict=True))
+        return Stage(plan, replicas[0].program, stats, inline, replicas)
     if isinstance(device, RankDevice):
         assert state.balance is not None  # chosen before the stages are built
         device.bind(plan.index, program, list(state.balance),
                     state.learners[plan.index].state_dict() if state.learners else None)
     return Stage(plan, program, stats, inline)
+
+
+def _on(plan: StagePlan, device: Device) -> StagePlan:
+    """``plan`` run on ``device``, a replica of its stage: the same module where the device's
+    memory is the same, a copy of it moved there otherwise (another GPU)."""
+    if device.torch_device == plan.device.torch_device:
+        return dataclasses.replace(plan, devices=(device,))
+    return dataclasses.replace(plan, devices=(device,), module=copy.deepcopy(plan.module).to(device.torch_device))
 
 
 def _split_in_width(plans: Sequence[StagePlan], settings: BuildSettings) -> set[int]:
@@ -300,4 +321,4 @@ def _connect(stages: Sequence[Stage], inlet: Inlet, egress: Sender[Any], setting
 
 def _chains(stage: Stage) -> bool:
     """Whether ``stage`` hands frames on from its worker thread (a thread chain)."""
-    return stage.device.chainable and not stage.inline and not stage.program.learns
+    return stage.device.chainable and not stage.inline and not stage.program.learns and not stage.replicas

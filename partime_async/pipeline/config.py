@@ -4,6 +4,8 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Literal
 
+import torch
+
 from ..aio.channel import Channel, Policy
 from ..core.validation import InputSpec
 from ..depth import Solver
@@ -93,3 +95,33 @@ def width_stages(width: Width, n_stages: int, learning: OnlineLearning | None,
     if both:
         raise ValueError(f"stage {min(both)} cannot be solved in depth and split in width at once")
     return stages
+
+
+def replica_groups(devices: Any) -> tuple[Any, list[int]]:
+    """``devices=`` with its replica groups flattened (``[d0, [d1, d2]]``: stage 1 on d1 and
+    d2), and the number of devices of each stage; ``devices`` as given when it has no group."""
+    if isinstance(devices, (str, torch.device, Device)) or not isinstance(devices, Sequence):
+        return devices, []
+    flat: list[Any] = []
+    sizes: list[int] = []
+    for entry in devices:
+        group = list(entry) if isinstance(entry, (list, tuple)) else [entry]
+        if not group:
+            raise ValueError("a stage's replica group is empty; give it one device or more, e.g. [d0, [d1, d2]]")
+        flat.extend(group)
+        sizes.append(len(group))
+    return flat, sizes
+
+
+def check_replicas(replicas: Mapping[int, Sequence[Device]], *, learning: Any, depth: Any, width: Any) -> None:
+    """Replicas infer: a learning stage keeps one set of weights and one schedule."""
+    if not replicas:
+        return
+    stages = sorted(replicas)
+    if learning is not None:
+        raise ValueError(f"stage(s) {stages} are replicated, and learning with replicas is not supported (each "
+                         "replica would update its own copy of the weights); give one device per stage to learn, "
+                         "or infer with replicas")
+    if set(stages) & (set(depth) | (set(width) if isinstance(width, (set, frozenset)) else set())):
+        raise ValueError(f"stage(s) {stages} are replicated: a replicated stage runs its layers plainly (no "
+                         "depth= or width= for it)")

@@ -46,7 +46,18 @@ from ..ranks.placement import DRIVING_RANK, is_ranked, rank, resolve_ranked
 from ..ranks.serve import serve
 from ..stage import OnError
 from .build import BuildSettings, build, serve_stage
-from .config import Balance, Depth, Width, check_learning, check_options, depth_by_stage, initial_balance, width_stages
+from .config import (
+    Balance,
+    Depth,
+    Width,
+    check_learning,
+    check_options,
+    check_replicas,
+    depth_by_stage,
+    initial_balance,
+    replica_groups,
+    width_stages,
+)
 from .cuts import CutSchedule
 from .routes import FutureRoute
 from .run import Run
@@ -63,8 +74,11 @@ class Pipeline:
             model's layers are moved to their stage's GPU in place.
         devices: ``"auto"`` (every GPU, else one CPU device per core), a list of
             ``"cpu"``/``"cuda:N"``/``torch.device``/:class:`Device`, or :func:`cpu_devices`.
-            ``"rankN:cpu"`` places a stage in rank N's process of a ``torchrun`` job
-            (:mod:`partime_async.ranks`; devices without a rank are rank 0's): every rank runs
+            A list in the list replicates a stage: ``[d0, [d1, d2]]`` runs stage 1 on d1 and
+            d2 at once, each frame on the least busy, outputs in frame order (inference only;
+            ``balance="time"`` gives it the work of two). ``"rankN:cpu"`` places a stage in
+            rank N's process of a ``torchrun`` job (:mod:`partime_async.ranks`; devices
+            without a rank are rank 0's): every rank runs
             the same script, rank 0 (:attr:`driving`) streams and submits, the others serve
             their stages for each of its runs.
         balance: layer counts per device, ``"time"`` (profile, then the optimal contiguous
@@ -122,13 +136,23 @@ class Pipeline:
     ) -> None:
         self.model = model
         self._split = split = SequentialSplit(model)
+        devices, sizes = replica_groups(devices)
         if is_ranked(devices):
             assert not isinstance(devices, str)  # a list that names ranks
+            if any(n > 1 for n in sizes):
+                raise ValueError("replicas on other ranks are not supported yet: replicate a stage of this rank, "
+                                 "or give each ranked stage one device")
             self.devices, self._here = resolve_ranked(devices, split.units)
             self.driving = rank() == DRIVING_RANK
         else:
             self.devices, self._here = resolve_devices(devices, split.units), set()
             self.driving = True
+        # A replicated stage: its first device stands for it (plans, profiling), all of them run it.
+        self.replicas: dict[int, tuple[Device, ...]] = {}
+        if sizes:
+            groups = [tuple(self.devices[sum(sizes[:k]):sum(sizes[:k + 1])]) for k in range(len(sizes))]
+            self.devices = [group[0] for group in groups]
+            self.replicas = {k: group for k, group in enumerate(groups) if len(group) > 1}
         check_learning(learning, self.devices)
         self._state = PipelineState(split, initial_balance(balance, split, self.devices), len(self.devices))
         check_options(on_error=on_error, output_spec=output_spec, input_spec=input_spec, window=window,
@@ -143,6 +167,7 @@ class Pipeline:
         self.learning = learning
         self.depth = depth_by_stage(depth, len(self.devices))
         self.width = width_stages(width, len(self.devices), learning, self.depth)
+        check_replicas(self.replicas, learning=learning, depth=self.depth, width=self.width)
         self.metrics_enabled = metrics is not False
         # None: the ring's capacity at start (observe.SPAN_CAPACITY, read then).
         self._span_capacity = None if isinstance(metrics, bool) else metrics
@@ -197,7 +222,7 @@ class Pipeline:
         loop = asyncio.get_running_loop()
         # A run's settings are the pipeline's attributes when it starts.
         settings = BuildSettings(self.devices, self.learning, self.input_spec, self.output_spec == "first",
-                                 self.on_error, self.capacity, self.window, self.depth, self.width)
+                                 self.on_error, self.capacity, self.window, self.depth, self.width, self.replicas)
         if not self.driving:
             self._task = loop.create_task(self._serve(settings), name="partime-serving")
             return
@@ -211,7 +236,8 @@ class Pipeline:
                               targets=self.learning is not None,
                               target_spec=target_spec if isinstance(target_spec, InputSpec) else None)
         started: asyncio.Future[None] = loop.create_future()
-        self._task = loop.create_task(run.serve(self.devices, started), name="partime-pipeline")
+        every = [*self.devices, *(d for group in self.replicas.values() for d in group[1:])]
+        self._task = loop.create_task(run.serve(every, started), name="partime-pipeline")
         try:
             await started
             if sample is not None:

@@ -6,7 +6,8 @@ through its :class:`~partime_async.transport.Outlet`. It knows neither what the 
 computes (:mod:`partime_async.programs`) nor what kind of device or transport it holds.
 Three ways of driving:
 
-* **windowed** (worker thread or GPU streams): a *feeder* submits up to ``window`` frames to
+* **windowed** (worker thread or GPU streams; a replicated stage's frames dealt to the least
+  busy of its devices, :mod:`partime_async.stage.replicas`): a *feeder* submits up to ``window`` frames to
   the device ahead of the one being finished, and a *collector* awaits them in order. The
   device therefore has the next frame queued when it finishes one (a busy CPU stage never
   waits for the loop; on a GPU the copy of frame t+1 overlaps the compute of frame t). A
@@ -42,6 +43,7 @@ from ..devices import Device, Ticket, settle
 from ..partition import StagePlan
 from ..programs import StageProgram
 from ..transport import Inlet, Outlet, Step, ThreadChain
+from .replicas import Dealer, Replica
 
 OnError = Literal["raise", "skip"]
 OnFailure = Callable[[PipelineError, "StageRunner", int], None]
@@ -61,6 +63,7 @@ class Stage:
     program: StageProgram
     stats: StageStats
     inline: bool = False
+    replicas: tuple[Replica, ...] = ()  # a stage on several devices: one program on each
 
     @property
     def name(self) -> str:
@@ -90,6 +93,8 @@ class StageRunner:
         self._submit: Callable[..., Ticket]  # (payload, ready, *, seq)
         if len(self.stages) > 1:
             self._submit = ThreadChain([Step(s.device, s.program.forward, s.stats) for s in self.stages]).submit
+        elif first.replicas:
+            self._submit = Dealer(first.replicas).submit
         else:
             self._submit = partial(first.device.submit, first.program.forward)
 
