@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import partime_async as pa
+from partime_async.partition import GraphSplit
 from partime_async.partition import (
     balance_by_params, check_balance, layers_of, min_max_partition, profile_layers, split,
 )
@@ -186,9 +187,10 @@ def test_layers_of_rejects_an_empty_model():
         layers_of(nn.Sequential())
 
 
-def test_pipeline_rejects_non_sequential_model():
-    with pytest.raises(TypeError):
-        pa.Pipeline(Custom(), devices=pa.cpu_devices(1))
+def test_pipeline_rejects_what_is_not_a_model():
+    with pytest.raises(TypeError, match="nn.Sequential"):
+        pa.Pipeline([Custom(), "relu"], devices=pa.cpu_devices(1))
+    assert isinstance(pa.Pipeline(Custom(), devices=pa.cpu_devices(1))._split, GraphSplit)  # split as a graph
 
 
 def test_more_devices_than_layers_is_an_error():

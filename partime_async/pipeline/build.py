@@ -50,6 +50,7 @@ from ..stage import OnError, OnFailure, Replica, Stage, StageRunner
 from ..transport import Inlet, Outlet, Sender, local_link
 from ..width import SplitLayer
 from .admission import SkipFrame
+from .config import initial_balance
 from .delivery import Egress
 from .run import Run
 from .state import PipelineState
@@ -120,6 +121,11 @@ async def _plan(settings: BuildSettings, state: PipelineState, sample: Payload) 
     """Choose the balance (profiling if asked), place the stages, make the learners, choose
     the inline stages; the plans, and for each whether it runs inline."""
     devices, split = settings.devices, state.partitioner
+    prepare = getattr(split, "prepare", None)
+    if prepare is not None:  # a graph is captured on its first frame (off the loop: it takes a while)
+        await in_thread(prepare, sample)
+        if state.balance is None and state.requested != "time":
+            state.balance = initial_balance(state.requested, split, devices)
     if state.balance is None:
         costs = await _profile(split, devices, sample)
         # A stage on n replicas does n frames at a time: each of its layers costs 1/n of a frame.

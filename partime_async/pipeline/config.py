@@ -17,7 +17,10 @@ Balance = Sequence[int] | Literal["time", "params"]
 
 
 def initial_balance(balance: Balance, split: Partitioner, devices: Sequence[Device]) -> list[int] | None:
-    """The balance to start with (None: chosen by time on the first frame)."""
+    """The balance to start with (None: chosen on the first frame, by time, or for a model
+    split as a graph, which is cut into units there)."""
+    if not getattr(split, "captured", True):
+        return None
     if len(devices) > split.units:
         raise ValueError(f"cannot split {split.units} layers over {len(devices)} devices; "
                          f"give at most {split.units} devices")

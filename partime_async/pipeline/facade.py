@@ -36,11 +36,11 @@ from ..core.errors import PipelineClosed, PipelineError
 from ..core.frame import Frame, Payload, now
 from ..core.stats import PipelineStats
 from ..core.validation import InputSpec, check_tensors
-from ..devices import Device, resolve_devices
+from ..devices import Device, available_cores, resolve_devices
 from ..graph import Graph
 from ..observe import Observation, Report, Span, as_spans, report, write_trace
 from ..observe import spans as _spans
-from ..partition import SequentialSplit
+from ..partition import partitioner_for
 from ..programs import OnlineLearning, StageLearner
 from ..ranks.placement import DRIVING_RANK, is_ranked, rank, resolve_ranked
 from ..ranks.serve import serve
@@ -135,17 +135,19 @@ class Pipeline:
         width: Width = False,
     ) -> None:
         self.model = model
-        self._split = split = SequentialSplit(model)
+        self._split = split = partitioner_for(model)
+        # A graph is cut into units on its first frame: until then, as many as there are cores.
+        n_units = split.units if getattr(split, "captured", True) else available_cores()
         devices, sizes = replica_groups(devices)
         if is_ranked(devices):
             assert not isinstance(devices, str)  # a list that names ranks
             if any(n > 1 for n in sizes):
                 raise ValueError("replicas on other ranks are not supported yet: replicate a stage of this rank, "
                                  "or give each ranked stage one device")
-            self.devices, self._here = resolve_ranked(devices, split.units)
+            self.devices, self._here = resolve_ranked(devices, n_units)
             self.driving = rank() == DRIVING_RANK
         else:
-            self.devices, self._here = resolve_devices(devices, split.units), set()
+            self.devices, self._here = resolve_devices(devices, n_units), set()
             self.driving = True
         # A replicated stage: its first device stands for it (plans, profiling), all of them run it.
         self.replicas: dict[int, tuple[Device, ...]] = {}
@@ -154,7 +156,8 @@ class Pipeline:
             self.devices = [group[0] for group in groups]
             self.replicas = {k: group for k, group in enumerate(groups) if len(group) > 1}
         check_learning(learning, self.devices)
-        self._state = PipelineState(split, initial_balance(balance, split, self.devices), len(self.devices))
+        self._state = PipelineState(split, initial_balance(balance, split, self.devices), len(self.devices),
+                                    requested=balance)
         check_options(on_error=on_error, output_spec=output_spec, input_spec=input_spec, window=window,
                       metrics=metrics, capacity=capacity, policy=policy)
         self.input_spec = input_spec

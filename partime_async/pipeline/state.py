@@ -29,9 +29,11 @@ class PipelineState:
         position: 1 + the seq of the last frame delivered: where a resumed source starts.
     """
 
-    def __init__(self, partitioner: Partitioner, balance: list[int] | None, n_devices: int) -> None:
+    def __init__(self, partitioner: Partitioner, balance: list[int] | None, n_devices: int, *,
+                 requested: Any = "time") -> None:
         self.partitioner = partitioner
         self.balance = balance
+        self.requested = requested  # what balance= said, applied on the first frame if balance is None
         self.learners: list[StageLearner] = []
         self.modules: list[nn.Module] = []
         self.position = 0
