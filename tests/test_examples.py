@@ -59,3 +59,11 @@ def test_gpu_stream_example_runs_anywhere():
                              "--width", "64"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "12 frames of 48x64 uint8" in result.stdout and "checked against the unsplit model's: 0 of 2 differ" in result.stdout
+
+
+def test_any_model_example():
+    result = subprocess.run([sys.executable, str(EXAMPLES / "any_model.py"), "--frames", "4"],
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert "ResNet-18" in result.stdout or "resnet18" in result.stdout
+    assert "4 frames over 2 stages" in result.stdout and "exact: True" in result.stdout

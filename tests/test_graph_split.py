@@ -211,3 +211,14 @@ async def test_cut_names_are_checked():
 def test_sequential_models_keep_their_fast_path():
     assert isinstance(pa.Pipeline(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), devices="cpu")._split, SequentialSplit)
     assert isinstance(pa.Pipeline([nn.Linear(2, 2), nn.ReLU()], devices="cpu")._split, SequentialSplit)
+
+
+async def test_a_graph_keeps_the_dimensions_the_input_spec_leaves_free():
+    model = resnet_like()
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(1, 3, *size, generator=g) for size in [(16, 16), (24, 20), (12, 32)] * 3]
+    spec = pa.InputSpec.of(pa.TensorSpec((1, 3, None, None), torch.float32))
+    pipe = pa.Pipeline(model, devices=pa.cpu_devices(3, threads=1), input_spec=spec)
+    async with pipe:
+        outs = [f.data async for f in pipe.stream(xs)]
+    assert all(equal(o, e) for o, e in zip(outs, unsplit(model, xs), strict=True))

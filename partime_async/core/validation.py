@@ -80,7 +80,7 @@ class InputSpec:
         """The spec of payloads shaped like ``specs``: a :class:`TensorSpec`, or a tuple, list
         or dict of them (nested), one per tensor leaf. ``InputSpec.of(TensorSpec((1, 3, None,
         None), torch.float32))`` takes images of any size, one at a time."""
-        values, structure = pytree.tree_flatten(_keys_sorted(specs))
+        values, structure = pytree.tree_flatten(sorted_keys(specs))
         wrong = [type(v).__name__ for v in values if not isinstance(v, TensorSpec)]
         if wrong or not values:
             raise TypeError(f"InputSpec.of takes TensorSpecs (alone, or in tuples, lists and dicts), got "
@@ -90,7 +90,7 @@ class InputSpec:
     @classmethod
     def like(cls, payload: Payload) -> InputSpec:
         """The spec that ``payload`` satisfies exactly."""
-        values, structure = pytree.tree_flatten(_keys_sorted(payload))
+        values, structure = pytree.tree_flatten(sorted_keys(payload))
         return cls(structure, [TensorSpec.like(v) for v in values])
 
     def mismatch(self, payload: Payload) -> str | None:
@@ -100,7 +100,7 @@ class InputSpec:
                 and (plain[1] is None or payload.dtype == plain[1]) \
                 and (plain[2] is None or payload.device.type == plain[2]):
             return None
-        values, structure = pytree.tree_flatten(_keys_sorted(payload))
+        values, structure = pytree.tree_flatten(sorted_keys(payload))
         if structure != self.structure:
             return f"expected a payload shaped like {self.structure}, got {structure}"
         for i, (spec, value) in enumerate(zip(self.leaves, values, strict=False)):
@@ -117,13 +117,13 @@ class InputSpec:
             raise FrameError(why + hint, component=component, seq=seq)
 
 
-def _keys_sorted(payload: Payload) -> Payload:
+def sorted_keys(payload: Payload) -> Payload:
     """``payload`` with every dict's keys in one order: a model reads a dict by key, so two
     frames whose dicts hold the same keys in another order have the same structure."""
     if isinstance(payload, dict):
-        return {key: _keys_sorted(payload[key]) for key in sorted(payload, key=repr)}
+        return {key: sorted_keys(payload[key]) for key in sorted(payload, key=repr)}
     if type(payload) in (list, tuple):
-        return type(payload)(map(_keys_sorted, payload))
+        return type(payload)(map(sorted_keys, payload))
     return payload
 
 

@@ -32,6 +32,7 @@ import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from ..core.frame import Payload
+from ..core.validation import InputSpec, sorted_keys
 from ..devices import Device
 from .plan import StagePlan
 from .sequential import SequentialSplit
@@ -43,8 +44,9 @@ class GraphSplit:
     """A model split as a graph; see the module docstring. A
     :class:`~partime_async.partition.plan.Partitioner` once :meth:`prepare` has captured it."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, spec: InputSpec | None = None) -> None:
         self.model = model
+        self.spec = spec  # the pipeline's input spec: its free dimensions stay free in the graph
         self._units: SequentialSplit | None = None
 
     @property
@@ -57,7 +59,8 @@ class GraphSplit:
             return
         args = _as_args(self.model, sample)
         try:
-            program = torch.export.export(self.model, args, strict=False)
+            program = torch.export.export(self.model, args, strict=False,
+                                          dynamic_shapes=_free_dims(args, self.spec) if self.spec else None)
         except Exception as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ValueError(
@@ -121,8 +124,10 @@ class GraphSplit:
     def plans(self, balance: Sequence[int], devices: Sequence[Device]) -> list[StagePlan]:
         plans = self._split().plans(balance, devices)
         for plan in plans:
-            units = list(plan.module)
-            plan.inputs, plan.outputs = units[0].inputs, units[-1].outputs  # the values crossing its cuts
+            units = list(plan.module.children())
+            first, last = units[0], units[-1]
+            assert isinstance(first, _Unit) and isinstance(last, _Unit)  # SequentialSplit's of our units
+            plan.inputs, plan.outputs = first.inputs, last.outputs  # the values crossing its cuts
             plan.model_key = _model_key  # a unit's keys are the model's, under its index and its graph
         return plans
 
@@ -136,6 +141,17 @@ class GraphSplit:
 def _model_key(key: str) -> str:
     """A stage's key (``"2.graph.layer1.0.conv1.weight"``: unit 2's) as the model's."""
     return key.split(".", 2)[2]
+
+
+def _free_dims(args: tuple[Any, ...], spec: InputSpec) -> Any:
+    """``dynamic_shapes`` for ``torch.export``: the dimensions ``spec`` leaves free (None),
+    per tensor of ``args`` (the frame's payload as arguments), in its structure."""
+    payload = args if len(args) > 1 else args[0]
+    values, structure = pytree.tree_flatten(sorted_keys(payload))
+    dims = [{i: torch.export.Dim.AUTO for i, d in enumerate(leaf.shape or ()) if d is None} or None
+            if isinstance(value, torch.Tensor) else None for value, leaf in zip(values, spec.leaves, strict=False)]
+    shapes = pytree.tree_unflatten(dims, structure)
+    return shapes if len(args) > 1 else (shapes,)
 
 
 def _as_args(model: nn.Module, sample: Payload) -> tuple[Any, ...]:
@@ -264,9 +280,10 @@ def _names(keys: Sequence[str | None]) -> list[str]:
     return names
 
 
-def partitioner_for(model: nn.Module | Sequence[nn.Module]) -> SequentialSplit | GraphSplit:
+def partitioner_for(model: nn.Module | Sequence[nn.Module], spec: Any = None) -> SequentialSplit | GraphSplit:
     """What splits ``model``: an ``nn.Sequential`` or a list of modules keeps its layers (the
-    fast path); any other ``nn.Module`` is captured as a graph on its first frame."""
+    fast path); any other ``nn.Module`` is captured as a graph on its first frame, with the
+    dimensions that ``spec`` (the pipeline's input spec) leaves free kept free."""
     if isinstance(model, nn.Module) and not isinstance(model, nn.Sequential):
-        return GraphSplit(model)
+        return GraphSplit(model, spec=spec if isinstance(spec, InputSpec) else None)
     return SequentialSplit(model)

@@ -135,7 +135,7 @@ class Pipeline:
         width: Width = False,
     ) -> None:
         self.model = model
-        self._split = split = partitioner_for(model)
+        self._split = split = partitioner_for(model, input_spec)
         # A graph is cut into units on its first frame: until then, as many as there are cores.
         n_units = split.units if getattr(split, "captured", True) else available_cores()
         devices, sizes = replica_groups(devices)
