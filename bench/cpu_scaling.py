@@ -1,9 +1,13 @@
 """Throughput of batch-1 frames on CPU: the unsplit model against a two-stage pipeline.
 
-Two models, each 8 layers (a layer is one child of the ``nn.Sequential``):
+Three models; the first two have 8 layers (a layer is one child of the ``nn.Sequential``):
 
 * ``conv``: 8 x (Conv2d(32, 32, 3, padding=1) + ReLU), frames of shape (1, 32, 32, 32);
-* ``mlp``:  8 x (Linear(1024, 1024) + ReLU), frames of shape (1, 1024).
+* ``mlp``:  8 x (Linear(1024, 1024) + ReLU), frames of shape (1, 1024);
+* ``resnet``: not an ``nn.Sequential`` — a stem conv, four residual blocks (two 3x3 convs
+  with BatchNorm, 32 channels, the input added back) and a linear head, frames of shape
+  (1, 3, 32, 32), split by the graph splitter (``torch.export``); its ceiling's halves are
+  the splitter's two stages at the time-balanced cut.
 
 For each model, in the same run with interleaved repeats (order alternating), medians:
 
@@ -50,11 +54,12 @@ from torch import nn
 
 import partime_async as pa
 from bench import _common as C
+from partime_async.partition import GraphSplit, min_max_partition
 
 VARIANTS = ("unsplit_1t", "unsplit_2t", "ours", "ceiling")
 
 
-def make_conv() -> nn.Sequential:
+def make_conv() -> nn.Module:
     return nn.Sequential(*[nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.ReLU()) for _ in range(8)])
 
 
@@ -62,10 +67,48 @@ def make_mlp() -> nn.Sequential:
     return nn.Sequential(*[nn.Sequential(nn.Linear(1024, 1024), nn.ReLU()) for _ in range(8)])
 
 
-MODELS: dict[str, tuple[Callable[[], nn.Sequential], tuple[int, ...]]] = {
+class Block(nn.Module):
+    """ResNet's basic block: two 3x3 convolutions with BatchNorm, and the input added back."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + x)
+
+
+class ResNetLike(nn.Module):
+    """Not an nn.Sequential: a stem, four residual blocks and a head, split by the graph splitter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.block1, self.block2, self.block3, self.block4 = (Block(32) for _ in range(4))
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block4(self.block3(self.block2(self.block1(torch.relu(self.stem(x))))))
+        return self.head(x.mean((2, 3)))
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "conv": (make_conv, (1, 32, 32, 32)),
     "mlp": (make_mlp, (1, 1024)),
+    "resnet": (ResNetLike, (1, 3, 32, 32)),
 }
+
+
+def halves(model: nn.Module, sample: torch.Tensor) -> tuple[nn.Module, nn.Module]:
+    """The model's two halves for the ceiling: an nn.Sequential's first and second 4 layers; a
+    graph's two stages as the graph splitter cuts it, balanced by time as ours is."""
+    if isinstance(model, nn.Sequential):
+        return model[:len(model) // 2], model[len(model) // 2:]
+    split = GraphSplit(model)
+    split.prepare(sample)
+    first, second = split.plans(min_max_partition(split.profile(sample), 2), pa.cpu_devices(2))
+    return first.module, second.module
 
 
 def unsplit(model: nn.Module, frames: Sequence[torch.Tensor], threads: int) -> float:
@@ -150,13 +193,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs: dict[str, Callable[[Sequence[torch.Tensor]], float]] = {}
             for name in MODELS:
                 m = models[name]
-                halves = (m[:len(m) // 2], m[len(m) // 2:])
+                two = halves(m, frames[name][0])
                 with torch.no_grad():
-                    middles = [halves[0](x) for x in frames[name]]
+                    middles = [two[0](x) for x in frames[name]]
                 runs[f"{name}/unsplit_1t"] = lambda fr, m=m: unsplit(m, fr, 1)
                 runs[f"{name}/unsplit_2t"] = lambda fr, m=m: unsplit(m, fr, 2)
                 runs[f"{name}/ours"] = ours[name]
-                runs[f"{name}/ceiling"] = lambda fr, h=halves, mid=middles: ceiling(h, (fr, mid[:len(fr)]))
+                runs[f"{name}/ceiling"] = lambda fr, h=two, mid=middles: ceiling(h, (fr, mid[:len(fr)]))
             for key, run in runs.items():  # warm-up (allocator, oneDNN/MKL kernels): not timed
                 run(frames[key.split("/")[0]][:min(n_frames, 10)])
             raw = C.interleaved({key: (lambda r=run, fr=frames[key.split("/")[0]]: r(fr)) for key, run in runs.items()},
