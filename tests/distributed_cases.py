@@ -6,9 +6,11 @@ rank, as under torchrun); the driving rank saves what the test checks to ``OUT/r
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -270,6 +272,58 @@ async def cuda_stage(out: Path) -> None:
         torch.save({"got": got, "expected": unsplit(model(), frames(16))}, out / "result.pt")
 
 
+Pair = collections.namedtuple("Pair", "a b")
+
+
+class MakesPair(nn.Module):
+    def forward(self, x: torch.Tensor) -> Pair:
+        return Pair(x, x * 2)
+
+
+class UsesPair(nn.Module):
+    def forward(self, p: Pair) -> torch.Tensor:
+        return p.a + p.b
+
+
+class Slow(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.02)
+        return x
+
+
+async def survives(out: Path) -> None:
+    """What must not break the link: a run abandoned with requests still queued (the next one
+    streams), a payload that cannot travel (its frames fail, skipped), a run idle for longer
+    than the time the ranks had to join."""
+    pa.ranks.init(timeout=3)
+    slow = pa.Pipeline(nn.Sequential(identity(), Slow(), identity()), devices=["cpu", "rank1:cpu"],
+                       balance=[1, 2], window=4)
+    pairs = pa.Pipeline(nn.Sequential(MakesPair(), UsesPair()), devices=["cpu", "rank1:cpu"], balance=[1, 1],
+                        on_error="skip", input_spec=None, output_spec=None)
+    if not slow.driving:
+        for pipe in (slow, slow, pairs, slow):
+            async with pipe:
+                pass
+        return
+    result = {}
+    try:
+        async with slow:
+            async for f in slow.stream(frames(100)):
+                if f.seq == 5:
+                    raise RuntimeError("the reader stops")
+    except RuntimeError as exc:
+        result["abandoned"] = str(exc)
+    async with slow:
+        result["next_run"] = [f.seq async for f in slow.stream(frames(10))]
+    async with pairs:
+        result["pairs"] = [f.seq async for f in pairs.stream(frames(3))]
+    result["pairs_skipped"] = list(pairs.stats().stages[1].skipped_seqs)
+    async with slow:
+        await asyncio.sleep(5)  # longer than init's 3 s
+        result["after_idling"] = (await slow.submit(frames(1)[0])).shape
+    torch.save(result, out / "result.pt")
+
+
 async def never_joins(out: Path) -> None:
     """One rank of two starts: joining times out with a message that says what to do."""
     try:
@@ -278,7 +332,7 @@ async def never_joins(out: Path) -> None:
         torch.save({"error": str(exc)}, out / "result.pt")
 
 
-CASES = {f.__name__: f for f in (exact, shapes, learns, resumes, remote_error, killed, interrupted, cuda_stage,
+CASES = {f.__name__: f for f in (exact, shapes, learns, resumes, remote_error, killed, interrupted, survives, cuda_stage,
                                             never_joins)}
 
 if __name__ == "__main__":

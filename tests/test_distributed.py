@@ -141,6 +141,14 @@ def test_distributed_ctrl_c_on_the_driving_rank_stops_every_rank(tmp_path):
     assert done[1].returncode == 0 and (tmp_path / "rank1.done").read_text() == "served"
 
 
+def test_distributed_link_survives_an_abandoned_run_a_payload_that_cannot_travel_and_idling(tmp_path):
+    _clean(launch("survives", tmp_path))
+    r = result(tmp_path)
+    assert r["abandoned"] == "the reader stops" and r["next_run"] == list(range(10))
+    assert r["pairs"] == [] and r["pairs_skipped"] == [0, 1, 2]  # each frame failed, not the link
+    assert r["after_idling"] == (1, 32)
+
+
 def test_distributed_rank_that_never_joins_times_out_clearly(tmp_path):
     done = launch("never_joins", tmp_path, world=2, ranks=1, timeout=60)
     _clean(done)
@@ -224,3 +232,26 @@ def test_distributed_errors_cross_as_their_own_type():
 
     other = rebuild(describe(Custom("odd")), 2, None)
     assert isinstance(other, RemoteStageError) and "Custom: odd (on rank 2)" in str(other)
+
+
+def test_distributed_wire_sends_conjugate_views_big_ints_and_copies_small_messages_out():
+    z = torch.randn(3, dtype=torch.complex64)
+    _, (conj, big) = _round_trip([z.conj(), (2**70, -(2**63))])
+    assert torch.equal(conj.payload, z.conj().resolve_conj())
+    assert big.payload == (2**70, -(2**63))
+    encoder, decoder = Encoder(SENTINELS), Decoder(SENTINELS)
+    message = encoder.encode(2, 0, 0, torch.arange(4.0))
+    buffer = torch.zeros(64 * 1024, dtype=torch.uint8)  # a receive buffer, much bigger than the message
+    buffer[:message.numel()] = message
+    out = decoder.decode(buffer).payload
+    assert torch.equal(out, torch.arange(4.0)) and out.untyped_storage().nbytes() == 16  # not the buffer
+
+
+def test_distributed_wire_a_payload_that_cannot_be_read_fails_its_frame_not_the_link():
+    from partime_async.ranks.link import ERROR, _undecodable
+
+    encoder, decoder = Encoder(SENTINELS), Decoder(SENTINELS, undecodable=_undecodable)
+    refused = decoder.decode(encoder.encode(2, 1, 7, Mine()))
+    assert (refused.kind, refused.stage, refused.seq) == (ERROR, 1, 7)
+    assert "cannot travel between ranks" in str(rebuild(refused.payload, 0, None))
+    assert torch.equal(decoder.decode(encoder.encode(2, 1, 8, torch.ones(2))).payload, torch.ones(2))

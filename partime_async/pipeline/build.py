@@ -217,6 +217,8 @@ async def _choose_inline(plans: Sequence[StagePlan], sample: Payload, never: Any
     x = sample
     for k, plan in enumerate(plans):
         device = plan.device
+        if isinstance(device, RankDevice):  # from here on, frames go to another rank: timed no further
+            break
 
         def timed(v: Payload, _: int, m: nn.Module = plan.module) -> tuple[float, Payload]:
             return time_module(m, v)

@@ -138,12 +138,14 @@ class Pipeline:
         self._split = split = partitioner_for(model, input_spec)
         # A graph is cut into units on its first frame: until then, as many as there are cores.
         n_units = split.units if getattr(split, "captured", True) else available_cores()
+        if isinstance(devices, str) and devices != "auto":
+            devices = [devices]  # one device, maybe on a rank
         devices, sizes = replica_groups(devices)
         if is_ranked(devices):
             assert not isinstance(devices, str)  # a list that names ranks
             if any(n > 1 for n in sizes):
-                raise ValueError("replicas on other ranks are not supported yet: replicate a stage of this rank, "
-                                 "or give each ranked stage one device")
+                raise ValueError("replicas are not supported yet in a pipeline whose devices name ranks: give "
+                                 "each stage one device")
             self.devices, self._here = resolve_ranked(devices, n_units)
             self.driving = rank() == DRIVING_RANK
         else:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import warnings
 from collections import deque
 from collections.abc import Hashable
 from typing import Any, ClassVar
@@ -32,7 +33,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..aio.threads import LoopNotifier
-from ..core.errors import StageLost
+from ..core.errors import PipelineClosed, StageLost
 from ..core.frame import Payload
 from ..core.job import NO_GRADIENT
 from ..core.stats import StageStats
@@ -51,6 +52,7 @@ from .link import (
     WANT_FINAL,
     PeerLink,
     PeerLost,
+    local_world_size,
     rebuild,
 )
 from .wire import BATCH, Message
@@ -96,7 +98,12 @@ class RankDevice(Device):
 
     @property
     def profile_key(self) -> Hashable:
-        return ("cpu", max(1, available_cores()))
+        return ("cpu", self._stand_in_threads())
+
+    def _stand_in_threads(self) -> int:
+        """The intra-op threads the stage has there by default (the host's cores shared by its
+        processes): the CPU stand-in profiles with as many."""
+        return max(1, available_cores() // local_world_size())
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._peer is not None:
@@ -122,6 +129,9 @@ class RankDevice(Device):
                kind: str = "compute") -> Ticket:
         op = self._ops.get(fn)
         if op is None:  # set-up work (profiling, timing): here, on a CPU stand-in
+            if self.spec != "cpu" and not self.spec.startswith("cpu:"):
+                raise ValueError(f"balance='time' cannot time a stage on {self.name} from this rank (it would time "
+                                 "this rank's CPU instead of that GPU): pass balance=[layers per stage] or 'params'")
             return self._local().submit(fn, payload, ready, seq=seq, kind=kind)
         assert self._peer is not None  # bound, so started
         return self._peer.request(op, self._stage, seq, payload, ready)
@@ -151,7 +161,7 @@ class RankDevice(Device):
     def _local(self) -> CpuDevice:
         if self._stand_in is None:
             assert self._loop is not None
-            self._stand_in = CpuDevice(self.rank, threads=max(1, available_cores()), inline=False)
+            self._stand_in = CpuDevice(self.rank, threads=self._stand_in_threads(), inline=False)
             self._stand_in.start(self._loop)
         return self._stand_in
 
@@ -216,7 +226,8 @@ class _Peer:
             raise self._lose(exc, locked=True) from exc
 
     def waiting(self, stage: int) -> int:
-        return sum(1 for _, s in self._pending if s == stage)
+        with self._lock:  # the receiving thread pops meanwhile
+            return sum(1 for _, s in self._pending if s == stage)
 
     def release(self, device: RankDevice) -> None:
         """One stage less; the last one closes the link (after the peer's learnt state came
@@ -225,10 +236,23 @@ class _Peer:
         if self.users > 0:
             return
         del _Peer._open[self.rank]
-        self.closing = True
+        with self._lock:  # nothing is sent after the BYE: requests not sent yet are dropped
+            self.closing = True
+            dropped, self._waiting = self._waiting, []
+            for _ in dropped:
+                future, _stage = self._pending.pop()  # the newest tickets are the unsent requests'
+                if not future.done():
+                    future.set_exception(PipelineClosed(f"rank {self.rank}: the run ended before this work was sent"))
+                    future.exception()
         want_final = any(program.learns for _, program in self.bound.values())
+        # Synchronous, as a CpuDevice's close joins its worker: the peer finishes the work
+        # already sent, then says bye (with the learnt state first, when asked).
         self.link.close(flags=WANT_FINAL if want_final and self.lost is None else 0, timeout=CLOSE_TIMEOUT_S)
         self._receiver.join(CLOSE_TIMEOUT_S)
+        if self._receiver.is_alive():
+            warnings.warn(f"rank {self.rank} did not say bye within {CLOSE_TIMEOUT_S:g} s"
+                          + (": the learnt state of its stages did not come back" if want_final else ""),
+                          RuntimeWarning, stacklevel=2)
 
     def _receiving(self) -> None:
         try:
@@ -243,7 +267,7 @@ class _Peer:
                     continue
                 with self._lock:
                     self._out -= 1
-                    if self._waiting:
+                    if self._waiting and not self.closing:
                         self._flush()
                 for reply in message.payload if message.kind == BATCH else (message,):
                     self._settle(reply)
@@ -256,6 +280,8 @@ class _Peer:
     def _settle(self, reply: Message) -> None:
         """Resolve the oldest ticket with ``reply`` (the receiving thread)."""
         with self._lock:
+            if not self._pending:  # failed already (the peer was lost, or the run ended)
+                return
             future, stage = self._pending.popleft()
         device = self.bound[stage][0] if stage in self.bound else None
         if device is not None and reply.busy:

@@ -1,5 +1,5 @@
-"""A link to one peer rank over torch.distributed point-to-point: messages out on a thread of
-their own, messages in through receives posted ahead.
+"""A link to one peer rank over torch.distributed point-to-point: messages out posted without
+waiting, messages in through receives posted ahead.
 
 Contract:
 
@@ -33,6 +33,8 @@ Contract:
 from __future__ import annotations
 
 import builtins
+import datetime
+import os
 import queue
 import threading
 from collections import deque
@@ -54,6 +56,28 @@ FATAL = 1       # ERROR's flag: the stage cannot run any frame (it failed to bui
 
 _CLOSE = object()
 
+LINK_TIMEOUT = datetime.timedelta(days=30)
+"""How long a link's receive may wait for its peer: a pipeline may idle between frames (a
+server waiting for requests) for as long as it likes. A peer that dies closes its
+connection, which the link notices at once; only one that hangs alive waits this long."""
+
+_group: list[Any] = []  # the process group of the links, made once by links_group()
+
+
+def local_world_size() -> int:
+    """The processes of this job on this host (torchrun's ``LOCAL_WORLD_SIZE``; 1 outside one)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def links_group() -> Any:
+    """The process group the links use: the job's ranks, gloo, with :data:`LINK_TIMEOUT` (the
+    default group's timeout is how long ranks may take to join). Made on first use, which
+    every rank reaches in the same order (building its pipeline): making a group is a
+    collective call."""
+    if not _group:
+        _group.append(dist.new_group(backend="gloo", timeout=LINK_TIMEOUT))
+    return _group[0]
+
 
 class PeerLost(RuntimeError):
     """The peer rank is gone: killed, or its connection broke."""
@@ -74,7 +98,7 @@ class PeerLink:
         self.name = name or f"rank {peer}"
         self.error: BaseException | None = None
         self._encoder = Encoder(sentinels)
-        self._decoder = Decoder(sentinels)
+        self._decoder = Decoder(sentinels, undecodable=_undecodable)
         self._sent: deque[tuple[Any, torch.Tensor]] = deque()  # sends posted, not yet waited for
         self._out: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._sender: threading.Thread | None = None  # once a message waits for a device
@@ -161,10 +185,10 @@ class PeerLink:
         try:
             n = message.numel()
             if n <= self.chunk:
-                self._sent.append((dist.isend(message, self.peer, tag=0), message))
+                self._sent.append((dist.isend(message, self.peer, group=links_group(), tag=0), message))
             else:
-                self._sent.append((dist.isend(message[:self.chunk], self.peer, tag=0), message))
-                self._sent.append((dist.isend(message[self.chunk:], self.peer, tag=1), message))
+                self._sent.append((dist.isend(message[:self.chunk], self.peer, group=links_group(), tag=0), message))
+                self._sent.append((dist.isend(message[self.chunk:], self.peer, group=links_group(), tag=1), message))
         except Exception as exc:
             raise PeerLost(f"{self.name} is lost ({type(exc).__name__}: {exc})") from exc
         self._wait_sends(self.in_flight)
@@ -195,7 +219,7 @@ class PeerLink:
             if total > self.chunk:
                 whole = torch.empty(total, dtype=torch.uint8)
                 whole[:self.chunk] = buffer
-                dist.recv(whole[self.chunk:], self.peer, tag=1)
+                dist.recv(whole[self.chunk:], self.peer, group=links_group(), tag=1)
                 buffer = whole
         except Exception as exc:
             raise PeerLost(f"{self.name} is lost ({type(exc).__name__}: {exc})") from exc
@@ -203,7 +227,14 @@ class PeerLink:
 
     def _post(self) -> None:
         buffer = torch.empty(self.chunk, dtype=torch.uint8)
-        self._posted.append((dist.irecv(buffer, self.peer, tag=0), buffer))
+        self._posted.append((dist.irecv(buffer, self.peer, group=links_group(), tag=0), buffer))
+
+
+def _undecodable(kind: int, stage: int, seq: int, exc: Exception) -> Message:
+    """A message this rank cannot read, as an error in its place (that frame fails)."""
+    error = ValueError(f"a payload that cannot travel between ranks ({type(exc).__name__}: {exc}); tensors, "
+                       "tuples, lists and dicts of them, Python numbers, strings and None travel")
+    return Message(ERROR, stage, seq, describe(error))
 
 
 class RemoteStageError(RuntimeError):
@@ -214,9 +245,11 @@ class RemoteStageError(RuntimeError):
 def describe(exc: BaseException) -> dict[str, Any]:
     """What travels of an exception: its type's module and name, its message; for our own
     errors, where they say it happened."""
-    about: dict[str, Any] = {"module": type(exc).__module__, "type": type(exc).__name__, "message": str(exc)}
+    about: dict[str, Any] = {"module": type(exc).__module__, "type": type(exc).__name__, "message": str(exc),
+                             "lost": isinstance(exc, StageLost)}
     if isinstance(exc, PipelineError):
-        about.update(detail=exc.detail, component=exc.component, seq=exc.seq, frame_error=isinstance(exc, FrameError))
+        about.update(detail=exc.detail, component=exc.component, seq=exc.seq, request=exc.request,
+                     frame_error=isinstance(exc, FrameError))
     return about
 
 
@@ -228,9 +261,12 @@ def rebuild(about: dict[str, Any], rank: int, device: Any, *, fatal: bool = Fals
     message = f"{about['message']} (on rank {rank})"
     if fatal:
         return StageLost(f"{about['type']}: {message}; the stage could not be built there", device)
+    if about.get("lost"):  # what ran the stage there is gone: no later frame could run either
+        return StageLost(message, device)
     if "component" in about:
         kind = FrameError if about["frame_error"] else PipelineError
-        return kind(f"{about['detail']} (on rank {rank})", component=about["component"], seq=about["seq"])
+        return kind(f"{about['detail']} (on rank {rank})", component=about["component"], seq=about["seq"],
+                    request=about.get("request", False))
     cls = getattr(builtins, about["type"], None) if about["module"] == "builtins" else None
     if isinstance(cls, type) and issubclass(cls, Exception):
         try:

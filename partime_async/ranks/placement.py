@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from ..devices import Device, resolve_devices
 from .device import RankDevice
+from .link import links_group, local_world_size
 
 DRIVING_RANK = 0
 _RANKED = re.compile(r"^rank(\d+):(.+)$")
@@ -29,11 +30,13 @@ def init(*, timeout: float = 120.0, backend: str = "gloo") -> None:
     """Join this process to the others of its ``torchrun`` job (once; later calls do nothing).
 
     The ranks meet through the environment torchrun sets (``RANK``, ``WORLD_SIZE``,
-    ``MASTER_ADDR``, ``MASTER_PORT``). ``timeout``: how long to wait for every rank to join,
-    and how long a message may wait for its peer afterwards. A pipeline whose devices name
-    ranks calls this itself; call it first to choose the timeout.
+    ``MASTER_ADDR``, ``MASTER_PORT``). ``timeout``: how long to wait for every rank to join
+    (the links between stages wait for their peers as long as a run idles: see
+    :data:`~partime_async.ranks.link.LINK_TIMEOUT`). A pipeline whose devices name ranks
+    calls this itself; call it first to choose the timeout.
     """
     if dist.is_initialized():
+        links_group()
         return
     missing = [name for name in _ENV if name not in os.environ]
     if missing:
@@ -50,6 +53,7 @@ def init(*, timeout: float = 120.0, backend: str = "gloo") -> None:
                            f"within {timeout:g} s ({type(exc).__name__}: {exc}); start every rank with the same "
                            "torchrun command (same --nnodes, --nproc-per-node and --rdzv-endpoint) and check that "
                            f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} is reachable") from exc
+    links_group()
 
 
 def _leave() -> None:
@@ -101,13 +105,15 @@ def resolve_ranked(devices: Sequence[Any], n_units: int) -> tuple[list[Device], 
         if where >= world:
             raise ValueError(f"{spec!r} names rank {where}, but the job has {world} ranks (0-{world - 1}); start it "
                              f"with more processes (torchrun --nproc-per-node) or place the stage on another rank")
-        if isinstance(what, str) and what == "cuda":
-            what = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if where == me else "cuda"
+        if isinstance(what, str):
+            _check_spec(spec, what)  # on every rank: a bad one stops them all, each saying why
+            if what == "cuda":
+                what = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if where == me else "cuda"
         ranks.append(where)
         specs.append(what)
     mine = {k for k, where in enumerate(ranks) if where == me}
     # The cores are shared by the processes of this host, then by this one's stages.
-    local = resolve_devices([specs[k] for k in sorted(mine)], n_units, processes=_local_world_size()) if mine else []
+    local = resolve_devices([specs[k] for k in sorted(mine)], n_units, processes=local_world_size()) if mine else []
     resolved: list[Device] = []
     it = iter(local)
     for k, (where, what) in enumerate(zip(ranks, specs, strict=True)):
@@ -116,5 +122,12 @@ def resolve_ranked(devices: Sequence[Any], n_units: int) -> tuple[list[Device], 
     return resolved, mine
 
 
-def _local_world_size() -> int:
-    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+def _check_spec(spec: str, what: str) -> None:
+    try:
+        kind = torch.device(what).type
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"cannot use {spec!r} as a device: {what!r} is not 'cpu', 'cuda' or 'cuda:N'") from exc
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"cannot use {spec!r} as a device: a stage on a rank runs on 'cpu' or 'cuda[:N]'")
+
+

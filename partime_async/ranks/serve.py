@@ -6,7 +6,8 @@ Each request is the work of one stage of this rank on one frame (build, forward,
 state); it runs here, on this thread, in the order it came, and its reply (the result, or
 the exception described) goes back in the same order. The receives are posted ahead (see
 :class:`~partime_async.ranks.link.PeerLink`), so the next frame arrives while this one
-computes, and replies leave on the link's send thread: no event loop is on a frame's way.
+computes, and replies are posted (``isend``) without waiting: no event loop, and no
+hand-off to another thread, is on a frame's way.
 
 A stage that fails to build answers every later request with a fatal error (the driving
 rank stops the run); an exception in a frame's work is that frame's (the driving rank applies

@@ -22,7 +22,7 @@ from __future__ import annotations
 import io
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,7 +96,8 @@ class Encoder:
             tag = meta[0]
             if tag == "t":
                 if n:
-                    out[at:at + n].copy_(leaf.detach().cpu().contiguous().view(-1).view(torch.uint8))
+                    flat = leaf.detach().cpu().resolve_conj().resolve_neg().contiguous().view(-1)
+                    out[at:at + n].copy_(flat.view(torch.uint8))
             elif tag == "i" or tag == "b":
                 struct.pack_into("<q", buf, at, int(leaf))
             elif tag == "f":
@@ -114,12 +115,14 @@ class Encoder:
 
     def _meta(self, leaf: Any) -> list[Any] | None:
         if isinstance(leaf, torch.Tensor):
-            if leaf.is_sparse or leaf.layout != torch.strided:
+            if leaf.layout != torch.strided or leaf.is_quantized:
                 return None
             return ["t", str(leaf.dtype).removeprefix("torch."), list(leaf.shape)]
         if leaf is None:
             return ["n"]
         tag = _SCALARS.get(type(leaf))
+        if tag == "i" and not -2**63 <= leaf < 2**63:
+            return None  # beyond 8 bytes: pickled
         if tag is not None:
             return [tag]
         if isinstance(leaf, str):
@@ -138,10 +141,14 @@ class Encoder:
 
 class Decoder:
     """Reads the messages of one direction of one link, in order (it keeps the layout the
-    last message that carried one said)."""
+    last message that carried one said). A message that cannot be read (a pickled payload
+    that ``weights_only`` refuses) becomes ``undecodable(kind, stage, seq, error)`` where that
+    is given, so that one frame fails and not the link."""
 
-    def __init__(self, sentinels: Mapping[str, object]) -> None:
+    def __init__(self, sentinels: Mapping[str, object],
+                 undecodable: Callable[[int, int, int, Exception], Message] | None = None) -> None:
         self._sentinels = dict(sentinels)
+        self._undecodable = undecodable
         self._layout: tuple[Any, list[Any], bool] | None = None
 
     @staticmethod
@@ -151,8 +158,9 @@ class Decoder:
         return kind, total
 
     def decode(self, buffer: torch.Tensor) -> Message:
-        """The message in ``buffer`` (its tensors view ``buffer``: give each message its own).
-        A :data:`BATCH` gives the messages it holds, in order, as its payload."""
+        """The message in ``buffer`` (give each message its own: its tensors view it, or, for a
+        message much smaller than the buffer, are copied out). A :data:`BATCH` gives the
+        messages it holds, in order, as its payload."""
         buf = buffer.numpy().data
         kind, stage, seq, _, n_layout, flags, busy, _ = HEAD.unpack_from(buf, 0)
         if kind == BATCH:
@@ -162,6 +170,18 @@ class Decoder:
                 messages.append(self.decode(buffer[at:at + size]))
                 at += size
             return Message(BATCH, stage, seq, messages)
+        try:
+            return self._decode(buffer, buf, kind, stage, seq, n_layout, flags, busy)
+        except Exception as exc:
+            if self._undecodable is None:
+                raise
+            return self._undecodable(kind, stage, seq, exc)
+
+    def _decode(self, buffer: torch.Tensor, buf: memoryview, kind: int, stage: int, seq: int, n_layout: int,
+                flags: int, busy: float) -> Message:
+        # A small message in a big receive buffer: its tensors are copied out, so that an
+        # output kept for long does not keep the whole buffer alive.
+        copy = buffer.untyped_storage().nbytes() > 2 * HEAD.unpack_from(buf, 0)[3]
         at = HEAD_BYTES
         if n_layout:
             layout = json.loads(bytes(buf[at:at + n_layout]))
@@ -176,7 +196,8 @@ class Decoder:
             n = _nbytes(None, meta)
             if tag == "t":
                 dtype = getattr(torch, meta[1])
-                leaves.append(buffer[at:at + n].view(dtype).view(meta[2]) if n else torch.empty(meta[2], dtype=dtype))
+                t = buffer[at:at + n].view(dtype).view(meta[2]) if n else torch.empty(meta[2], dtype=dtype)
+                leaves.append(t.clone() if copy and n else t)
             elif tag == "i":
                 leaves.append(struct.unpack_from("<q", buf, at)[0])
             elif tag == "b":
