@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 
 from ..aio.channel import Channel, Policy
 from ..core.validation import InputSpec
 from ..depth import Solver
-from ..devices import Device
+from ..devices import Device, resolve_devices
 from ..partition import Partitioner
 from ..programs import OnlineLearning
+from ..ranks.placement import DRIVING_RANK, is_ranked, rank, resolve_ranked
 
 Balance = Sequence[int] | Literal["time", "params"]
 
@@ -128,3 +129,36 @@ def check_replicas(replicas: Mapping[int, Sequence[Device]], *, learning: Any, d
     if set(stages) & (set(depth) | (set(width) if isinstance(width, (set, frozenset)) else set())):
         raise ValueError(f"stage(s) {stages} are replicated: a replicated stage runs its layers plainly (no "
                          "depth= or width= for it)")
+
+
+class Placement(NamedTuple):
+    """Where a pipeline's stages run, as this process sees it (see :func:`place`)."""
+
+    devices: list[Device]
+    """One per stage (a replicated stage's first: it stands for the stage in plans and profiling)."""
+    replicas: dict[int, tuple[Device, ...]]
+    """Every device of each replicated stage, by stage index."""
+    driving: bool
+    """Whether this process streams and submits (rank 0, or the only process)."""
+    here: set[int]
+    """The stages this rank runs, in a pipeline whose devices name ranks (else empty)."""
+
+
+def place(devices: Any, n_units: int) -> Placement:
+    """``devices=`` resolved: replica groups (``[d0, [d1, d2]]``), ranks (``"rank1:cpu"``)."""
+    if isinstance(devices, str) and devices != "auto":
+        devices = [devices]  # one device, maybe on a rank
+    devices, sizes = replica_groups(devices)
+    if is_ranked(devices):
+        if any(n > 1 for n in sizes):
+            raise ValueError("replicas are not supported yet in a pipeline whose devices name ranks: give "
+                             "each stage one device")
+        resolved, here = resolve_ranked(devices, n_units)
+        driving = rank() == DRIVING_RANK
+    else:
+        resolved, here, driving = resolve_devices(devices, n_units), set(), True
+    if not sizes:
+        return Placement(resolved, {}, driving, here)
+    groups = [tuple(resolved[sum(sizes[:k]):sum(sizes[:k + 1])]) for k in range(len(sizes))]
+    return Placement([group[0] for group in groups], {k: g for k, g in enumerate(groups) if len(g) > 1},
+                     driving, here)

@@ -20,7 +20,6 @@ when the first frame arrives (``balance="time"`` profiles every layer on it) unl
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections import deque
 from collections.abc import AsyncIterable, Iterable, Sequence
 from functools import partial
@@ -36,16 +35,15 @@ from ..core.errors import PipelineClosed, PipelineError
 from ..core.frame import Frame, Payload, now
 from ..core.stats import PipelineStats
 from ..core.validation import InputSpec, check_tensors
-from ..devices import Device, available_cores, resolve_devices
+from ..devices import Device, available_cores
 from ..graph import Graph
 from ..observe import Observation, Report, Span, as_spans, report, write_trace
 from ..observe import spans as _spans
 from ..partition import partitioner_for
 from ..programs import OnlineLearning, StageLearner
-from ..ranks.placement import DRIVING_RANK, is_ranked, rank, resolve_ranked
-from ..ranks.serve import serve
+from ..ranks.placement import DRIVING_RANK, rank
 from ..stage import OnError
-from .build import BuildSettings, build, serve_stage
+from .build import BuildSettings, build
 from .config import (
     Balance,
     Depth,
@@ -55,12 +53,13 @@ from .config import (
     check_replicas,
     depth_by_stage,
     initial_balance,
-    replica_groups,
+    place,
     width_stages,
 )
 from .cuts import CutSchedule
 from .routes import FutureRoute
 from .run import Run
+from .serving import serve_run
 from .state import PipelineState
 from .streams import OutputStream, is_source, request_frame
 
@@ -137,26 +136,8 @@ class Pipeline:
         self.model = model
         self._split = split = partitioner_for(model, input_spec)
         # A graph is cut into units on its first frame: until then, as many as there are cores.
-        n_units = split.units if getattr(split, "captured", True) else available_cores()
-        if isinstance(devices, str) and devices != "auto":
-            devices = [devices]  # one device, maybe on a rank
-        devices, sizes = replica_groups(devices)
-        if is_ranked(devices):
-            assert not isinstance(devices, str)  # a list that names ranks
-            if any(n > 1 for n in sizes):
-                raise ValueError("replicas are not supported yet in a pipeline whose devices name ranks: give "
-                                 "each stage one device")
-            self.devices, self._here = resolve_ranked(devices, n_units)
-            self.driving = rank() == DRIVING_RANK
-        else:
-            self.devices, self._here = resolve_devices(devices, n_units), set()
-            self.driving = True
-        # A replicated stage: its first device stands for it (plans, profiling), all of them run it.
-        self.replicas: dict[int, tuple[Device, ...]] = {}
-        if sizes:
-            groups = [tuple(self.devices[sum(sizes[:k]):sum(sizes[:k + 1])]) for k in range(len(sizes))]
-            self.devices = [group[0] for group in groups]
-            self.replicas = {k: group for k, group in enumerate(groups) if len(group) > 1}
+        placed = place(devices, split.units if getattr(split, "captured", True) else available_cores())
+        self.devices, self.replicas, self.driving, self._here = placed
         check_learning(learning, self.devices)
         self._state = PipelineState(split, initial_balance(balance, split, self.devices), len(self.devices),
                                     requested=balance)
@@ -252,26 +233,9 @@ class Pipeline:
             raise
 
     async def _serve(self, settings: BuildSettings) -> None:
-        """A serving rank's run: one session of the driving rank's requests, on a thread (it
-        blocks on the link: a daemon thread, which a cancelled caller leaves behind)."""
-        if not self._here:
-            return  # no stage here: the driving rank never calls
-        loop = asyncio.get_running_loop()
-        ended: asyncio.Future[None] = loop.create_future()
-
-        def session() -> None:
-            try:
-                serve(DRIVING_RANK, partial(serve_stage, settings, self._state))
-            except BaseException as exc:
-                loop.call_soon_threadsafe(_settle, ended, exc)
-            else:
-                loop.call_soon_threadsafe(_settle, ended, None)
-
-        threading.Thread(target=session, name="partime-serving", daemon=True).start()
-        try:
-            await ended
-        except Exception as exc:
-            raise PipelineError(f"{type(exc).__name__}: {exc}", component=f"rank {rank()} (serving)") from exc
+        """A serving rank's run (:func:`~partime_async.pipeline.serving.serve_run`)."""
+        if self._here:  # with no stage here, the driving rank never calls
+            await serve_run(settings, self._state)
 
     async def stop(self) -> None:
         """Admit no more frames, finish those in flight, stop. Re-raises a failure, once.
@@ -477,10 +441,3 @@ class Pipeline:
         slice per span and one flow per frame through the stages. Returns the path."""
         return write_trace(self, path)
 
-
-def _settle(future: asyncio.Future[None], exc: BaseException | None) -> None:
-    if not future.done():
-        if exc is None:
-            future.set_result(None)
-        else:
-            future.set_exception(exc)
