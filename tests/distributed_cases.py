@@ -102,6 +102,31 @@ async def exact(out: Path) -> None:
                 "devices": [d.name for d in pipe.devices]}, out / "result.pt")
 
 
+class Skip(nn.Module):
+    """Not an nn.Sequential: its first value is used again at the end (crossing the cut)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, WIDTH), nn.Linear(2 * WIDTH, WIDTH)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = torch.tanh(self.a(x))
+        return {"out": self.c(torch.cat([torch.tanh(self.b(h)), h], 1)), "h": h}
+
+
+async def graph(out: Path) -> None:
+    """A model split as a graph, its second stage on rank 1 (captured there on the first frame
+    rank 0 sends): exact, with a value crossing the cut and a dict output."""
+    torch.manual_seed(0)
+    m = Skip()
+    pipe = pa.Pipeline(m, devices=["cpu", "rank1:cpu"], balance=["b"])
+    xs = frames(10)
+    async with pipe:
+        got = [f.data async for f in pipe.stream(xs)] if pipe.driving else None
+    if pipe.driving:
+        torch.save({"got": got, "expected": unsplit(m, xs)}, out / "result.pt")
+
+
 async def shapes(out: Path) -> None:
     """Frames whose batch size changes from frame to frame, and tuples of tensors."""
     m = model()
@@ -332,7 +357,7 @@ async def never_joins(out: Path) -> None:
         torch.save({"error": str(exc)}, out / "result.pt")
 
 
-CASES = {f.__name__: f for f in (exact, shapes, learns, resumes, remote_error, killed, interrupted, survives, cuda_stage,
+CASES = {f.__name__: f for f in (exact, graph, shapes, learns, resumes, remote_error, killed, interrupted, survives, cuda_stage,
                                             never_joins)}
 
 if __name__ == "__main__":

@@ -79,6 +79,13 @@ def test_distributed_outputs_equal_the_unsplit_model_in_order(tmp_path, world):
     assert r["devices"] == ["cpu:0", "rank1:cpu", "rank2:cpu"][:world]
 
 
+def test_distributed_any_module_split_as_a_graph(tmp_path):
+    _clean(launch("graph", tmp_path))
+    r = result(tmp_path)
+    for got, want in zip(r["got"], r["expected"], strict=True):
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_distributed_shapes_change_along_the_stream(tmp_path):
     _clean(launch("shapes", tmp_path))
     r = result(tmp_path)

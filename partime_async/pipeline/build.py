@@ -124,6 +124,7 @@ async def _plan(settings: BuildSettings, state: PipelineState, sample: Payload) 
     prepare = getattr(split, "prepare", None)
     if prepare is not None:  # a graph is captured on its first frame (off the loop: it takes a while)
         await in_thread(prepare, sample)
+        state.sample = sample  # a serving rank captures it on the same
         if state.balance is None and state.requested != "time":
             state.balance = initial_balance(state.requested, split, devices)
     if state.balance is None:
@@ -173,6 +174,9 @@ def serve_stage(settings: BuildSettings, state: PipelineState, index: int, balan
     driving rank's own build makes, holding the weights and learner state it sent (``saved``:
     ``{"module": ..., "learner": ...}``)."""
     split = state.partitioner
+    prepare = getattr(split, "prepare", None)
+    if prepare is not None and saved.get("sample") is not None:
+        prepare(saved["sample"])  # a graph: captured on the driving rank's first frame
     state.balance = split.check_balance(balance, len(settings.devices))
     plans = split.plans(state.balance, settings.devices)
     state.modules = [plan.module for plan in plans]
@@ -279,7 +283,7 @@ def _stage(plan: StagePlan, inline: bool, settings: BuildSettings, state: Pipeli
     if isinstance(device, RankDevice):
         assert state.balance is not None  # chosen before the stages are built
         device.bind(plan.index, program, list(state.balance),
-                    state.learners[plan.index].state_dict() if state.learners else None)
+                    state.learners[plan.index].state_dict() if state.learners else None, state.sample)
     return Stage(plan, program, stats, inline)
 
 

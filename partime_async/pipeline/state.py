@@ -34,6 +34,7 @@ class PipelineState:
         self.partitioner = partitioner
         self.balance = balance
         self.requested = requested  # what balance= said, applied on the first frame if balance is None
+        self.sample: Any = None  # a graph's first frame, which it was captured on (for serving ranks)
         self.learners: list[StageLearner] = []
         self.modules: list[nn.Module] = []
         self.position = 0

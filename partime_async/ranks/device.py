@@ -112,14 +112,17 @@ class RankDevice(Device):
         self._peer = _Peer.acquire(self.rank, loop)
         self._ops = {}
 
-    def bind(self, index: int, program: StageProgram, balance: list[int], learner_state: Any) -> None:
+    def bind(self, index: int, program: StageProgram, balance: list[int], learner_state: Any,
+             sample: Any = None) -> None:
         """This run's stage ``index`` runs ``program`` (the split being ``balance``): rank
-        ``rank`` builds the same, with this rank's weights and learner state."""
+        ``rank`` builds the same, with this rank's weights and learner state (and, for a model
+        split as a graph, the first frame's ``sample`` to capture it on)."""
         assert self._peer is not None  # started by the run before its stages are built
         self._stage = index
         self._ops = {getattr(program, name): op for name, op in WORK.items() if hasattr(program, name)}
         self._peer.bind(index, self, program)
-        build = {"balance": balance, "module": program.plan.module.state_dict(), "learner": learner_state}
+        build = {"balance": balance, "module": program.plan.module.state_dict(), "learner": learner_state,
+                 "sample": sample}
         self._peer.request(BUILD, index, -1, build, None).add_done_callback(_retrieve)
 
     def record_into(self, track: int, stats: StageStats, spans: deque[Any] | None) -> None:
