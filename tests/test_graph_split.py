@@ -222,3 +222,87 @@ async def test_a_graph_keeps_the_dimensions_the_input_spec_leaves_free():
     async with pipe:
         outs = [f.data async for f in pipe.stream(xs)]
     assert all(equal(o, e) for o, e in zip(outs, unsplit(model, xs), strict=True))
+
+
+class Mean(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.b(self.a(x).sum(0) / x.shape[0]), None  # the batch size is baked into the graph
+
+
+async def test_a_graph_refuses_shapes_it_was_not_captured_for_and_keeps_constants_in_its_output():
+    model = Mean()
+    pipe = pa.Pipeline(model, devices=pa.cpu_devices(2, threads=1), input_spec=None, output_spec=None,
+                       on_error="skip")
+    async with pipe:
+        x = torch.randn(2, 4)
+        y, none = await pipe.submit(x)
+        assert none is None and torch.equal(y, unsplit(model, [x])[0][0])
+        with pytest.raises(pa.PipelineError, match=r"input 0 has shape \(6, 4\), but the graph was captured for "
+                                                   r"\(2, 4\) \(\* free\): give the Pipeline an input_spec"):
+            await pipe.submit(torch.randn(6, 4))
+
+
+class Keyed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.b(self.a(x["u"]) - x["v"])
+
+
+async def test_a_dict_payload_may_hold_its_keys_in_any_order():
+    torch.manual_seed(0)
+    model = Keyed()
+    g = torch.Generator().manual_seed(4)
+    xs = [{"u": torch.randn(1, 4, generator=g), "v": torch.randn(1, 4, generator=g)} for _ in range(3)]
+    xs[1] = {"v": xs[1]["v"], "u": xs[1]["u"]}
+    pipe = pa.Pipeline(model, devices=pa.cpu_devices(2, threads=1))
+    async with pipe:
+        outs = [f.data async for f in pipe.stream(xs)]
+    assert all(equal(o, e) for o, e in zip(outs, unsplit(model, xs), strict=True))
+
+
+class Unused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.spare = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+        self.register_buffer("scale", torch.tensor(2.0), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x) * self.scale)
+
+
+async def test_states_and_checkpoint_cuts_are_keyed_as_the_models(tmp_path):
+    from partime_async.checkpoint import load
+    from partime_async.sinks import Checkpoint
+
+    torch.manual_seed(0)
+    model = Unused()
+    learning = pa.OnlineLearning(optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1), loss=nn.functional.mse_loss)
+    frames = [pa.Frame(seq=i, data=torch.randn(1, 4), target=torch.randn(1, 4)) for i in range(4)]
+    pipe = pa.Pipeline(model, devices=pa.cpu_devices(2, threads=1), learning=learning)
+    saved = pipe.state_dict()
+    saved["balance"] = [1, 1]
+    pipe.load_state_dict(saved)  # before the first frame, which cuts the graph into units
+    await pa.run(frames >> pipe >> Checkpoint(pipe, tmp_path / "cut.pt", every=2))
+    assert pipe.balance == [1, 1]
+    cut = load(tmp_path / "cut.pt")
+    assert cut["model"].keys() == model.state_dict().keys()
+    Unused().load_state_dict(cut["model"])
+
+
+def test_the_models_buffers_are_its_units_after_they_move():
+    from partime_async.partition.graph import _share_buffers
+
+    model = resnet_like()
+    split = GraphSplit(model)
+    split.prepare(torch.randn(1, 3, 16, 16))
+    unit = split.layers[1]
+    unit.to(torch.float64)  # a move replaces buffers (as .to(cuda) does)
+    _share_buffers(model, split.layers)
+    assert model.layer1.bn1.running_mean is unit.graph.layer1.bn1.running_mean

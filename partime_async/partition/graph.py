@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 from torch import fx, nn
 
@@ -48,6 +50,7 @@ class GraphSplit:
         self.model = model
         self.spec = spec  # the pipeline's input spec: its free dimensions stay free in the graph
         self._units: SequentialSplit | None = None
+        self._training = model.training
 
     @property
     def captured(self) -> bool:
@@ -56,7 +59,15 @@ class GraphSplit:
     def prepare(self, sample: Payload) -> None:
         """Capture the model on ``sample`` (the first frame's payload) and cut it into units; once."""
         if self._units is not None:
+            if self.model.training != self._training:
+                warnings.warn(f"{type(self.model).__name__} was captured in {'train' if self._training else 'eval'} "
+                              "mode on this pipeline's first frame and its graph keeps that mode (Dropout, "
+                              "BatchNorm); make a new Pipeline to run it in the other", RuntimeWarning, stacklevel=2)
             return
+        if self.spec is not None:
+            why = self.spec.mismatch(sample)
+            if why is not None:  # the graph would be fixed to a frame that the door refuses
+                raise ValueError(f"the first frame does not match the input spec ({why})")
         args = _as_args(self.model, sample)
         try:
             program = torch.export.export(self.model, args, strict=False,
@@ -67,9 +78,11 @@ class GraphSplit:
                 f"torch.export could not capture {type(self.model).__name__} to split it ({type(exc).__name__}: "
                 f"{reason}); split it by hand: give the Pipeline an nn.Sequential (or a list) of the pieces a stage "
                 "may hold, each taking the previous one's output") from exc
+        self._training = self.model.training
         units, keys = _units(program.module())
         self._units = SequentialSplit(units)
         self._units.names = keys
+        _share_buffers(self.model, units)
 
     def _split(self) -> SequentialSplit:
         if self._units is None:
@@ -117,12 +130,14 @@ class GraphSplit:
 
     def to(self, device: torch.device) -> None:
         self._split().to(device)
+        _share_buffers(self.model, self._split().layers)
 
     def check_shared(self, balance: Sequence[int], *, learning: bool, one_device: bool) -> None:
         self._split().check_shared(balance, learning=learning, one_device=one_device)
 
     def plans(self, balance: Sequence[int], devices: Sequence[Device]) -> list[StagePlan]:
         plans = self._split().plans(balance, devices)
+        _share_buffers(self.model, self._split().layers)
         for plan in plans:
             units = list(plan.module.children())
             first, last = units[0], units[-1]
@@ -136,6 +151,19 @@ class GraphSplit:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.model.load_state_dict(state)
+
+
+def _share_buffers(model: nn.Module, units: Sequence[nn.Module]) -> None:
+    """Make the model hold its units' buffers again. Moving a module to a device keeps its
+    Parameter objects but replaces its buffers, and the units hold the model's tensors as
+    their own attributes: after a unit moved, the model's running statistics would be stale
+    copies (and loading a state into the model would not reach the stages)."""
+    for unit in units:
+        for name, buffer in unit.named_buffers():
+            path, _, leaf = name.partition(".")[2].rpartition(".")  # under the unit's "graph."
+            owner = model.get_submodule(path)
+            if leaf in owner._buffers:
+                owner._buffers[leaf] = buffer
 
 
 def _model_key(key: str) -> str:
@@ -217,19 +245,20 @@ def _units(gm: fx.GraphModule) -> tuple[list[nn.Module], list[str]]:
             for arg in n.all_input_nodes:
                 if arg in made:
                     last_use[arg] = i
-    results = list(pytree.tree_leaves(output.args[0]))
+    flat_out = list(pytree.tree_leaves(output.args[0]))
+    results = [n for n in flat_out if isinstance(n, fx.Node)]  # the others are constants (None, 3)
     for n in results:
         last_use[n] = len(groups)
     crossing = [[n for n in made if made[n] < cut <= last_use.get(n, -1)] for cut in range(len(groups) + 1)]
     out_spec, in_spec = gm._out_spec, gm._in_spec  # set by torch.export's unlifting
+    assert out_spec is not None and in_spec is not None
     units: list[nn.Module] = []
     for i, group in enumerate(groups):
         ins = inputs if i == 0 else crossing[i]
         outs = results if i == len(groups) - 1 else crossing[i + 1]
         graph = _graph(gm, group, ins, outs, one=i < len(groups) - 1 and len(outs) == 1)
-        flatten = _flattener(in_spec) if i == 0 else None
-        unflatten = (lambda values, spec=out_spec: pytree.tree_unflatten(values, spec)) \
-            if i == len(groups) - 1 else None
+        flatten = _flattener(in_spec, [_captured_shape(n) for n in inputs]) if i == 0 else None
+        unflatten = _unflattener(out_spec, flat_out) if i == len(groups) - 1 else None
         units.append(_Unit(graph, flatten=flatten, unflatten=unflatten, many_in=len(ins) != 1,
                            inputs=tuple(n.name for n in ins), outputs=tuple(n.name for n in outs)))
     return units, _names(keys)
@@ -255,17 +284,48 @@ def _graph(gm: fx.GraphModule, group: list[fx.Node], ins: Sequence[fx.Node], out
     return fx.GraphModule(gm, graph)
 
 
-def _flattener(in_spec: pytree.TreeSpec) -> Callable[[Payload], list[Any]]:
-    """The first unit's: a frame's payload (the model's arguments) as the graph's inputs."""
+def _captured_shape(node: fx.Node) -> tuple[int | None, ...] | None:
+    """The shape the graph assumes for an input: its sizes, None where it is free (symbolic)."""
+    value = node.meta.get("val")
+    if not isinstance(value, torch.Tensor):
+        return None
+    return tuple(d if isinstance(d, int) else None for d in value.shape)
+
+
+Shape = tuple[int | None, ...] | None
+
+
+def _flattener(in_spec: pytree.TreeSpec, shapes: Sequence[Shape]) -> Callable[[Payload], list[Any]]:
+    """The first unit's: a frame's payload (the model's arguments) as the graph's inputs, each
+    checked against the shape the graph was captured for (a graph fixed to other sizes would
+    compute something else without a word)."""
     def flatten(x: Payload) -> list[Any]:
         args = x if isinstance(x, tuple) and in_spec.child(0).num_children == len(x) > 1 else (x,)
-        values, spec = pytree.tree_flatten((args, {}))
-        if spec != in_spec:
-            raise ValueError(f"the input's structure differs from the first frame's ({spec} against {in_spec}): "
-                             "the graph was captured for that one")
-        return values
+        try:  # by the captured structure: a dict's keys in any order
+            values = fx_pytree.tree_flatten_spec((list(args), {}), in_spec)
+        except Exception as exc:
+            raise ValueError(f"the input's structure differs from the first frame's ({exc}): the graph was "
+                             "captured for that one") from exc
+        for i, (value, shape) in enumerate(zip(values, shapes, strict=True)):
+            if shape is not None and isinstance(value, torch.Tensor) and (value.dim() != len(shape) or any(
+                    s is not None and s != d for s, d in zip(shape, value.shape, strict=True))):
+                wanted = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+                raise ValueError(f"input {i} has shape {tuple(value.shape)}, but the graph was captured for {wanted} "
+                                 "(* free): give the Pipeline an input_spec whose free dimensions (None) cover those "
+                                 "that change")
+        return list(values)
 
     return flatten
+
+
+def _unflattener(out_spec: pytree.TreeSpec, flat: Sequence[Any]) -> Callable[[list[Any]], Payload]:
+    """The last unit's: the graph's results as the model's output, in its structure, with the
+    constants (None, a number) the model returns beside them."""
+    def unflatten(values: list[Any]) -> Payload:
+        it = iter(values)
+        return pytree.tree_unflatten([next(it) if isinstance(leaf, fx.Node) else leaf for leaf in flat], out_spec)
+
+    return unflatten
 
 
 def _names(keys: Sequence[str | None]) -> list[str]:

@@ -277,6 +277,8 @@ def _stage(plan: StagePlan, inline: bool, settings: BuildSettings, state: Pipeli
         program = InferProgram(plan, stats, spans=spans, check_outputs=settings.check_outputs)
     if plan.index in settings.replicas:
         stats.replicas = [StageStats(plan.name, d.name, plan.units) for d in settings.replicas[plan.index]]
+        for d, r in zip(settings.replicas[plan.index], stats.replicas, strict=True):
+            d.record_into(plan.index, r, spans)  # a device that times its own work: each replica's
         replicas = tuple(Replica(d, InferProgram(_on(plan, d), r, spans=spans, check_outputs=settings.check_outputs), r)
                          for d, r in zip(settings.replicas[plan.index], stats.replicas, strict=True))
         return Stage(plan, replicas[0].program, stats, inline, replicas)

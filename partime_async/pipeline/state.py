@@ -78,7 +78,10 @@ class PipelineState:
         state = copy.deepcopy(state)
         self.partitioner.load_state_dict(state["model"])
         if state.get("balance") is not None and self.balance is None:
-            self.balance = self.partitioner.check_balance(state["balance"], self._n_devices)
+            if getattr(self.partitioner, "captured", True):
+                self.balance = self.partitioner.check_balance(state["balance"], self._n_devices)
+            else:  # a graph is cut into units on its first frame: the saved split applies then
+                self.requested = list(state["balance"])
         self._seq = itertools.count(state.get("next_seq", 0))
         self.position = state.get("position", 0)
         if self.learners:
@@ -96,9 +99,13 @@ class PipelineState:
     def at_cut(self, parts: Sequence[tuple[dict[str, Any], dict[str, Any]]], seq: int) -> dict[str, Any]:
         """The state at a checkpoint cut at frame ``seq``, from each stage's part ``(its
         weights keyed as the model's, its learner's state)``: shaped like :meth:`state_dict`."""
-        model: dict[str, Any] = {}
+        parts_model: dict[str, Any] = {}
         for module_state, _ in parts:
-            model.update(module_state)
+            parts_model.update(module_state)
+        # Keyed as the model's state_dict, no more and no less: what no stage holds (a parameter
+        # no unit of a graph uses) is the model's own, which learning never changes.
+        own = self.partitioner.state_dict()
+        model = {key: parts_model.get(key, value) for key, value in own.items()}
         assert self.balance is not None  # chosen by the build, before any frame is admitted
         return {"model": model, "balance": list(self.balance), "learners": [learner for _, learner in parts],
                 "position": seq + 1, "next_seq": self.peek_seq()}

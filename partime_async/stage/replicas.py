@@ -36,15 +36,21 @@ class Dealer:
     def __init__(self, replicas: tuple[Replica, ...]) -> None:
         self.replicas = replicas
         self.in_flight = [0] * len(replicas)
+        self._devices: dict[Any, Device] = {}  # ticket -> the replica's device, until asked
 
     def submit(self, payload: Payload, ready: Any, *, seq: int) -> Ticket:
         """``forward(payload)`` on the least busy replica; its ticket (loop thread)."""
         k = min(range(len(self.replicas)), key=self.in_flight.__getitem__)
         replica = self.replicas[k]
         ticket = replica.device.submit(replica.program.forward, payload, ready, seq=seq)
+        self._devices[ticket] = replica.device
         self.in_flight[k] += 1
         ticket.add_done_callback(partial(self._done, k))  # type: ignore[attr-defined]  # a loop future
         return ticket
+
+    def device_of(self, ticket: Any) -> Device:
+        """The device whose result ``ticket`` gives (a GPU's result is downloaded by its own)."""
+        return self._devices.pop(ticket, self.replicas[0].device)
 
     def _done(self, k: int, ticket: Any) -> None:
         self.in_flight[k] -= 1

@@ -83,7 +83,8 @@ class StageRunner:
         self.stages = tuple(stages)
         self.inlet = inlet
         self.outlet = outlet
-        self.window = window * len(self.stages) + self.stages[0].device.ahead
+        # Frames in flight: the window per stage (and per replica), more for a device from far.
+        self.window = window * len(self.stages) * max(1, len(self.stages[0].replicas)) + self.stages[0].device.ahead
         self.on_error = on_error
         self._on_failure = on_failure
         first, last = self.stages[0], self.stages[-1]
@@ -91,10 +92,12 @@ class StageRunner:
         # Last stage on a device whose results are not host tensors: hand the sinks host copies.
         self._download = last.plan.last and not last.device.on_host
         self._submit: Callable[..., Ticket]  # (payload, ready, *, seq)
+        self._dealer: Dealer | None = None
         if len(self.stages) > 1:
             self._submit = ThreadChain([Step(s.device, s.program.forward, s.stats) for s in self.stages]).submit
         elif first.replicas:
-            self._submit = Dealer(first.replicas).submit
+            self._dealer = Dealer(first.replicas)
+            self._submit = self._dealer.submit
         else:
             self._submit = partial(first.device.submit, first.program.forward)
 
@@ -171,6 +174,8 @@ class StageRunner:
         counted = self.stages[0].stats if len(self.stages) == 1 else None
         try:
             async for job in inflight:
+                if self._dealer is not None:  # a replicated stage: its result is on that replica's device
+                    device = self._dealer.device_of(job.ticket)
                 try:
                     data, job.ready = await job.ticket
                     if learning:
