@@ -306,3 +306,34 @@ def test_the_models_buffers_are_its_units_after_they_move():
     unit.to(torch.float64)  # a move replaces buffers (as .to(cuda) does)
     _share_buffers(model, split.layers)
     assert model.layer1.bn1.running_mean is unit.graph.layer1.bn1.running_mean
+
+
+class InplaceAfterCut(nn.Module):
+    """An inplace ReLU of its own right after a cut (as in torchvision's ResNets)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.relu, self.b = nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("mode", ["partime", "stashed"])
+async def test_learning_through_an_inplace_op_on_a_value_that_crossed_a_cut(mode):
+    def run_model() -> nn.Module:
+        torch.manual_seed(0)
+        return InplaceAfterCut()
+
+    frames = [pa.Frame(seq=i, data=torch.randn(1, 4), target=torch.randn(1, 4)) for i in range(6)]
+    models = []
+    for stages, balance in ((2, ["relu"]), (1, [3])):
+        model = run_model()
+        pipe = pa.Pipeline(model, devices=pa.cpu_devices(stages, threads=1), balance=balance, learning=pa.OnlineLearning(
+            mode=mode, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1), loss=nn.functional.mse_loss))
+        async with pipe:
+            outs = [f.data async for f in pipe.stream([pa.Frame(seq=f.seq, data=f.data.clone(), target=f.target)
+                                                        for f in frames])]
+        assert len(outs) == 6 and all(learner.steps > 0 for learner in pipe.learners)
+        models.append(model)
+    assert not torch.equal(models[0].a.weight, run_model().a.weight)  # stage 0 learnt through the cut

@@ -270,6 +270,12 @@ def _graph(gm: fx.GraphModule, group: list[fx.Node], ins: Sequence[fx.Node], out
     value itself where ``one``), on ``gm``'s parameters."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {n: graph.placeholder(n.name) for n in ins}
+    # An input this unit changes in place (an inplace ReLU right after a cut) is copied first:
+    # it arrived from another stage (a learning stage's input is a leaf of its own graph, which
+    # autograd forbids changing in place); the unit's later uses read the copy, as they would
+    # have read the changed value.
+    for n in {arg for node in group for arg in _written(node) if arg in env}:
+        env[n] = graph.call_function(torch.ops.aten.clone.default, (env[n],))
 
     def value(arg: fx.Node) -> fx.Node:
         if arg not in env:
@@ -293,6 +299,15 @@ def _captured_shape(node: fx.Node) -> tuple[int | None, ...] | None:
 
 
 Shape = tuple[int | None, ...] | None
+
+
+def _written(node: fx.Node) -> list[fx.Node]:
+    """The arguments ``node`` changes in place (per its ATen schema)."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or not schema.is_mutable:
+        return []
+    return [arg for arg, spec in zip(node.args, schema.arguments, strict=False)
+            if isinstance(arg, fx.Node) and spec.alias_info is not None and spec.alias_info.is_write]
 
 
 def _flattener(in_spec: pytree.TreeSpec, shapes: Sequence[Shape]) -> Callable[[Payload], list[Any]]:
