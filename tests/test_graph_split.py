@@ -337,3 +337,19 @@ async def test_learning_through_an_inplace_op_on_a_value_that_crossed_a_cut(mode
         assert len(outs) == 6 and all(learner.steps > 0 for learner in pipe.learners)
         models.append(model)
     assert not torch.equal(models[0].a.weight, run_model().a.weight)  # stage 0 learnt through the cut
+
+
+async def test_devices_auto_makes_no_more_stages_than_the_model_has_submodules():
+    class One(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.a(x) * 2
+
+    pipe = pa.Pipeline(One())  # devices="auto": one CPU stage per core, at most one per submodule
+    assert len(pipe.devices) == 1
+    async with pipe:
+        x = torch.randn(1, 4)
+        assert torch.equal(await pipe.submit(x), unsplit(pipe.model, [x])[0])

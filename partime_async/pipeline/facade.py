@@ -35,11 +35,11 @@ from ..core.errors import PipelineClosed, PipelineError
 from ..core.frame import Frame, Payload, now
 from ..core.stats import PipelineStats
 from ..core.validation import InputSpec, check_tensors
-from ..devices import Device, available_cores
+from ..devices import Device
 from ..graph import Graph
 from ..observe import Observation, Report, Span, as_spans, report, write_trace
 from ..observe import spans as _spans
-from ..partition import partitioner_for
+from ..partition import GraphSplit, partitioner_for
 from ..programs import OnlineLearning, StageLearner
 from ..ranks.placement import DRIVING_RANK, rank
 from ..stage import OnError
@@ -135,8 +135,11 @@ class Pipeline:
     ) -> None:
         self.model = model
         self._split = split = partitioner_for(model, input_spec)
-        # A graph is cut into units on its first frame: until then, as many as there are cores.
-        placed = place(devices, split.units if getattr(split, "captured", True) else available_cores())
+        # A graph is cut into units on its first frame; until then, its top-level submodules
+        # (which its units are calls of) bound how many stages devices="auto" makes.
+        units = split.units if not isinstance(split, GraphSplit) or split.captured \
+            else max(1, len(list(split.model.children())))
+        placed = place(devices, units)
         self.devices, self.replicas, self.driving, self._here = placed
         check_learning(learning, self.devices)
         self._state = PipelineState(split, initial_balance(balance, split, self.devices), len(self.devices),
