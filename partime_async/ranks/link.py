@@ -26,9 +26,11 @@ Contract:
   returns the ``BYE`` and takes the padding.
 * A message that cannot be encoded (a payload ``torch.save`` cannot write either) goes as
   an :data:`ERROR` describing why, in its place: whoever waits for its reply gets that.
-* A peer that is gone (killed, or its connection broke) makes :meth:`receive` raise
-  :class:`PeerLost`; the send thread records the same error in :attr:`error` and drops
-  what was queued.
+* A message this rank cannot read (a pickled payload ``weights_only`` refuses) becomes an
+  :data:`ERROR` in its place too: one frame fails, not the link.
+* A peer that is gone (killed, or its connection broke) makes :meth:`receive` and
+  :meth:`send` raise :class:`PeerLost` (a send thread, where there is one, keeps it in
+  :attr:`error` and drops what was queued).
 """
 from __future__ import annotations
 
