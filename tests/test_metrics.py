@@ -140,7 +140,7 @@ async def test_frames_of_equal_seq_are_told_apart():
         await asyncio.gather(*(pipe.submit(x) for x in xs()))
         assert await reader == N
         assert [f.seq async for f in pipe.stream(xs())] == list(range(N))
-    c = Columns.of(pipe._span_tuples())
+    c = Columns.of(pipe.observation().spans)
     ids, frames = frame_ids(c)
     assert sorted(map(tuple, frames.tolist())) == [(seq, n) for seq in range(N) for n in range(3)]
     for k in (0, 1):  # a frame's compute at each stage, and its delivery, share its number
@@ -335,7 +335,7 @@ async def test_discarded_frames_keep_the_frames_of_a_repeated_seq_apart():
     assert stats.admitted == 21 + stats.discarded
     assert len([s for s in spans if s.stage == -1]) == stats.admitted  # each frame left the last stage once
     assert Counter(s.kind for s in spans if s.stage == -1)["discard"] > 0  # those that left after the close
-    waits = wait_intervals(Columns.of(pipe._span_tuples()))
+    waits = wait_intervals(Columns.of(pipe.observation().spans))
     assert (waits.t1 >= waits.t0).all() and pipe.metrics().stages[0].wait_mean_s >= 0  # before: -0.2 s
 
 
@@ -348,7 +348,7 @@ async def test_frames_waiting_unread_do_not_shift_another_feeds_frames():
         a = pipe.stream([pa.Frame(s, torch.randn(1, 4)) for s in range(3)])
         await asyncio.create_task(anext(a))  # A's frames 1 and 2 stay unread
         assert [f.seq async for f in pipe.stream([pa.Frame(s, torch.randn(1, 4)) for s in range(3)])] == [0, 1, 2]
-        waits = wait_intervals(Columns.of(pipe._span_tuples()))
+        waits = wait_intervals(Columns.of(pipe.observation().spans))
         assert len(waits.stage) == 2 * 6 and (waits.t1 >= waits.t0).all()
         await a.aclose()
 

@@ -10,7 +10,7 @@ from ..aio.channel import Channel, Policy
 from ..core.validation import InputSpec
 from ..depth import Solver
 from ..devices import Device, resolve_devices
-from ..partition import Partitioner
+from ..partition import GraphSplit, Partitioner
 from ..programs import OnlineLearning
 from ..ranks.placement import DRIVING_RANK, is_ranked, rank, resolve_ranked
 
@@ -144,8 +144,13 @@ class Placement(NamedTuple):
     """The stages this rank runs, in a pipeline whose devices name ranks (else empty)."""
 
 
-def place(devices: Any, n_units: int) -> Placement:
-    """``devices=`` resolved: replica groups (``[d0, [d1, d2]]``), ranks (``"rank1:cpu"``)."""
+def place(devices: Any, split: Partitioner) -> Placement:
+    """``devices=`` resolved for a model that ``split`` cuts: replica groups (``[d0, [d1,
+    d2]]``), ranks (``"rank1:cpu"``)."""
+    # A graph is cut into units on its first frame; until then, its top-level submodules
+    # (which its units are calls of) bound how many stages devices="auto" makes.
+    n_units = split.units if not isinstance(split, GraphSplit) or split.captured \
+        else max(1, len(list(split.model.children())))
     if isinstance(devices, str) and devices != "auto":
         devices = [devices]  # one device, maybe on a rank
     devices, sizes = replica_groups(devices)
@@ -162,3 +167,8 @@ def place(devices: Any, n_units: int) -> Placement:
     groups = [tuple(resolved[sum(sizes[:k]):sum(sizes[:k + 1])]) for k in range(len(sizes))]
     return Placement([group[0] for group in groups], {k: g for k, g in enumerate(groups) if len(g) > 1},
                      driving, here)
+
+
+def every_device(devices: Sequence[Device], replicas: Mapping[int, tuple[Device, ...]]) -> list[Device]:
+    """The devices a run starts: one per stage and every further replica."""
+    return [*devices, *(d for group in replicas.values() for d in group[1:])]

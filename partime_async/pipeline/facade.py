@@ -32,14 +32,14 @@ from torch import nn
 from ..aio.channel import ChannelClosed, Policy
 from ..aio.threads import to_the_end
 from ..core.errors import PipelineClosed, PipelineError
-from ..core.frame import Frame, Payload, now
+from ..core.frame import Frame, Payload
 from ..core.stats import PipelineStats
 from ..core.validation import InputSpec, check_tensors
 from ..devices import Device
 from ..graph import Graph
 from ..observe import Observation, Report, Span, as_spans, report, write_trace
 from ..observe import spans as _spans
-from ..partition import GraphSplit, partitioner_for
+from ..partition import partitioner_for
 from ..programs import OnlineLearning, StageLearner
 from ..ranks.placement import DRIVING_RANK, rank
 from ..stage import OnError
@@ -52,6 +52,7 @@ from .config import (
     check_options,
     check_replicas,
     depth_by_stage,
+    every_device,
     initial_balance,
     place,
     width_stages,
@@ -60,7 +61,7 @@ from .cuts import CutSchedule
 from .routes import FutureRoute
 from .run import Run
 from .serving import serve_run
-from .state import PipelineState
+from .state import PipelineState, check_quiet
 from .streams import OutputStream, is_source, request_frame
 
 
@@ -135,12 +136,7 @@ class Pipeline:
     ) -> None:
         self.model = model
         self._split = split = partitioner_for(model, input_spec)
-        # A graph is cut into units on its first frame; until then, its top-level submodules
-        # (which its units are calls of) bound how many stages devices="auto" makes.
-        units = split.units if not isinstance(split, GraphSplit) or split.captured \
-            else max(1, len(list(split.model.children())))
-        placed = place(devices, units)
-        self.devices, self.replicas, self.driving, self._here = placed
+        self.devices, self.replicas, self.driving, self._here = place(devices, split)
         check_learning(learning, self.devices)
         self._state = PipelineState(split, initial_balance(balance, split, self.devices), len(self.devices),
                                     requested=balance)
@@ -213,7 +209,7 @@ class Pipeline:
         settings = BuildSettings(self.devices, self.learning, self.input_spec, self.output_spec == "first",
                                  self.on_error, self.capacity, self.window, self.depth, self.width, self.replicas)
         if not self.driving:
-            self._task = loop.create_task(self._serve(settings), name="partime-serving")
+            self._task = loop.create_task(serve_run(settings, self._state, self._here), name="partime-serving")
             return
         spans: deque[Any] | None = (deque(maxlen=self._span_capacity or _spans.SPAN_CAPACITY)
                                     if self.metrics_enabled else None)
@@ -225,8 +221,8 @@ class Pipeline:
                               targets=self.learning is not None,
                               target_spec=target_spec if isinstance(target_spec, InputSpec) else None)
         started: asyncio.Future[None] = loop.create_future()
-        every = [*self.devices, *(d for group in self.replicas.values() for d in group[1:])]
-        self._task = loop.create_task(run.serve(every, started), name="partime-pipeline")
+        self._task = loop.create_task(run.serve(every_device(self.devices, self.replicas), started),
+                                      name="partime-pipeline")
         try:
             await started
             if sample is not None:
@@ -234,11 +230,6 @@ class Pipeline:
         except BaseException:  # a bad sample, a failed split, or the caller cancelled: nothing left running
             await self.cancel()
             raise
-
-    async def _serve(self, settings: BuildSettings) -> None:
-        """A serving rank's run (:func:`~partime_async.pipeline.serving.serve_run`)."""
-        if self._here:  # with no stage here, the driving rank never calls
-            await serve_run(settings, self._state)
 
     async def stop(self) -> None:
         """Admit no more frames, finish those in flight, stop. Re-raises a failure, once.
@@ -268,11 +259,10 @@ class Pipeline:
         task = self._task
         if task is None:
             return
+        task.cancel()
         if not self.driving:  # the session's thread waits on the driving rank: left behind
             self._task = None
-            task.cancel()
             return
-        task.cancel()
         try:
             await to_the_end(asyncio.wait({task}))  # ended, even if the caller is cancelled meanwhile
         finally:
@@ -373,22 +363,17 @@ class Pipeline:
         copied): learning that goes on afterwards does not change it, and loading it never
         aliases live state.
         """
-        self._check_quiet("state_dict()")
+        check_quiet("state_dict()", self._learnt_in_run())
         return self._state.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output (when :meth:`state_dict` may be taken)."""
-        self._check_quiet("load_state_dict()")
+        check_quiet("load_state_dict()", self._learnt_in_run())
         self._state.load_state_dict(state, learning=self.learning is not None)
 
-    def _check_quiet(self, what: str) -> None:
-        run = self._run  # (there is one while the pipeline is running)
-        if self.running and self.learning is not None and run is not None and run.admission.admitted > 0:
-            raise RuntimeError(f"{what} of a learning pipeline while it streams: its stages may still be applying "
-                               "the updates of frames already delivered, on their own threads (a torn state). Call "
-                               "it after `await pipe.stop()`, or stream through "
-                               "partime_async.sinks.Checkpoint(pipe, path, every=N), which takes consistent cuts "
-                               "while frames flow")
+    def _learnt_in_run(self) -> int:
+        run = self._run  # frames admitted to the running run of a learning pipeline
+        return run.admission.admitted if run is not None and self.running and self.learning is not None else 0
 
     # -- composition and introspection -----------------------------------------------------------
     # ``array >> pipe``: numpy would otherwise apply ``>>`` element by element (an array of
@@ -404,34 +389,21 @@ class Pipeline:
     def stats(self) -> PipelineStats:
         """Counts and per-stage timings so far (also after the pipeline stopped): a snapshot,
         which the running pipeline no longer changes."""
-        run = self._run
         balance = list(self.balance) if self.balance is not None else None
-        if run is None:
-            return PipelineStats(balance=balance)
-        end = now() if self.running else run.t_end
-        return PipelineStats(
-            balance=balance, admitted=run.admission.admitted, delivered=run.delivered, discarded=run.discarded,
-            skipped_input=run.admission.skipped_input, dropped=run.admission.ingress.dropped,
-            stages=[stage.stats.snapshot() for stage in run.stages], elapsed_s=end - run.t_start,
-            abandoned=run.abandoned)
+        return self._run.stats(balance, self.running) if self._run is not None else PipelineStats(balance=balance)
 
     def observation(self) -> Observation:
         """The run as :mod:`partime_async.observe` reads it (counters, spans, queue depths)."""
         run = self._run
-        queued, latency_sum_s, t_start = (run.queued(), run.latency_sum_s, run.t_start) if run else ([], 0.0, 0.0)
-        return Observation(stats=self.stats(), spans=self._span_tuples(), queued=queued, latency_sum_s=latency_sum_s,
+        queued, latency_sum_s, t_start, spans = ((run.queued(), run.latency_sum_s, run.t_start, run.span_tuples())
+                                                 if run else ([], 0.0, 0.0, []))
+        return Observation(stats=self.stats(), spans=spans, queued=queued, latency_sum_s=latency_sum_s,
                            metrics=self.metrics_enabled, learning=self.learning is not None, t_start=t_start)
 
     def spans(self) -> list[Span]:
         """The spans of the current (or last) run still in the ring, in start order; empty with
         ``metrics=False``. See :mod:`partime_async.observe`."""
-        return as_spans(self._span_tuples())
-
-    def _span_tuples(self) -> list[tuple[int, str, int, float, float]]:
-        """A copy of the ring as it holds them (one C-level copy: worker threads that append
-        meanwhile need the GIL, so it is consistent)."""
-        run = self._run
-        return list(run.spans) if run is not None and run.spans is not None else []
+        return as_spans(self._run.span_tuples() if self._run is not None else [])
 
     def metrics(self) -> Report:
         """Per-stage busy %, compute and wait times, frame counts and queue depths; latency

@@ -27,6 +27,7 @@ from typing import Any
 from ..aio.channel import Channel
 from ..core.errors import PipelineClosed, PipelineError, primary_error
 from ..core.frame import Frame, Payload, now
+from ..core.stats import PipelineStats
 from ..devices import Device
 from ..stage import Stage, StageRunner
 from .admission import Admission
@@ -113,6 +114,20 @@ class Run:
                     if device in mine and device.died is not None:
                         warnings.warn(f"stage {k} ({device.name}): {device.died}; every frame had been "
                                       "delivered", RuntimeWarning, stacklevel=2)
+
+    def stats(self, balance: list[int] | None, running: bool) -> PipelineStats:
+        """A snapshot of the counters (``running``: the run still goes on, its clock too)."""
+        end = now() if running else self.t_end
+        return PipelineStats(
+            balance=balance, admitted=self.admission.admitted, delivered=self.delivered, discarded=self.discarded,
+            skipped_input=self.admission.skipped_input, dropped=self.admission.ingress.dropped,
+            stages=[stage.stats.snapshot() for stage in self.stages], elapsed_s=end - self.t_start,
+            abandoned=self.abandoned)
+
+    def span_tuples(self) -> list[tuple[int, str, int, float, float]]:
+        """A copy of the span ring as it holds them (one C-level copy: worker threads that
+        append meanwhile need the GIL, so it is consistent); empty with metrics off."""
+        return list(self.spans) if self.spans is not None else []
 
     @property
     def abandoned(self) -> int:

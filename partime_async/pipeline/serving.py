@@ -13,10 +13,13 @@ from .build import BuildSettings, serve_stage
 from .state import PipelineState
 
 
-async def serve_run(settings: BuildSettings, state: PipelineState) -> None:
-    """Serve one session of the driving rank's requests, until it says bye, on a thread of its
-    own (it blocks on the link: a daemon thread, which a cancelled caller leaves behind).
-    Raises a :class:`PipelineError` naming this rank if the session failed (a lost peer)."""
+async def serve_run(settings: BuildSettings, state: PipelineState, here: set[int]) -> None:
+    """Serve one session of the driving rank's requests for the stages ``here``, until it says
+    bye, on a thread of its own (it blocks on the link: a daemon thread, which a cancelled
+    caller leaves behind). Raises a :class:`PipelineError` naming this rank if the session
+    failed (a lost peer)."""
+    if not here:  # no stage on this rank: the driving rank never calls
+        return
     loop = asyncio.get_running_loop()
     ended: asyncio.Future[None] = loop.create_future()
 

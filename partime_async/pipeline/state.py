@@ -119,3 +119,15 @@ class PipelineState:
                              "load it into a pipeline with the same devices and balance")
         for learner, learner_state in zip(self.learners, saved, strict=True):
             learner.load_state_dict(learner_state)
+
+
+def check_quiet(what: str, learning_frames: int) -> None:
+    """Refuse ``what`` (taking or loading a state) once ``learning_frames`` frames have entered
+    the running run of a learning pipeline: its stages may still apply the updates of frames
+    already delivered, on their own threads."""
+    if learning_frames > 0:
+        raise RuntimeError(f"{what} of a learning pipeline while it streams: its stages may still be applying "
+                           "the updates of frames already delivered, on their own threads (a torn state). Call "
+                           "it after `await pipe.stop()`, or stream through "
+                           "partime_async.sinks.Checkpoint(pipe, path, every=N), which takes consistent cuts "
+                           "while frames flow")
