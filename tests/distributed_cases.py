@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,30 +33,25 @@ def frames(n: int, rows: int = 1) -> list[torch.Tensor]:
     return [torch.randn(rows, WIDTH, generator=g) for _ in range(n)]
 
 
-class FailsOn(nn.Module):
-    """Raises ValueError on the frame whose first value is ``marker``."""
+class OnMark(nn.Module):
+    """Passes frames on; on the frame whose first value is ``marker``, calls ``act`` first."""
 
-    def __init__(self, marker: float) -> None:
+    def __init__(self, marker: float, act: Callable[[], None]) -> None:
         super().__init__()
-        self.marker = marker
+        self.marker, self.act = marker, act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if float(x[0, 0]) == self.marker:
-            raise ValueError("bad frame")
+            self.act()
         return x
 
 
-class DiesOn(nn.Module):
-    """Kills its own process (SIGKILL: no clean-up at all) on the frame marked ``marker``."""
+def bad_frame() -> None:
+    raise ValueError("bad frame")
 
-    def __init__(self, marker: float) -> None:
-        super().__init__()
-        self.marker = marker
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if float(x[0, 0]) == self.marker:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return x
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)  # no clean-up at all
 
 
 def identity() -> nn.Linear:
@@ -224,7 +220,7 @@ async def remote_error(out: Path) -> None:
     xs = marked(frames(20), 7, 777.0)
     result = {}
     for on_error in ("raise", "skip"):
-        m = nn.Sequential(identity(), FailsOn(777.0), nn.Linear(WIDTH, WIDTH))
+        m = nn.Sequential(identity(), OnMark(777.0, bad_frame), nn.Linear(WIDTH, WIDTH))
         pipe = pa.Pipeline(m, devices=["cpu", "rank1:cpu"], balance=[1, 2], on_error=on_error)
         if not pipe.driving:
             async with pipe:
@@ -248,7 +244,7 @@ async def remote_error(out: Path) -> None:
 async def killed(out: Path) -> None:
     """Rank 1 is killed (SIGKILL) on frame 10: the driving rank stops with an error that
     names the lost rank; nothing hangs."""
-    m = nn.Sequential(identity(), DiesOn(555.0), nn.Linear(WIDTH, WIDTH))
+    m = nn.Sequential(identity(), OnMark(555.0, die), nn.Linear(WIDTH, WIDTH))
     pipe = pa.Pipeline(m, devices=["cpu", "rank1:cpu"], balance=[1, 2])
     xs = marked(frames(40), 10, 555.0)
     if not pipe.driving:
@@ -357,8 +353,8 @@ async def never_joins(out: Path) -> None:
         torch.save({"error": str(exc)}, out / "result.pt")
 
 
-CASES = {f.__name__: f for f in (exact, graph, shapes, learns, resumes, remote_error, killed, interrupted, survives, cuda_stage,
-                                            never_joins)}
+CASES = {f.__name__: f for f in (exact, graph, shapes, learns, resumes, remote_error, killed, interrupted, survives,
+                                  cuda_stage, never_joins)}
 
 if __name__ == "__main__":
     asyncio.run(CASES[sys.argv[1]](Path(sys.argv[2])))

@@ -162,7 +162,7 @@ class Decoder:
         message much smaller than the buffer, are copied out). A :data:`BATCH` gives the
         messages it holds, in order, as its payload."""
         buf = buffer.numpy().data
-        kind, stage, seq, _, n_layout, flags, busy, _ = HEAD.unpack_from(buf, 0)
+        kind, stage, seq, total, n_layout, flags, busy, _ = HEAD.unpack_from(buf, 0)
         if kind == BATCH:
             messages, at = [], HEAD_BYTES
             for _ in range(seq):
@@ -171,17 +171,17 @@ class Decoder:
                 at += size
             return Message(BATCH, stage, seq, messages)
         try:
-            return self._decode(buffer, buf, kind, stage, seq, n_layout, flags, busy)
+            return self._decode(buffer, buf, kind, stage, seq, total, n_layout, flags, busy)
         except Exception as exc:
             if self._undecodable is None:
                 raise
             return self._undecodable(kind, stage, seq, exc)
 
-    def _decode(self, buffer: torch.Tensor, buf: memoryview, kind: int, stage: int, seq: int, n_layout: int,
-                flags: int, busy: float) -> Message:
+    def _decode(self, buffer: torch.Tensor, buf: memoryview, kind: int, stage: int, seq: int, total: int,
+                n_layout: int, flags: int, busy: float) -> Message:
         # A small message in a big receive buffer: its tensors are copied out, so that an
         # output kept for long does not keep the whole buffer alive.
-        copy = buffer.untyped_storage().nbytes() > 2 * HEAD.unpack_from(buf, 0)[3]
+        copy = buffer.untyped_storage().nbytes() > 2 * total
         at = HEAD_BYTES
         if n_layout:
             layout = json.loads(bytes(buf[at:at + n_layout]))
