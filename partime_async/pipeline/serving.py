@@ -6,6 +6,7 @@ import asyncio
 import threading
 from functools import partial
 
+from ..aio.threads import in_thread
 from ..core.errors import PipelineError
 from ..ranks.placement import DRIVING_RANK, rank
 from ..ranks.serve import serve
@@ -31,9 +32,13 @@ async def serve_run(settings: BuildSettings, state: PipelineState, here: set[int
         else:
             loop.call_soon_threadsafe(_settle, ended, None)
 
-    threading.Thread(target=session, name="partime-serving", daemon=True).start()
+    thread = threading.Thread(target=session, name="partime-serving", daemon=True)
+    thread.start()
     try:
         await ended
+        # The session's last objects (its link, gloo's work handles) go with its thread: let it
+        # end before this rank goes on, maybe to exit and tear the process group down.
+        await in_thread(thread.join)
     except Exception as exc:
         raise PipelineError(f"{type(exc).__name__}: {exc}", component=f"rank {rank()} (serving)") from exc
 
